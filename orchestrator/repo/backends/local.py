@@ -1,0 +1,213 @@
+"""Local-directory backend: one file per object under the repository directory.
+
+Writes never leave a torn file under a final name: data goes to a temporary name (``.tmp-...``)
+in the same directory, is fsynced, then renamed (``put``) or hard-linked (``put_if_absent``, which
+fails atomically if the name exists), and the directory is fsynced. Temporary names left by a crash
+are invisible to ``list`` and removed by :meth:`LocalBackend.remove_stale_temporaries`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat as stat_mod
+import time
+from collections.abc import Iterable, Iterator
+
+from orchestrator.repo.backends.base import Backend, ObjectInfo, check_key, check_prefix
+from orchestrator.repo.errors import BackendError, NotFound, RepoNotFound
+
+TMP_PREFIX = ".tmp-"
+_LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBackend(Backend):
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True):
+        self.root = os.path.abspath(os.fspath(root))
+        self.url = self.root
+        if create:
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as exc:
+                raise BackendError(
+                    f"cannot create repository directory {self.root}: {exc}"
+                ) from exc
+        elif not os.path.isdir(self.root):
+            raise RepoNotFound(f"no repository directory at {self.root}")
+        self._link_works = True
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *check_key(key).split("/"))
+
+    def _error(self, what: str, key: str, exc: OSError) -> BackendError:
+        return BackendError(f"{what} {os.path.join(self.root, key)}: {exc.strerror or exc}")
+
+    def _write_temp(self, path: str, data: bytes) -> str:
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(
+            directory, f"{TMP_PREFIX}{secrets.token_hex(8)}-{os.path.basename(path)}"
+        )
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    # -- contract ----------------------------------------------------------------------------
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFound(f"no object {path}") from None
+        except IsADirectoryError:
+            raise NotFound(f"no object {path} (a directory)") from None
+        except OSError as exc:
+            raise self._error("cannot read", key, exc) from exc
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        try:
+            tmp = self._write_temp(path, data)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(os.path.dirname(path))
+        except OSError as exc:
+            raise self._error("cannot write", key, exc) from exc
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        try:
+            if os.path.lexists(path):
+                return False
+            tmp = self._write_temp(path, data)
+            try:
+                created = self._publish_exclusive(tmp, path)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            _fsync_dir(os.path.dirname(path))
+            return created
+        except OSError as exc:
+            raise self._error("cannot write", key, exc) from exc
+
+    def _publish_exclusive(self, tmp: str, path: str) -> bool:
+        if self._link_works:
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in _LINK_UNSUPPORTED:
+                    raise
+                self._link_works = False  # filesystem without hard links: racy fallback below
+        if os.path.lexists(path):
+            return False
+        os.replace(tmp, path)
+        return True
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def stat(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise NotFound(f"no object {path}") from None
+        except OSError as exc:
+            raise self._error("cannot stat", key, exc) from exc
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise NotFound(f"no object {path} (not a file)")
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
+        base = prefix.rpartition("/")[0]
+        start = os.path.join(self.root, *base.split("/")) if base else self.root
+        yield from self._walk(start, base, prefix)
+
+    def _walk(self, directory: str, rel: str, prefix: str) -> Iterator[ObjectInfo]:
+        try:
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            raise BackendError(f"cannot list {directory}: {exc.strerror or exc}") from exc
+        for entry in entries:
+            if entry.name.startswith(TMP_PREFIX):
+                continue
+            key = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if key.startswith(prefix) or prefix.startswith(key + "/"):
+                        yield from self._walk(entry.path, key, prefix)
+                elif entry.is_file(follow_symlinks=False) and key.startswith(prefix):
+                    st = entry.stat(follow_symlinks=False)
+                    yield ObjectInfo(key, st.st_size, st.st_mtime)
+            except FileNotFoundError:
+                continue  # deleted while listing
+
+    def delete(self, key: str) -> None:
+        self.delete_many([key])
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        directories = set()
+        for key in keys:
+            path = self._path(key)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise self._error("cannot delete", key, exc) from exc
+            directories.add(os.path.dirname(path))
+        for directory in directories:
+            with contextlib.suppress(FileNotFoundError):
+                _fsync_dir(directory)
+
+    # -- local extras ------------------------------------------------------------------------
+
+    def remove_stale_temporaries(self, older_than: float = 3600.0) -> int:
+        """Remove ``.tmp-*`` files (left by crashed writers) older than ``older_than`` seconds."""
+        removed = 0
+        limit = time.time() - older_than
+        for directory, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not name.startswith(TMP_PREFIX):
+                    continue
+                path = os.path.join(directory, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.lstat(path).st_mtime < limit:
+                        os.unlink(path)
+                        removed += 1
+        return removed

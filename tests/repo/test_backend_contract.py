@@ -1,0 +1,140 @@
+"""The one backend contract, run against every backend (local directory, S3 on a moto server,
+S3 through the fault-injecting proxy). A new backend is added to BACKENDS, never given its own
+copy of these tests."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+
+import pytest
+
+from orchestrator.repo.backends import Backend, ObjectInfo, open_backend
+from orchestrator.repo.errors import NotFound
+
+BACKENDS = ["local"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, tmp_path) -> Backend:
+    if request.param == "local":
+        b = open_backend(tmp_path / "repo")
+    else:
+        b = request.getfixturevalue(f"{request.param.replace('-', '_')}_backend")
+    yield b
+    b.close()
+
+
+def keys_of(infos):
+    return sorted(i.key for i in infos)
+
+
+def test_get_missing_is_not_found(backend):
+    with pytest.raises(NotFound, match="nothing/here"):
+        backend.get("nothing/here")
+    with pytest.raises(NotFound):
+        backend.stat("nothing")
+    assert not backend.exists("nothing")
+
+
+def test_put_get_roundtrip_and_overwrite(backend):
+    backend.put("a/b/c", b"first")
+    assert backend.get("a/b/c") == b"first"
+    backend.put("a/b/c", b"second, longer")
+    assert backend.get("a/b/c") == b"second, longer"
+    backend.put("empty", b"")
+    assert backend.get("empty") == b""
+    assert backend.stat("empty").size == 0
+
+
+def test_binary_and_large_objects(backend):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    backend.put("chunks/ab/big", data)
+    assert backend.get("chunks/ab/big") == data
+    assert backend.stat("chunks/ab/big").size == len(data)
+
+
+def test_put_if_absent(backend):
+    assert backend.put_if_absent("locks/gc", b"mine") is True
+    assert backend.put_if_absent("locks/gc", b"yours") is False
+    assert backend.get("locks/gc") == b"mine"
+    backend.delete("locks/gc")
+    assert backend.put_if_absent("locks/gc", b"yours") is True
+    assert backend.get("locks/gc") == b"yours"
+
+
+def test_put_if_absent_races_have_one_winner(backend):
+    def attempt(n):
+        return backend.put_if_absent("locks/race", f"writer {n}".encode())
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(attempt, range(16)))
+    assert results.count(True) == 1
+    winner = results.index(True)
+    assert backend.get("locks/race") == f"writer {winner}".encode()
+
+
+def test_exists_and_stat(backend):
+    before = time.time()
+    backend.put("x/y", b"12345")
+    assert backend.exists("x/y")
+    assert not backend.exists("x")  # a "directory" is not an object
+    info = backend.stat("x/y")
+    assert info == ObjectInfo("x/y", 5, info.mtime)
+    assert before - 5 <= info.mtime <= time.time() + 5
+
+
+def test_list_recursive_relative_keys(backend):
+    wanted = ["backups/vm1/a.json", "backups/vm1/d1/t1.index", "backups/vm2/t.json", "config"]
+    for k in wanted:
+        backend.put(k, k.encode())
+    assert keys_of(backend.list()) == sorted(wanted)
+    assert keys_of(backend.list("")) == sorted(wanted)
+    assert keys_of(backend.list("backups/")) == sorted(wanted[:3])
+    assert keys_of(backend.list("backups/vm1/")) == wanted[:2]
+    assert keys_of(backend.list("backups/vm1")) == wanted[:2]  # plain prefix, not a directory
+    assert keys_of(backend.list("backups/vm")) == sorted(wanted[:3])
+    assert keys_of(backend.list("backups/vm1/d1/t1.index")) == [wanted[1]]
+    assert keys_of(backend.list("nothing/")) == []
+    assert keys_of(backend.list("conf")) == ["config"]
+    sizes = {i.key: i.size for i in backend.list()}
+    assert sizes == {k: len(k) for k in wanted}
+
+
+def test_list_many_pages(backend):
+    keys = [f"chunks/{i % 7:02x}/{i:064x}" for i in range(1100)]  # > 1000: S3 pagination
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: backend.put(k, b"x"), keys))
+    assert keys_of(backend.list("chunks/")) == sorted(keys)
+    backend.delete_many(keys)
+    assert keys_of(backend.list("chunks/")) == []
+
+
+def test_delete_is_idempotent(backend):
+    backend.put("d/one", b"1")
+    backend.delete("d/one")
+    backend.delete("d/one")
+    backend.delete("never/was")
+    assert not backend.exists("d/one")
+    with pytest.raises(NotFound):
+        backend.get("d/one")
+
+
+def test_delete_many(backend):
+    for i in range(5):
+        backend.put(f"m/{i}", b"x")
+    backend.delete_many([f"m/{i}" for i in range(3)] + ["m/missing"])
+    assert keys_of(backend.list("m/")) == ["m/3", "m/4"]
+    backend.delete_many([])
+
+
+@pytest.mark.parametrize("bad", ["", "/abs", "a//b", "a/../b", "./a", "a/", "x\\y", ".tmp-x"])
+def test_invalid_keys_are_refused(backend, bad):
+    with pytest.raises(ValueError):
+        backend.put(bad, b"x")
+
+
+def test_url_names_the_backend(backend):
+    assert isinstance(backend.url, str) and backend.url
+    assert backend.url in repr(backend)

@@ -1,0 +1,419 @@
+"""VHD chains: a leaf and its ancestors, read as one guest-visible disk.
+
+A clear sector-bitmap bit means "ask the parent"; a parent smaller than its child reads as zeros past
+its size; reads are bounded by the leaf's current_size. The chain holds one fd per file for its life.
+"""
+
+import collections
+import os
+
+from agent import speedups
+from agent.vhd.errors import ChainError, VhdError
+from agent.vhd.file import BEYOND, FULL, SECTOR, RawFile, VhdFile, open_level
+
+Extent = collections.namedtuple("Extent", "offset length zero")
+BlockSource = collections.namedtuple("BlockSource", "kind file offset length")
+
+DEFAULT_MAX_DEPTH = 64
+_PREADV = getattr(os, "preadv", None)  # Python 3.7+; 3.6 falls back to pread + copy
+
+
+def _read_at(fd, view, offset):
+    """Fill memoryview `view` from fd at offset; short reads (a raw file's partial last sector) leave zeros."""
+    want = len(view)
+    done = 0
+    while done < want:
+        if _PREADV is not None:
+            n = _PREADV(fd, [view[done:]], offset + done)
+        else:
+            data = os.pread(fd, want - done, offset + done)
+            n = len(data)
+            view[done : done + n] = data
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+def default_resolve_parent(child, locators):
+    """Find the parent file of `child` from its locators (relative to the child's directory first).
+
+    Returns a path, or None. Tries the W2ru (relative), W2ku, MacX locators in that order, then the
+    parent's unicode name beside the child (XCP-ng file SRs name files <uuid>.vhd).
+    """
+    base = os.path.dirname(os.path.abspath(child.path))
+    order = {"W2ru": 0, "W2ku": 1, "MacX": 2}
+    candidates = []
+    for _code, path in sorted(locators, key=lambda cp: order.get(cp[0], 9)):
+        if os.path.isabs(path):
+            candidates.append(path)
+            candidates.append(os.path.join(base, os.path.basename(path)))
+        else:
+            candidates.append(os.path.normpath(os.path.join(base, path)))
+    name = child.header.parent_name if child.header is not None else ""
+    if name and "/" not in name and "\\" not in name:
+        candidates.append(os.path.join(base, name))
+    for c in candidates:
+        if os.path.isfile(c) or (os.path.exists(c) and not os.path.isdir(c)):
+            return c
+    return None
+
+
+def open_chain(
+    path,
+    max_depth=DEFAULT_MAX_DEPTH,
+    resolve_parent=None,
+    raw_parent=None,
+    allow_raw=True,
+    fd=None,
+    end=None,
+):
+    """Open the chain whose leaf is `path`.
+
+    resolve_parent(child, locators) -> a path, an opened level (VhdFile.open(...)/RawFile.open(...)),
+    or None; locators is [(platform code name, decoded path)]. raw_parent: path of the raw file to use
+    when a differencing disk has a null parent uuid (LVM `LV-` parents). A leaf without any VHD footer
+    is read as a raw file when allow_raw is set (plain-file fast path).
+    """
+    files = []
+    seen = {}
+    try:
+        leaf = open_level(path, fd=fd, end=end, allow_raw=allow_raw)
+        files.append(leaf)
+        seen[leaf.identity] = leaf.path
+        cur = leaf
+        while cur.is_differencing:
+            if len(files) >= max_depth:
+                raise ChainError(path, "chain deeper than %d files" % max_depth, "depth")
+            parent = _open_parent(cur, resolve_parent, raw_parent)
+            ident = parent.identity
+            if ident in seen:
+                where = parent.path
+                parent.close()
+                raise ChainError(
+                    cur.path, "parent %s is already in the chain (loop)" % where, "parent locator"
+                )
+            seen[ident] = parent.path
+            files.append(parent)
+            if not parent.is_vhd:
+                break
+            cur = parent
+        return Chain(files)
+    except BaseException:
+        for f in files:
+            f.close()
+        raise
+
+
+def _open_parent(child, resolve_parent, raw_parent):
+    locators = child.parent_locators()
+    null_parent = child.parent_uuid.int == 0
+    if null_parent and raw_parent is not None:
+        return RawFile.open(raw_parent)
+    resolver = resolve_parent or default_resolve_parent
+    found = resolver(child, locators)
+    if found is None:
+        raise ChainError(
+            child.path,
+            "parent %s (%s) not found; locators: %s"
+            % (
+                child.parent_uuid,
+                child.header.parent_name,
+                ", ".join("%s=%s" % cp for cp in locators) or "none",
+            ),
+            "parent locator",
+        )
+    if isinstance(found, (VhdFile, RawFile)):
+        parent = found
+    else:
+        try:
+            parent = RawFile.open(found) if null_parent else open_level(found, allow_raw=False)
+        except OSError as exc:
+            raise ChainError(
+                child.path, "cannot open parent %s: %s" % (found, exc), "parent locator"
+            ) from exc
+        except VhdError as exc:
+            raise ChainError(
+                child.path, "parent %s is not a usable VHD: %s" % (found, exc), "parent locator"
+            ) from exc
+    if null_parent:
+        return parent
+    if not parent.is_vhd:
+        parent.close()
+        raise ChainError(
+            child.path,
+            "parent %s is not a VHD but the parent uuid is %s" % (parent.path, child.parent_uuid),
+            "parent_uuid",
+        )
+    if parent.uuid != child.parent_uuid:
+        where = parent.path
+        parent.close()
+        raise ChainError(
+            child.path,
+            "parent %s has uuid %s, the header expects %s"
+            % (where, parent.uuid, child.parent_uuid),
+            "parent_uuid",
+        )
+    return parent
+
+
+class Chain(object):
+    """A leaf-first list of levels read as one disk."""
+
+    def __init__(self, files):
+        self.files = list(files)
+        leaf = self.files[0]
+        self.size = leaf.size
+        self.block_size = leaf.block_size
+        self.block_count = (self.size + self.block_size - 1) // self.block_size
+        self.path = leaf.path
+        self._same_grid = all(
+            f.block_size == self.block_size or not f.is_vhd or f.bat is None for f in self.files
+        )
+
+    # -- lifetime ------------------------------------------------------------------------------------
+
+    def close(self):
+        for f in self.files:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def depth(self):
+        return len(self.files)
+
+    @property
+    def leaf(self):
+        return self.files[0]
+
+    @property
+    def uuid(self):
+        return self.files[0].uuid
+
+    # -- resolution ----------------------------------------------------------------------------------
+
+    def _resolve(self, first, count):
+        """Runs (start sector, sectors, level index or None, file offset) covering [first, first+count)."""
+        out = []
+        pending = [(first, count)]
+        for li, level in enumerate(self.files):
+            nxt = []
+            for s, n in pending:
+                for rs, rn, where in level.sectors_present(s, n):
+                    if where is None:
+                        if nxt and nxt[-1][0] + nxt[-1][1] == rs:
+                            nxt[-1] = (nxt[-1][0], nxt[-1][1] + rn)
+                        else:
+                            nxt.append((rs, rn))
+                    elif where == BEYOND:
+                        out.append((rs, rn, None, 0))
+                    else:
+                        out.append((rs, rn, li, where))
+            pending = nxt
+            if not pending:
+                break
+        for s, n in pending:
+            out.append((s, n, None, 0))
+        if len(out) > 1:
+            out.sort(key=lambda r: r[0])
+            merged = [out[0]]
+            for r in out[1:]:
+                p = merged[-1]
+                if (
+                    p[2] == r[2]
+                    and p[0] + p[1] == r[0]
+                    and (p[2] is None or p[3] + p[1] * SECTOR == r[3])
+                ):
+                    merged[-1] = (p[0], p[1] + r[1], p[2], p[3])
+                else:
+                    merged.append(r)
+            out = merged
+        return out
+
+    def _check_range(self, offset, length):
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(
+                "range [%d, %d) outside the disk (%d bytes)" % (offset, offset + length, self.size)
+            )
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    def read(self, offset, length):
+        """Guest-visible bytes [offset, offset + length)."""
+        self._check_range(offset, length)
+        if length == 0:
+            return b""
+        first = offset // SECTOR
+        last = (offset + length + SECTOR - 1) // SECTOR
+        buf = bytearray((last - first) * SECTOR)
+        self._fill(memoryview(buf), first, last - first)
+        skip = offset - first * SECTOR
+        if skip == 0 and len(buf) == length:
+            return bytes(buf)
+        return bytes(buf[skip : skip + length])
+
+    def read_into(self, offset, buf):
+        """Fill the writable buffer `buf` with the guest bytes at offset; sector-aligned fast path."""
+        view = memoryview(buf).cast("B")
+        length = len(view)
+        self._check_range(offset, length)
+        if offset % SECTOR == 0 and length % SECTOR == 0:
+            self._fill(view, offset // SECTOR, length // SECTOR, zero=True)
+        else:
+            view[:] = self.read(offset, length)
+        return length
+
+    def _fill(self, view, first, count, zero=False):
+        for s, n, li, where in self._resolve(first, count):
+            a = (s - first) * SECTOR
+            b = a + n * SECTOR
+            if li is None:
+                if zero:
+                    view[a:b] = bytes(n * SECTOR)
+                continue
+            got = _read_at(self.files[li].fileno(), view[a:b], where)
+            if zero and got < b - a:
+                view[a + got : b] = bytes(b - a - got)
+
+    def extents(self, offset=0, length=None):
+        """[Extent(offset, length, zero)]: zero where no file of the chain has the sectors."""
+        if length is None:
+            length = self.size - offset
+        self._check_range(offset, length)
+        if length == 0:
+            return []
+        first = offset // SECTOR
+        last = (offset + length + SECTOR - 1) // SECTOR
+        out = []
+        stop = offset + length
+        for s, n, li, _where in self._resolve(first, last - first):
+            a = max(s * SECTOR, offset)
+            b = min((s + n) * SECTOR, stop)
+            if b <= a:
+                continue
+            z = li is None
+            if out and out[-1].zero == z and out[-1].offset + out[-1].length == a:
+                out[-1] = Extent(out[-1].offset, out[-1].length + b - a, z)
+            else:
+                out.append(Extent(a, b - a, z))
+        return out
+
+    def block_range(self, index):
+        if index < 0 or index >= self.block_count:
+            raise ValueError("block %d outside the disk (%d blocks)" % (index, self.block_count))
+        start = index * self.block_size
+        return start, min(self.block_size, self.size - start)
+
+    def block_source(self, index):
+        """BlockSource(kind, file, offset, length) for guest block `index` (see module docs)."""
+        start, length = self.block_range(index)
+        runs = self._resolve(start // SECTOR, (length + SECTOR - 1) // SECTOR)
+        if len(runs) == 1:
+            s, n, li, where = runs[0]
+            if li is None:
+                return BlockSource("zero", None, 0, length)
+            level = self.files[li]
+            if level.data_range_ok(where, length):
+                return BlockSource("file", level, where, length)
+        return BlockSource("assemble", None, 0, length)
+
+    def read_block(self, index):
+        """The guest bytes of block `index` (length = min(block_size, size - start))."""
+        start, length = self.block_range(index)
+        nsec = (length + SECTOR - 1) // SECTOR
+        buf = bytearray(nsec * SECTOR)
+        if not self._same_grid or not self._claim_fill(index, buf, nsec):
+            self._fill(memoryview(buf), start // SECTOR, nsec)
+        if len(buf) != length:
+            del buf[length:]
+        return bytes(buf)
+
+    def _claim_fill(self, index, buf, nsec):
+        """Assemble a block leaf to root with bitmap_claim; False when a level needs the general path."""
+        end_sector = index * (self.block_size // SECTOR) + nsec
+        nbytes = (self.block_size // SECTOR + 7) // 8
+        taken = bytearray(nbytes)
+        ones = None
+        view = memoryview(buf)
+        for level in self.files:
+            if level.size_sectors < end_sector:
+                return False
+            if level.is_vhd and level.bat is not None:
+                bm = level.block_bitmap(index)
+                if bm is None:
+                    continue
+                data_off = level.block_data_offset(index)
+            else:
+                bm = FULL
+                data_off = index * self.block_size
+            if bm is FULL:
+                if ones is None:
+                    ones = b"\xff" * nbytes
+                bm = ones
+            claim = speedups.bitmap_claim(bm, taken)
+            fd = level.fileno()
+            for s, n, isset in speedups.bitmap_runs(claim, 0, nsec):
+                if isset:
+                    _read_at(fd, view[s * SECTOR : (s + n) * SECTOR], data_off + s * SECTOR)
+            if speedups.bitmap_count(taken, 0, nsec) == nsec:
+                break
+        return True
+
+    # -- incremental ---------------------------------------------------------------------------------
+
+    def changed_blocks(self, base):
+        """Sorted block indices allocated in any file above the common ancestor `base` (a Chain or path)."""
+        own = None
+        if not isinstance(base, Chain):
+            own = base = open_chain(base)
+        try:
+            base_uuid = base.files[0].uuid
+            k = None
+            for i, f in enumerate(self.files):
+                if f.uuid is not None and f.uuid == base_uuid:
+                    k = i
+                    break
+            if k is None or base_uuid is None:
+                raise ChainError(
+                    self.path,
+                    "%s (uuid %s) is not an ancestor of this chain" % (base.path, base_uuid),
+                    "base",
+                )
+            for j, bf in enumerate(base.files):
+                if k + j >= len(self.files) or self.files[k + j].uuid != bf.uuid:
+                    raise ChainError(
+                        self.path, "%s has a different ancestry than this chain" % base.path, "base"
+                    )
+            changed = set()
+            bs = self.block_size
+            for f in self.files[:k]:
+                if f.block_size == bs:
+                    changed.update(b for b in f.allocated_blocks() if b < self.block_count)
+                else:
+                    for b in f.allocated_blocks():
+                        first = b * f.block_size // bs
+                        last = min(((b + 1) * f.block_size - 1) // bs, self.block_count - 1)
+                        changed.update(range(first, last + 1))
+            return sorted(changed)
+        finally:
+            if own is not None:
+                own.close()
+
+    def allocated_blocks(self):
+        """Sorted block indices that some file of the chain holds (the others read as zeros)."""
+        return [i for i in range(self.block_count) if self.block_source(i).kind != "zero"]
+
+    def describe(self):
+        return {
+            "path": self.path,
+            "size": self.size,
+            "block_size": self.block_size,
+            "block_count": self.block_count,
+            "depth": self.depth,
+            "files": [f.describe() for f in self.files],
+        }

@@ -1,0 +1,131 @@
+"""The agent's configuration: an INI file (configparser) overridden by command-line flags.
+
+[agent]
+sr_roots = /var/run/sr-mount            ; several: separated by commas or newlines
+admin_socket = /run/fastpath/agent.sock
+[nbd]
+listen = 0.0.0.0:10810                  ; 10809 belongs to xapi-nbd in the same dom0
+max_connections = 256
+max_inflight = 32
+workers = 4
+handshake_timeout = 10
+idle_timeout = 300
+list_exports = no
+[http]
+listen = 0.0.0.0:8843
+[tls]
+mode = require                          ; off | optional | require
+cert = /etc/xensource/xapi-ssl.pem
+key =                                   ; empty: the key is in the cert file
+client_ca =                             ; set: client certificates are required and verified
+"""
+
+import configparser
+
+DEFAULTS = {
+    "sr_roots": ["/var/run/sr-mount"],
+    "admin_socket": "/run/fastpath/agent.sock",
+    "nbd_listen": ("0.0.0.0", 10810),
+    "http_listen": ("0.0.0.0", 8843),
+    "tls_mode": "require",
+    "tls_cert": "/etc/xensource/xapi-ssl.pem",
+    "tls_key": None,
+    "tls_client_ca": None,
+    "max_connections": 256,
+    "max_inflight": 32,
+    "workers": 4,
+    "handshake_timeout": 10.0,
+    "idle_timeout": 300.0,
+    "list_exports": False,
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_listen(value, what="listen"):
+    """'HOST:PORT', '[V6]:PORT' or ':PORT' -> (host, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ConfigError("%s %r: expected [HOST]:PORT" % (what, value))
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            raise ConfigError("%s %r: expected HOST:PORT" % (what, value))
+    try:
+        port = int(port)
+    except ValueError:
+        raise ConfigError("%s %r: port is not a number" % (what, value)) from None
+    if not 0 <= port <= 65535:
+        raise ConfigError("%s %r: port out of range" % (what, value))
+    return (host or "0.0.0.0", port)
+
+
+class Config(object):
+    def __init__(self, **values):
+        for k, v in DEFAULTS.items():
+            setattr(self, k, values.pop(k, v))
+        if values:
+            raise ConfigError("unknown settings: %s" % ", ".join(sorted(values)))
+        self.validate()
+
+    def validate(self):
+        if self.tls_mode not in ("off", "optional", "require"):
+            raise ConfigError("tls mode must be off, optional or require, got %r" % self.tls_mode)
+        if not self.sr_roots:
+            raise ConfigError("at least one SR root is needed")
+
+    def to_dict(self):
+        return {k: getattr(self, k) for k in DEFAULTS}
+
+
+def _split_list(value):
+    return [v.strip() for v in value.replace("\n", ",").split(",") if v.strip()]
+
+
+def load(path=None, **overrides):
+    """Defaults <- INI file (when given) <- overrides that are not None."""
+    values = dict(DEFAULTS)
+    if path is not None:
+        cp = configparser.ConfigParser(inline_comment_prefixes=(";", "#"))
+        try:
+            with open(path) as f:
+                cp.read_file(f)
+        except OSError as exc:
+            raise ConfigError("cannot read config %s: %s" % (path, exc)) from exc
+        except configparser.Error as exc:
+            raise ConfigError("bad config %s: %s" % (path, exc)) from exc
+        try:
+            if cp.has_option("agent", "sr_roots"):
+                values["sr_roots"] = _split_list(cp.get("agent", "sr_roots"))
+            if cp.has_option("agent", "admin_socket"):
+                values["admin_socket"] = cp.get("agent", "admin_socket").strip()
+            if cp.has_option("nbd", "listen"):
+                values["nbd_listen"] = parse_listen(cp.get("nbd", "listen"), "[nbd] listen")
+            if cp.has_option("http", "listen"):
+                values["http_listen"] = parse_listen(cp.get("http", "listen"), "[http] listen")
+            for key, conv in (
+                ("max_connections", int),
+                ("max_inflight", int),
+                ("workers", int),
+                ("handshake_timeout", float),
+                ("idle_timeout", float),
+            ):
+                if cp.has_option("nbd", key):
+                    values[key] = conv(cp.get("nbd", key))
+            if cp.has_option("nbd", "list_exports"):
+                values["list_exports"] = cp.getboolean("nbd", "list_exports")
+            if cp.has_option("tls", "mode"):
+                values["tls_mode"] = cp.get("tls", "mode").strip()
+            for key in ("cert", "key", "client_ca"):
+                if cp.has_option("tls", key):
+                    values["tls_" + key] = cp.get("tls", key).strip() or None
+        except ValueError as exc:
+            raise ConfigError("bad config %s: %s" % (path, exc)) from exc
+    for k, v in overrides.items():
+        if v is not None:
+            values[k] = v
+    return Config(**values)

@@ -1,0 +1,254 @@
+"""An Export: what the NBD (and later HTTP) server serves for one ticket.
+
+It wraps an open VHD chain (agent.vhd.Chain, which holds every file of the chain open for the export's
+life) and an optional base chain, and answers:
+
+- size, block_size
+- extents(offset, length): runs of data / hole (base:allocation)
+- changed(offset, length): runs with a changed flag at block granularity, relative to the base
+  (with no base, changed == allocated)
+- plan_read(offset, length): how to send a read, as pieces the server can put on the wire:
+    ('sendfile', fd, file_offset, n)  bytes [file_offset, +n) of one VHD file (os.sendfile-able)
+    ('bytes', data)                   assembled in memory (block split across the chain)
+    ('hole', n)                       n zero bytes (unallocated everywhere in the chain)
+
+Counters (bytes and pieces sent by each method) are kept in a Counters object shared with the
+server, which records what it actually did (sendfile, or pread when TLS forbids sendfile).
+"""
+
+import threading
+
+SENDFILE = "sendfile"
+BYTES = "bytes"
+HOLE = "hole"
+
+DATA = "data"
+ZERO = "zero"  # allocated but known to read as zeroes (reported as data today)
+
+
+class ExportError(Exception):
+    """An export cannot serve a request (bad range, broken chain)."""
+
+
+class Counters(object):
+    """Thread-safe counters: pieces and bytes per send method, plus named gauges."""
+
+    METHODS = ("sendfile", "pread", "assembled", "hole")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values = {}
+        for m in self.METHODS:
+            self._values["%s_pieces" % m] = 0
+            self._values["%s_bytes" % m] = 0
+
+    def record(self, method, nbytes, pieces=1):
+        with self._lock:
+            self._values["%s_pieces" % method] = self._values.get("%s_pieces" % method, 0) + pieces
+            self._values["%s_bytes" % method] = self._values.get("%s_bytes" % method, 0) + nbytes
+
+    def add(self, name, delta=1):
+        with self._lock:
+            self._values[name] = self._values.get(name, 0) + delta
+
+    def snapshot(self):
+        with self._lock:
+            return dict(self._values)
+
+
+def _merge_runs(runs):
+    """Merge adjacent (offset, length, value) runs with equal values."""
+    out = []
+    for off, length, value in runs:
+        if length <= 0:
+            continue
+        if out and out[-1][2] == value and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + length, value)
+        else:
+            out.append((off, length, value))
+    return out
+
+
+class Export(object):
+    """Serve one chain (+ optional base). Thread-safe for concurrent reads."""
+
+    def __init__(self, chain, base_chain=None, counters=None, name=None):
+        self.chain = chain
+        self.base_chain = base_chain
+        self.name = name
+        self.size = chain.size
+        self.block_size = chain.block_size
+        self.block_count = chain.block_count
+        self.counters = counters if counters is not None else Counters()
+        # Chain objects are not documented as thread-safe: serialize calls into them. The
+        # sendfile path only needs block_source() (metadata, cached below), so the lock is held
+        # for assembly only.
+        self._lock = threading.Lock()
+        self._sources = {}
+        self._changed = None  # bytearray, one byte per block: 1 = changed
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def close(self):
+        for c in (self.chain, self.base_chain):
+            if c is not None:
+                c.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def description(self):
+        files = getattr(self.chain, "files", ())
+        return "VHD chain of %d file(s), %d blocks of %d bytes%s" % (
+            len(files),
+            self.block_count,
+            self.block_size,
+            ", relative to a base" if self.base_chain is not None else "",
+        )
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def _check_range(self, offset, length):
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ExportError(
+                "range [%d, +%d) outside the export (%d bytes)" % (offset, length, self.size)
+            )
+
+    def _source(self, index):
+        src = self._sources.get(index)
+        if src is None:
+            with self._lock:
+                src = self.chain.block_source(index)
+            if len(self._sources) > 65536:
+                self._sources.clear()
+            self._sources[index] = src
+        return src
+
+    # -- metadata --------------------------------------------------------------------------------
+
+    def extents(self, offset=0, length=None):
+        """[(offset, length, DATA|HOLE)] covering [offset, offset+length), merged."""
+        if length is None:
+            length = self.size - offset
+        self._check_range(offset, length)
+        if length == 0:
+            return []
+        with self._lock:
+            raw = self.chain.extents(offset, length)
+        runs = []
+        for e in raw:
+            start = max(e.offset, offset)
+            end = min(e.offset + e.length, offset + length)
+            if end > start:
+                runs.append((start, end - start, HOLE if e.zero else DATA))
+        return _merge_runs(runs)
+
+    def _changed_map(self):
+        if self._changed is None:
+            with self._lock:
+                if self._changed is None:
+                    changed = bytearray(self.block_count)
+                    if self.base_chain is None:
+                        for off, length, _ in [
+                            (e.offset, e.length, e.zero)
+                            for e in self.chain.extents(0, self.size)
+                            if not e.zero
+                        ]:
+                            first = off // self.block_size
+                            last = (off + length - 1) // self.block_size
+                            for i in range(first, last + 1):
+                                changed[i] = 1
+                    else:
+                        for i in self.chain.changed_blocks(self.base_chain):
+                            changed[i] = 1
+                    self._changed = changed
+        return self._changed
+
+    def changed(self, offset=0, length=None):
+        """[(offset, length, bool)] at block granularity (clipped to the range), merged."""
+        if length is None:
+            length = self.size - offset
+        self._check_range(offset, length)
+        if length == 0:
+            return []
+        cmap = self._changed_map()
+        bs = self.block_size
+        runs = []
+        end = offset + length
+        pos = offset
+        while pos < end:
+            i = pos // bs
+            nxt = min((i + 1) * bs, end)
+            runs.append((pos, nxt - pos, bool(cmap[i])))
+            pos = nxt
+        return _merge_runs(runs)
+
+    def changed_blocks(self):
+        return [i for i, v in enumerate(self._changed_map()) if v]
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def plan_read(self, offset, length):
+        """Pieces covering [offset, offset+length) in order (see module docstring)."""
+        self._check_range(offset, length)
+        bs = self.block_size
+        pieces = []
+        pos = offset
+        end = offset + length
+        while pos < end:
+            i = pos // bs
+            block_start = i * bs
+            n = min(block_start + bs, end) - pos
+            src = self._source(i)
+            if src.kind == "zero":
+                if pieces and pieces[-1][0] == HOLE:
+                    pieces[-1] = (HOLE, pieces[-1][1] + n)
+                else:
+                    pieces.append((HOLE, n))
+            elif src.kind == "file":
+                within = pos - block_start
+                if within + n > src.length:
+                    raise ExportError(
+                        "block %d source in %s is %d bytes, need %d"
+                        % (i, getattr(src.file, "path", "?"), src.length, within + n)
+                    )
+                fd = src.file.fileno()
+                foff = src.offset + within
+                last = pieces[-1] if pieces else None
+                if last and last[0] == SENDFILE and last[1] == fd and last[2] + last[3] == foff:
+                    pieces[-1] = (SENDFILE, fd, last[2], last[3] + n)
+                else:
+                    pieces.append((SENDFILE, fd, foff, n))
+            else:
+                with self._lock:
+                    if n == bs and pos == block_start:
+                        data = self.chain.read_block(i)
+                    else:
+                        data = self.chain.read(pos, n)
+                if len(data) != n:
+                    raise ExportError("block %d assembled to %d bytes, need %d" % (i, len(data), n))
+                pieces.append((BYTES, data))
+            pos += n
+        return pieces
+
+    def read(self, offset, length):
+        """The bytes of [offset, offset+length) (for tests and the HTTP server)."""
+        import os
+
+        out = []
+        for piece in self.plan_read(offset, length):
+            if piece[0] == HOLE:
+                out.append(b"\0" * piece[1])
+            elif piece[0] == BYTES:
+                out.append(piece[1])
+            else:
+                _, fd, foff, n = piece
+                data = os.pread(fd, n, foff)
+                if len(data) != n:
+                    raise ExportError("short read at file offset %d" % foff)
+                out.append(data)
+        return b"".join(out)

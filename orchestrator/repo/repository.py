@@ -1,0 +1,796 @@
+"""A repository: restore points, indexes and chunks on a backend, and the backup writer.
+
+Keys (see DESIGN.md, Formats → Repository)::
+
+    backups/<vm>/<time>.json           restore point: VM metadata; written after all its indexes
+    backups/<vm>/<vdi>/<time>.index    one complete index per disk backup (the commit point)
+    backups/<vm>/<vdi>/<time>.pending  an index being committed (see "Commit protocol")
+    chunks/ab/<digest>                 chunks
+    locks/writers/…, locks/gc/…        leases (orchestrator.repo.locks)
+    locks/gc-deleted/<run>.list|.done  GC deletion lists (published before GC deletes anything)
+    cache/dedup-lookup                 cached cross-VM dedup lookup (written by GC)
+
+``<time>`` is UTC ``YYYYmmddTHHMMSS.ffffffZ``, shared by a session's indexes and its JSON; a
+restore point's id is ``<vm>/<time>``; ``latest`` and ``<vm>/latest`` are accepted too.
+
+Writer API (driven by the backup job)::
+
+    with repo.begin_backup(vm_uuid) as session:          # takes a writer lease (heartbeat)
+        w = session.disk_writer(vdi, disk_uuid, size, base="backups/…/x.index")
+        for i, data in changed_chunks:                    # bounded memory: blocks when full
+            w.put_chunk(i, data)
+        key = w.commit()                                  # may raise ChunksVanished: re-put
+        session.commit({"name": ...})                     # writes <vm>/<time>.json
+
+Commit protocol of one disk index (why it is safe against prune + GC is argued in
+:mod:`orchestrator.jobs.gc`): wait until every chunk is durable; write the index as
+``.pending`` (GC marks from pending indexes of live writers); read the GC deletion lists and, for
+digests of this index that a list names, wait for that GC run to end and check the chunk still
+exists; a vanished chunk makes ``commit`` raise :class:`ChunksVanished` (the pending index is
+removed, the caller re-puts those chunks and commits again); otherwise write the final
+``.index`` and delete the pending one.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent import speedups
+from orchestrator.repo import locks
+from orchestrator.repo.backends import Backend, open_backend
+from orchestrator.repo.codec import (
+    DIGEST_SIZE,
+    FLAG_COMPRESSED,
+    HEADER,
+    ZERO_DIGEST,
+    ChunkCodec,
+    chunk_key,
+)
+from orchestrator.repo.config import RepoConfig, init_repo, load_repo
+from orchestrator.repo.dedup import CACHE_KEY, DigestLookup, KnownDigests, records
+from orchestrator.repo.errors import CorruptIndex, NotFound, RepoError
+from orchestrator.repo.index import Index
+
+BACKUPS = "backups/"
+DELETIONS_PREFIX = "locks/gc-deleted/"
+DELETION_MAGIC = b"FPGCDEL1"
+RP_FORMAT = "xcp-fastpath-restore-point"
+_TIME_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z$")
+_UUIDISH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ChunksVanished(RepoError):
+    """Chunks this index relied on were deleted by a concurrent GC; re-put them and commit again.
+
+    ``positions`` are the chunk numbers (of this disk) whose data must be put again.
+    """
+
+    def __init__(self, message: str, positions: list[int]):
+        super().__init__(message)
+        self.positions = positions
+
+
+class RestorePointNotFound(NotFound):
+    pass
+
+
+# -- time and keys -----------------------------------------------------------------------------
+
+
+def format_time(epoch: float) -> str:
+    seconds = int(epoch)
+    micros = int(round((epoch - seconds) * 1e6))
+    if micros >= 1_000_000:
+        seconds, micros = seconds + 1, micros - 1_000_000
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds)) + f".{micros:06d}Z"
+
+
+def parse_time(text: str) -> float:
+    if not _TIME_RE.match(text):
+        raise ValueError(f"not a restore point time: {text!r}")
+    base = calendar.timegm(time.strptime(text[:15], "%Y%m%dT%H%M%S"))
+    return base + int(text[16:22]) / 1e6
+
+
+def check_name(what: str, value: str) -> str:
+    if not isinstance(value, str) or not _UUIDISH.match(value):
+        raise ValueError(f"invalid {what} {value!r}")
+    return value
+
+
+def index_key(vm: str, vdi: str, when: str) -> str:
+    return f"{BACKUPS}{vm}/{vdi}/{when}.index"
+
+
+def pending_key(vm: str, vdi: str, when: str) -> str:
+    return f"{BACKUPS}{vm}/{vdi}/{when}.pending"
+
+
+def rp_key(vm: str, when: str) -> str:
+    return f"{BACKUPS}{vm}/{when}.json"
+
+
+@dataclass
+class RestorePoint:
+    vm: str
+    time: str
+    json_key: str | None = None  # None: incomplete (indexes without their JSON)
+    disks: dict[str, str] = field(default_factory=dict)  # vdi -> index key
+
+    @property
+    def id(self) -> str:
+        return f"{self.vm}/{self.time}"
+
+    @property
+    def complete(self) -> bool:
+        return self.json_key is not None
+
+    @property
+    def timestamp(self) -> float:
+        return parse_time(self.time)
+
+    def keys(self) -> list[str]:
+        """Every object of this restore point (JSON first: deleting it first hides the point)."""
+        out = [self.json_key] if self.json_key else []
+        return out + sorted(self.disks.values())
+
+
+@dataclass
+class Catalog:
+    """One listing of ``backups/``."""
+
+    points: dict[tuple[str, str], RestorePoint] = field(default_factory=dict)
+    indexes: list[str] = field(default_factory=list)  # final index keys
+    pending: list[tuple[str, str, str]] = field(default_factory=list)  # (key, vm, time)
+    other: list[str] = field(default_factory=list)  # keys we do not recognise
+
+    def restore_points(self, vm: str | None = None, complete: bool | None = None):
+        out = [
+            p
+            for p in self.points.values()
+            if (vm is None or p.vm == vm) and (complete is None or p.complete == complete)
+        ]
+        out.sort(key=lambda p: (p.vm, p.time))
+        return out
+
+
+def scan_backups(backend: Backend) -> Catalog:
+    cat = Catalog()
+    for info in backend.list(BACKUPS):
+        parts = info.key[len(BACKUPS) :].split("/")
+        if len(parts) == 2 and parts[1].endswith(".json") and _TIME_RE.match(parts[1][:-5]):
+            vm, when = parts[0], parts[1][:-5]
+            point = cat.points.setdefault((vm, when), RestorePoint(vm, when))
+            point.json_key = info.key
+        elif len(parts) == 3 and parts[2].endswith(".index") and _TIME_RE.match(parts[2][:-6]):
+            vm, vdi, when = parts[0], parts[1], parts[2][:-6]
+            point = cat.points.setdefault((vm, when), RestorePoint(vm, when))
+            point.disks[vdi] = info.key
+            cat.indexes.append(info.key)
+        elif len(parts) == 3 and parts[2].endswith(".pending") and _TIME_RE.match(parts[2][:-8]):
+            cat.pending.append((info.key, parts[0], parts[2][:-8]))
+        else:
+            cat.other.append(info.key)
+    cat.indexes.sort()
+    return cat
+
+
+# -- GC deletion lists (shared by the writer's commit check and GC) ---------------------------
+
+
+def encode_deletion_list(meta: dict[str, Any], digests: np.ndarray) -> bytes:
+    header = json.dumps(meta, sort_keys=True).encode()
+    return b"".join(
+        (
+            DELETION_MAGIC,
+            len(header).to_bytes(4, "big"),
+            header,
+            np.ascontiguousarray(digests).tobytes(),
+        )
+    )
+
+
+def decode_deletion_list(data: bytes, name: str) -> tuple[dict[str, Any], np.ndarray]:
+    if data[:8] != DELETION_MAGIC or len(data) < 12:
+        raise RepoError(f"{name}: not a GC deletion list")
+    hlen = int.from_bytes(data[8:12], "big")
+    start = 12 + hlen
+    if len(data) < start or (len(data) - start) % DIGEST_SIZE:
+        raise RepoError(f"{name}: truncated GC deletion list")
+    try:
+        meta = json.loads(data[12:start])
+    except ValueError:
+        raise RepoError(f"{name}: bad GC deletion list header") from None
+    return meta, np.frombuffer(data, dtype=f"V{DIGEST_SIZE}", offset=start)
+
+
+# -- stats -----------------------------------------------------------------------------------
+
+
+@dataclass
+class WriterStats:
+    logical_bytes: int = 0  # bytes given to put_chunk
+    chunks_new: int = 0
+    chunks_deduped: int = 0  # already in the base, this session, or the repository
+    chunks_deduped_repo: int = 0  # of which found through the repository-wide lookup
+    chunks_zero: int = 0
+    new_plain_bytes: int = 0  # plaintext bytes of new chunks
+    bytes_written: int = 0  # object bytes stored (after compression/encryption)
+    compressed_chunks: int = 0
+
+    def add(self, other: WriterStats) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+# -- repository --------------------------------------------------------------------------------
+
+
+class Repository:
+    """An open repository. Thread-safe for reads; writers are per session."""
+
+    def __init__(self, backend: Backend, config: RepoConfig, codec: ChunkCodec):
+        self.backend = backend
+        self.config = config
+        self.codec = codec
+        self._lookup: DigestLookup | None = None
+        self._lookup_lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    @classmethod
+    def open(
+        cls,
+        url: str | os.PathLike[str] | Backend,
+        *,
+        passphrase: str | None = None,
+        concurrency: int = 16,
+        **backend_options: Any,
+    ) -> Repository:
+        backend = (
+            url
+            if isinstance(url, Backend)
+            else open_backend(url, concurrency=concurrency, **backend_options)
+        )
+        try:
+            config, codec = load_repo(backend, passphrase)
+        except BaseException:
+            if not isinstance(url, Backend):
+                backend.close()
+            raise
+        return cls(backend, config, codec)
+
+    @classmethod
+    def init(
+        cls,
+        url: str | os.PathLike[str] | Backend,
+        *,
+        encrypt: bool = False,
+        passphrase: str | None = None,
+        concurrency: int = 16,
+        **backend_options: Any,
+    ) -> Repository:
+        backend = (
+            url
+            if isinstance(url, Backend)
+            else open_backend(url, concurrency=concurrency, **backend_options)
+        )
+        init_repo(backend, encrypt=encrypt, passphrase=passphrase)
+        config, codec = load_repo(backend, passphrase)
+        return cls(backend, config, codec)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- catalogue -----------------------------------------------------------------------------
+
+    def scan(self) -> Catalog:
+        return scan_backups(self.backend)
+
+    def list_restore_points(self, vm: str | None = None, *, include_incomplete: bool = False):
+        return self.scan().restore_points(vm, None if include_incomplete else True)
+
+    def resolve(self, ident: str, catalog: Catalog | None = None) -> RestorePoint:
+        """``<vm>/<time>``, ``<vm>/latest`` or ``latest`` (the newest restore point of all)."""
+        cat = catalog or self.scan()
+        points = cat.restore_points(complete=True)
+        if ident == "latest":
+            if not points:
+                raise RestorePointNotFound(f"{self.url}: no restore point")
+            return max(points, key=lambda p: (p.time, p.vm))
+        vm, _, when = ident.rpartition("/")
+        if not vm:
+            raise RestorePointNotFound(
+                f"{self.url}: bad restore point id {ident!r} (use <vm>/<time> or latest)"
+            )
+        if when == "latest":
+            mine = [p for p in points if p.vm == vm]
+            if not mine:
+                raise RestorePointNotFound(f"{self.url}: no restore point for VM {vm}")
+            return mine[-1]
+        point = cat.points.get((vm, when))
+        if point is None or not point.complete:
+            raise RestorePointNotFound(f"{self.url}: no restore point {ident}")
+        return point
+
+    def read_metadata(self, point: RestorePoint) -> dict[str, Any]:
+        if point.json_key is None:
+            return {}
+        data = self.backend.get(point.json_key)
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            raise RepoError(f"{self.url}/{point.json_key}: not JSON") from None
+        if not isinstance(doc, dict) or doc.get("format") != RP_FORMAT:
+            raise RepoError(f"{self.url}/{point.json_key}: not a restore point document")
+        return doc
+
+    def read_index(self, key: str) -> Index:
+        return Index.decode(self.backend.get(key), f"{self.url}/{key}")
+
+    def read_chunk(self, digest: bytes, length: int | None = None) -> bytes:
+        """A chunk's plaintext (zeros for ZERO_DIGEST, ``length`` bytes or a full chunk)."""
+        if digest == ZERO_DIGEST:
+            return bytes(self.config.chunk_size if length is None else length)
+        key = chunk_key(digest)
+        data = self.codec.decode(self.backend.get(key), digest)
+        if length is not None and len(data) != length:
+            raise RepoError(f"{self.url}/{key}: {len(data)} bytes where {length} were expected")
+        return data
+
+    def iter_disk(self, index: Index) -> Iterator[bytes]:
+        """The disk's bytes, chunk by chunk (a simple restore, used by tests and tools)."""
+        cs = index.chunk_size
+        for i in range(len(index)):
+            length = min(cs, index.virtual_size - i * cs)
+            yield self.read_chunk(index.get(i), length)
+
+    # -- dedup lookup --------------------------------------------------------------------------
+
+    def dedup_lookup(self, *, refresh: bool = True, catalog: Catalog | None = None):
+        """The cross-VM lookup: cached copy (if any) plus the indexes committed since."""
+        with self._lookup_lock:
+            if self._lookup is None:
+                try:
+                    self._lookup = DigestLookup.decode(self.backend.get(CACHE_KEY))
+                except (NotFound, RepoError):
+                    self._lookup = DigestLookup()
+            if refresh:
+                cat = catalog or self.scan()
+                todo = [k for k in cat.indexes if k not in self._lookup.index_keys]
+                parts = []
+                for key in todo:
+                    try:
+                        parts.append((key, self.backend.get(key)))
+                    except NotFound:
+                        continue  # pruned meanwhile
+                if parts:
+                    decoded = []
+                    for key, data in parts:
+                        try:
+                            decoded.append((key, Index.decode(data, key).entries))
+                        except CorruptIndex:
+                            continue  # verify reports it; never dedup against it
+                    self._lookup.add_many(decoded)
+            return self._lookup
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def begin_backup(
+        self,
+        vm_uuid: str,
+        *,
+        lease_ttl: float = locks.DEFAULT_TTL,
+        use_lookup: bool = True,
+        gc_wait: float | None = None,
+    ) -> BackupSession:
+        """Start a backup session of one VM (takes a writer lease, then loads the lookup)."""
+        check_name("VM uuid", vm_uuid)
+        when = format_time(time.time())
+        lease = locks.acquire_writer_lease(
+            self.backend, f"{vm_uuid}.{when}", ttl=lease_ttl, info={"vm": vm_uuid, "time": when}
+        )
+        try:
+            # Order matters: the lease exists before anything (lookup, base) is read.
+            lookup = self.dedup_lookup() if use_lookup else DigestLookup()
+        except BaseException:
+            lease.release()
+            raise
+        return BackupSession(self, vm_uuid, when, lease, lookup, gc_wait=gc_wait)
+
+
+class BackupSession:
+    """One VM backup: disk writers sharing a writer lease; ``commit`` writes the VM JSON."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        vm: str,
+        when: str,
+        lease: locks.Lease,
+        lookup: DigestLookup,
+        *,
+        gc_wait: float | None = None,
+    ):
+        self.repo = repo
+        self.vm = vm
+        self.time = when
+        self.lease = lease
+        self.lookup = lookup
+        self.gc_wait = gc_wait
+        self.writers: list[DiskWriter] = []
+        self.written: set[bytes] = set()  # chunks this session stored or confirmed
+        self.lock = threading.Lock()
+        self.committed_id: str | None = None
+        self._closed = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.vm}/{self.time}"
+
+    def disk_writer(
+        self,
+        vdi_uuid: str,
+        disk_uuid: str,
+        virtual_size: int,
+        *,
+        base: str | Index | None = None,
+        concurrency: int = 8,
+        max_in_flight: int | None = None,
+    ) -> DiskWriter:
+        check_name("VDI uuid", vdi_uuid)
+        if any(w.vdi == vdi_uuid for w in self.writers):
+            raise ValueError(f"VDI {vdi_uuid} already has a writer in this session")
+        base_key = None
+        if isinstance(base, str):
+            base_key = base
+            base_index = self.repo.read_index(base)
+        else:
+            base_index = base
+        w = DiskWriter(
+            self,
+            vdi_uuid,
+            disk_uuid,
+            virtual_size,
+            base_index,
+            base_key,
+            concurrency=concurrency,
+            max_in_flight=max_in_flight,
+        )
+        self.writers.append(w)
+        return w
+
+    def stats(self) -> WriterStats:
+        total = WriterStats()
+        for w in self.writers:
+            total.add(w.stats)
+        return total
+
+    def commit(self, metadata: dict[str, Any] | None = None) -> str:
+        """Write ``backups/<vm>/<time>.json`` after every disk index; release the lease."""
+        if self._closed:
+            raise RepoError(f"backup session {self.id} is closed")
+        pending = [w.vdi for w in self.writers if w.committed_key is None]
+        if pending:
+            raise RepoError(f"backup session {self.id}: disks not committed: {', '.join(pending)}")
+        self.lease.check()
+        doc = {
+            "format": RP_FORMAT,
+            "version": 1,
+            "id": self.id,
+            "vm": self.vm,
+            "time": self.time,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "disks": [
+                {
+                    "vdi": w.vdi,
+                    "disk_uuid": w.index.disk_uuid,
+                    "index": w.committed_key,
+                    "virtual_size": w.index.virtual_size,
+                    "base": w.index.base,
+                    "stats": w.stats.to_json(),
+                }
+                for w in self.writers
+            ],
+            "stats": self.stats().to_json(),
+            "metadata": metadata or {},
+        }
+        self.repo.backend.put(
+            rp_key(self.vm, self.time), json.dumps(doc, indent=1, sort_keys=True).encode()
+        )
+        self.committed_id = self.id
+        self._close()
+        return self.id
+
+    def abort(self) -> None:
+        """Give up: remove this session's indexes (it has no JSON yet) and release the lease."""
+        if self._closed:
+            return
+        keys = []
+        for w in self.writers:
+            w.abort()
+            keys.append(pending_key(self.vm, w.vdi, self.time))
+            if w.committed_key:
+                keys.append(w.committed_key)
+        try:
+            self.repo.backend.delete_many(keys)
+        except RepoError:
+            pass
+        self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        for w in self.writers:
+            w.shutdown()
+        self.lease.release()
+
+    def __enter__(self) -> BackupSession:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self.committed_id is None:
+            self.abort()
+
+    # -- commit check against concurrent GC --------------------------------------------------
+
+    def vanished_digests(self, index: Index) -> set[bytes]:
+        """Digests of ``index`` deleted (or being deleted) by a GC run. See jobs/gc.py."""
+        backend = self.repo.backend
+        lists = [i for i in backend.list(DELETIONS_PREFIX) if i.key.endswith(".list")]
+        if not lists:
+            return set()
+        ours = np.unique(records(index.entries))
+        gone: set[bytes] = set()
+        for info in lists:
+            try:
+                meta, digests = decode_deletion_list(backend.get(info.key), info.key)
+            except NotFound:
+                continue  # cleaned up: that run ended long before this session started
+            common = np.intersect1d(ours, digests)
+            if not len(common):
+                continue
+            self._wait_for_gc_run(info.key, meta)
+            for rec in common:
+                digest = rec.tobytes()
+                if not backend.exists(chunk_key(digest)):
+                    gone.add(digest)
+        return gone
+
+    def _wait_for_gc_run(self, list_key: str, meta: dict[str, Any]) -> None:
+        """Wait until the GC run that published ``list_key`` can no longer delete anything."""
+        backend = self.repo.backend
+        done_key = list_key[: -len(".list")] + ".done"
+        lease_key = str(meta.get("lease", ""))
+        token = meta.get("token")
+        limit = self.gc_wait
+        if limit is None:
+            limit = float(meta.get("ttl", locks.DEFAULT_TTL)) * 2 + 60
+        deadline = time.monotonic() + limit
+        delay = 0.05
+        while True:
+            if backend.exists(done_key):
+                return
+            held = locks.read_lease(backend, lease_key) if lease_key else None
+            if held is None or held.token != token or held.expired():
+                return  # that run is dead or finished: it deletes nothing more
+            if time.monotonic() > deadline:
+                raise RepoError(
+                    f"backup {self.id}: GC run {list_key} still running after {limit:.0f} s"
+                )
+            self.lease.refresh()
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+class DiskWriter:
+    """Writes one disk's chunks and index. ``put_chunk`` from one thread; stores in a pool."""
+
+    def __init__(
+        self,
+        session: BackupSession,
+        vdi: str,
+        disk_uuid: str,
+        virtual_size: int,
+        base: Index | None,
+        base_key: str | None,
+        *,
+        concurrency: int = 8,
+        max_in_flight: int | None = None,
+    ):
+        self.session = session
+        self.repo = session.repo
+        self.vdi = vdi
+        cs = self.repo.config.chunk_size
+        if base is not None:
+            if base.chunk_size != cs:
+                raise RepoError(f"base index {base_key}: chunk size {base.chunk_size} != {cs}")
+            self.index = base.derive(base=base_key, virtual_size=virtual_size)
+            self.index.disk_uuid = Index(disk_uuid, 0).disk_uuid
+            self.known = KnownDigests(self.index.entries)
+        else:
+            self.index = Index(disk_uuid, virtual_size, cs, None)
+            self.known = KnownDigests()
+        self.stats = WriterStats()
+        self.committed_key: str | None = None
+        self._pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix=f"put {vdi[:8]}")
+        self._slots = threading.BoundedSemaphore(max_in_flight or 2 * max(1, concurrency))
+        self._lock = threading.Lock()
+        self._futures: set[Future] = set()
+        self._error: BaseException | None = None
+        self._vanished: set[bytes] = set()
+
+    def chunk_length(self, i: int) -> int:
+        cs = self.index.chunk_size
+        if not 0 <= i < len(self.index):
+            raise IndexError(f"chunk {i} out of range (disk has {len(self.index)} chunks)")
+        return min(cs, self.index.virtual_size - i * cs)
+
+    def put_chunk(self, i: int, data: bytes | bytearray | memoryview) -> None:
+        """Store chunk ``i`` (exactly its length; the last one may be short). Blocks while
+        the bounded number of chunks in flight is reached; raises a previous store's error."""
+        if self.committed_key is not None:
+            raise RepoError(f"disk {self.vdi}: already committed")
+        expected = self.chunk_length(i)
+        if len(data) != expected:
+            raise ValueError(
+                f"chunk {i} of disk {self.vdi}: {len(data)} bytes, expected {expected}"
+            )
+        self._raise_error()
+        self._slots.acquire()
+        try:
+            self._raise_error()
+            fut = self._pool.submit(self._store, i, bytes(data))
+        except BaseException:
+            self._slots.release()
+            raise
+        with self._lock:
+            self._futures.add(fut)
+        fut.add_done_callback(self._done)
+
+    def _done(self, fut: Future) -> None:
+        with self._lock:
+            self._futures.discard(fut)
+            exc = fut.exception()
+            if exc is not None and self._error is None:
+                self._error = exc
+        self._slots.release()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _known(self, digest: bytes) -> bool:
+        if digest in self._vanished:
+            return False
+        if digest in self.known:
+            return True
+        with self.session.lock:
+            return digest in self.session.written
+
+    def _store(self, i: int, data: bytes) -> None:
+        codec = self.repo.codec
+        backend = self.repo.backend
+        stats = WriterStats(logical_bytes=len(data))
+        if speedups.is_zero(data):
+            digest = ZERO_DIGEST
+            stats.chunks_zero = 1
+        else:
+            digest = codec.digest(data)
+            if self._known(digest):
+                stats.chunks_deduped = 1
+            elif (
+                digest not in self._vanished
+                and self.session.lookup.may_contain(digest)
+                and backend.exists(chunk_key(digest))
+            ):
+                stats.chunks_deduped = 1
+                stats.chunks_deduped_repo = 1
+                with self.session.lock:
+                    self.session.written.add(digest)
+            else:
+                obj = codec.encode(data, digest)
+                backend.put(chunk_key(digest), obj)
+                stats.chunks_new = 1
+                stats.new_plain_bytes = len(data)
+                stats.bytes_written = len(obj)
+                if HEADER.unpack_from(obj)[2] & FLAG_COMPRESSED:
+                    stats.compressed_chunks = 1
+                with self.session.lock:
+                    self.session.written.add(digest)
+                self._vanished.discard(digest)
+        with self._lock:
+            self.index.set(i, digest)
+            self.stats.add(stats)
+
+    def wait(self) -> None:
+        """Wait until every chunk put so far is durable; raise the first store error."""
+        while True:
+            with self._lock:
+                pending = list(self._futures)
+            if not pending:
+                break
+            for fut in pending:
+                fut.exception()
+        self._raise_error()
+
+    def commit(self) -> str:
+        """Make the disk's index the commit point; returns its key. See the module docstring."""
+        if self.committed_key is not None:
+            return self.committed_key
+        self.wait()
+        session = self.session
+        backend = self.repo.backend
+        session.lease.refresh()
+        session.lease.check()
+        data = self.index.encode()
+        pkey = pending_key(session.vm, self.vdi, session.time)
+        backend.put(pkey, data)
+        try:
+            gone = session.vanished_digests(self.index)
+        except BaseException:
+            backend.delete(pkey)
+            raise
+        if gone:
+            backend.delete(pkey)
+            self._vanished |= gone
+            with session.lock:
+                session.written.difference_update(gone)
+            positions = [i for i, d in enumerate(self.index.digests()) if d in gone]
+            raise ChunksVanished(
+                f"disk {self.vdi}: {len(gone)} chunk(s) deleted by a concurrent GC; "
+                f"put chunks {positions[:8]}{'...' if len(positions) > 8 else ''} again",
+                positions,
+            )
+        session.lease.check()
+        key = index_key(session.vm, self.vdi, session.time)
+        backend.put(key, data)
+        backend.delete(pkey)
+        self.committed_key = key
+        return key
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def abort(self) -> None:
+        self._error = self._error or RepoError(f"disk {self.vdi}: aborted")
+        self.shutdown()
+
+
+__all__ = [
+    "BackupSession",
+    "Catalog",
+    "ChunksVanished",
+    "DiskWriter",
+    "Repository",
+    "RestorePoint",
+    "RestorePointNotFound",
+    "WriterStats",
+    "format_time",
+    "index_key",
+    "parse_time",
+    "pending_key",
+    "rp_key",
+    "scan_backups",
+]

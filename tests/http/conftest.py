@@ -1,0 +1,283 @@
+"""Fixtures for the HTTP API tests: a small VHD chain, a ticket store, a running HttpServer.
+
+The chain (written with agent.vhd's writer) is built so that every path of the servers is used:
+
+    block 0: whole in the root file       -> sendfile
+    block 1: split across child and root  -> assembled in memory
+    block 2: whole in the child           -> sendfile
+    block 3: partly written in the root   -> assembled (the unwritten sectors read as zeros)
+    block 4: never written, and the disk's last, partial block (size is not block-aligned) -> hole
+
+The base of incremental tickets is the root: its changed blocks are the child's (1 and 2).
+"""
+
+import os
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from agent import http as fhttp
+from agent import httpproto as hp
+from agent.vhd import open_chain
+from tests.fixtures.vhd import Level, build_chain, pattern
+
+MiB = 1 << 20
+SIZE = 9 * MiB + 512 * 1024  # 4.75 blocks of 2 MiB
+VDI = "0b3c1f55-6a0e-4a57-9b64-2f8e6f1d1a11"
+BASE_VDI = "6a8e4c1e-2f0d-4c53-8f3b-0c1d2e3f4a5b"
+
+
+class Disk(object):
+    def __init__(self, paths, models):
+        self.root, self.leaf = paths
+        self.root_model, self.model = (bytes(m) for m in models)
+
+
+@pytest.fixture(scope="session")
+def disk(tmp_path_factory):
+    d = tmp_path_factory.mktemp("httpdisk")
+    levels = [
+        Level(
+            SIZE,
+            writes=[
+                (0, pattern(1, 2 * MiB)),
+                (2 * MiB, pattern(2, 2 * MiB)),
+                (6 * MiB + 4096, pattern(3, 512 * 1024)),
+            ],
+            name="%s.vhd" % BASE_VDI,
+        ),
+        Level(
+            SIZE,
+            writes=[(2 * MiB + 64 * 1024, pattern(4, 128 * 1024)), (4 * MiB, pattern(5, 2 * MiB))],
+            name="%s.vhd" % VDI,
+        ),
+    ]
+    paths, models = build_chain(d, levels)
+    return Disk(paths, models)
+
+
+class ChainView(fhttp.ExportView):
+    """ExportView straight over agent.vhd chains (the contract the real Export adapter fulfils)."""
+
+    def __init__(self, chain, base=None, vdi=None, base_vdi=None):
+        self.chain = chain
+        self.base = base
+        self.size = chain.size
+        self.block_size = chain.block_size
+        self.vdi = vdi
+        self.base_vdi = base_vdi if base is not None else None
+        self.chain_uuids = tuple(str(f.uuid) for f in chain.files)
+        self.base_uuids = tuple(str(f.uuid) for f in base.files) if base is not None else ()
+        self.closed = False
+
+    def allocated_blocks(self):
+        return self.chain.allocated_blocks()
+
+    def changed_blocks(self):
+        return self.chain.changed_blocks(self.base)
+
+    def extents(self, offset, length):
+        return [(e.offset, e.length, e.zero, e.zero) for e in self.chain.extents(offset, length)]
+
+    def block_pieces(self, index):
+        src = self.chain.block_source(index)
+        if src.kind == "zero":
+            return [("zero", src.length)]
+        if src.kind == "file":
+            return [("file", src.file.fileno(), src.offset, src.length)]
+        return [("bytes", self.chain.read_block(index))]
+
+    def read_pieces(self, offset, length):
+        return [("bytes", self.chain.read(offset, length))]
+
+    def vhd_layout(self, block_indexes, delta=False):
+        from agent.vhd import VhdStreamLayout
+
+        parent = None
+        if delta:
+            parent = (self.base.files[0].uuid, "%s.vhd" % self.base_vdi)
+        return VhdStreamLayout(
+            self.size, block_indexes, self.block_size, uuid=self.chain.files[0].uuid, parent=parent
+        )
+
+    def close(self):
+        self.closed = True
+        self.chain.close()
+        if self.base is not None:
+            self.base.close()
+
+
+class FakeTicket(object):
+    def __init__(self, id, vdi, base=None, ttl=60):
+        self.id = id
+        self.vdi = vdi
+        self.base = base
+        self.expires = time.time() + ttl
+        self.revoked = False
+
+    def expired(self, now=None):
+        return (now or time.time()) >= self.expires
+
+
+class FakeTickets(object):
+    """Same answers as agent.tickets.TicketStore.get (TicketError-like messages)."""
+
+    def __init__(self):
+        self.tickets = {}
+
+    def add(self, ticket):
+        self.tickets[ticket.id] = ticket
+        return ticket
+
+    def get(self, ticket_id):
+        t = self.tickets.get(ticket_id)
+        if t is None:
+            raise LookupError("unknown ticket")
+        if t.revoked:
+            raise LookupError("ticket revoked")
+        if t.expired():
+            raise LookupError("ticket expired")
+        return t
+
+
+class Env(object):
+    def __init__(self, disk, server, tickets):
+        self.disk = disk
+        self.server = server
+        self.tickets = tickets
+        self.host, self.port = server.address
+        self.opened = []
+
+    def ticket(self, base=False, ttl=60, vdi=VDI):
+        tid = os.urandom(16).hex()
+        return self.tickets.add(FakeTicket(tid, vdi, BASE_VDI if base else None, ttl)).id
+
+    def connect(self, timeout=10):
+        return socket.create_connection((self.host, self.port), timeout=timeout)
+
+
+def opener_for(disk, opened):
+    def opener(ticket):
+        chain = open_chain(disk.leaf)
+        base = open_chain(disk.root) if ticket.base else None
+        view = ChainView(chain, base, ticket.vdi, ticket.base)
+        opened.append(view)
+        return view
+
+    return opener
+
+
+@pytest.fixture
+def make_server(disk):
+    servers = []
+
+    def make(tls_context=None, tls_mode=None, limits=None):
+        tickets = FakeTickets()
+        opened = []
+        server = fhttp.HttpServer(
+            ("127.0.0.1", 0),
+            tickets,
+            opener_for(disk, opened),
+            tls_context=tls_context,
+            tls_mode=tls_mode,
+            limits=limits,
+        )
+        server.start()
+        servers.append(server)
+        env = Env(disk, server, tickets)
+        env.opened = opened
+        return env
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def env(make_server):
+    return make_server(
+        limits=hp.Limits(
+            header_timeout=2.0, idle_timeout=5.0, send_timeout=10.0, max_connections=16
+        )
+    )
+
+
+def request(env, path, headers=(), method="GET", sock=None, version="HTTP/1.1"):
+    """One request on a fresh (or given) connection -> (status, headers dict, body bytes)."""
+    own = sock is None
+    if own:
+        sock = env.connect()
+    try:
+        lines = ["%s %s %s" % (method, path, version), "Host: test"]
+        lines += ["%s: %s" % kv for kv in headers]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return read_response(sock, head_only=(method == "HEAD"))
+    finally:
+        if own:
+            sock.close()
+
+
+def read_response(sock, head_only=False):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise EOFError("connection closed before the response head (%r)" % buf[:200])
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if head_only:
+        return status, headers, b""
+    length = int(headers["content-length"])
+    body = bytearray(rest)
+    while len(body) < length:
+        data = sock.recv(min(1 << 20, length - len(body)))
+        if not data:
+            raise EOFError("body truncated at %d of %d bytes" % (len(body), length))
+        body += data
+    return status, headers, bytes(body)
+
+
+def fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def make_tls(tmp_path):
+    """A self-signed certificate (openssl) and contexts for the server and a pinning client."""
+    cert = os.path.join(str(tmp_path), "cert.pem")
+    key = os.path.join(str(tmp_path), "key.pem")
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=cert)
+    return server_ctx, client_ctx, cert

@@ -15,7 +15,7 @@ import uuid
 
 DEFAULT_ROOTS = ("/var/run/sr-mount",)
 
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class SRError(Exception):
@@ -36,7 +36,7 @@ class OutsideRoots(SRError):
 
 def check_uuid(value, what="uuid"):
     """Return `value` if it is a canonical lowercase uuid string, else raise InvalidUUID."""
-    if not isinstance(value, str) or not _UUID_RE.match(value):
+    if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
         raise InvalidUUID("%s %r is not a canonical uuid" % (what, value))
     if str(uuid.UUID(value)) != value:
         raise InvalidUUID("%s %r is not a canonical uuid" % (what, value))
@@ -81,7 +81,7 @@ class FileSR(object):
                     names = sorted(os.listdir(root))
                 except OSError:
                     continue
-                candidates.extend((root, n) for n in names if _UUID_RE.match(n))
+                candidates.extend((root, n) for n in names if _UUID_RE.fullmatch(n))
         for root, sr in candidates:
             path = os.path.join(root, sr, vdi_uuid + ".vhd")
             if os.path.isfile(path):

@@ -107,6 +107,63 @@ def bitmap_claim(bitmap, taken):
     return (b & ~t).to_bytes(n, "big")
 
 
+def _bits_of(s, ch, other, first, label, out):
+    """Append (first + pos, length, label) for each run of character ch in the bit string s."""
+    n = len(s)
+    pos = s.find(ch)
+    while pos >= 0:
+        end = s.find(other, pos)
+        if end < 0:
+            end = n
+        out.append((first + pos, end - pos, label))
+        pos = s.find(ch, end)
+
+
+def block_runs(bitmaps, first, count):
+    """Which level supplies each sector of bits [first, first + count) of one block of a chain.
+
+    bitmaps: the block's sector bitmaps, leaf first (any iterable); None for a level that does not
+    have the block (give a level whose block is full an all-ones bitmap). Returns sorted, maximal runs
+    (start, length, level): level is the index in bitmaps of the first bitmap with those bits set, or
+    -1 where no level has them (read from below the chain, or zeros). Every non-None bitmap must cover
+    the range (ValueError); an empty or negative count gives [].
+    """
+    first = _index(first)
+    count = _index(count)
+    levels = list(bitmaps)
+    if count <= 0:
+        return []
+    values = []
+    for bm in levels:
+        if bm is None:
+            values.append(None)
+            continue
+        v = _view(bm)
+        _check_range(len(v), first, count)
+        b0 = first >> 3
+        b1 = (first + count + 7) >> 3
+        values.append(
+            (int.from_bytes(v[b0:b1], "big") >> ((b1 << 3) - first - count)) & ((1 << count) - 1)
+        )
+    full = (1 << count) - 1
+    width = "0%db" % count
+    taken = 0
+    runs = []
+    for li, bits in enumerate(values):
+        if bits is None:
+            continue
+        claim = bits & ~taken
+        if claim:
+            _bits_of(format(claim, width), "1", "0", first, li, runs)
+            taken |= claim
+            if taken == full:
+                break
+    if taken != full:
+        _bits_of(format(taken, width), "0", "1", first, -1, runs)
+    runs.sort()
+    return runs
+
+
 def _zero_from(data, pos, length):
     """True if data[pos:pos + length] is all zero; data is bytes or bytearray (compared in place)."""
     end = pos + length
@@ -244,6 +301,21 @@ def self_test(module):
     check("bitmap_claim", taken, bytearray([0b10110000, 0xFF, 0, 1]))
     raises("bitmap_claim", ValueError, module.bitmap_claim, bm[:3], taken)
     raises("bitmap_claim", TypeError, module.bitmap_claim, bm, bytes(4))
+    ones = b"\xff" * 4
+    check(
+        "block_runs",
+        module.block_runs([None, bm, taken, ones], 0, 32),
+        [(0, 1, 1), (1, 1, 3), (2, 2, 1), (4, 4, 3), (8, 8, 1), (16, 15, 3), (31, 1, 1)],
+    )
+    check(
+        "block_runs",
+        module.block_runs([bytes([0x0F, 0]), memoryview(bm)[:2], None], 3, 11),
+        [(3, 1, 1), (4, 4, 0), (8, 6, 1)],
+    )
+    check("block_runs", module.block_runs((bm, bytes(4)), 16, 16), [(16, 15, -1), (31, 1, 0)])
+    check("block_runs", module.block_runs([], 5, 3), [(5, 3, -1)])
+    check("block_runs", module.block_runs([bm], 0, 0), [])
+    raises("block_runs", ValueError, module.block_runs, [bm, None, bm[:3]], 0, 32)
     check("is_zero", module.is_zero(bytes(4096)), True)
     check("is_zero", module.is_zero(bytes(4095) + b"\x01"), False)
     check("is_zero", module.is_zero(b"\x01" + bytes(4095)), False)

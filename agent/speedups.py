@@ -37,5 +37,6 @@ if os.environ.get("FASTPATH_PURE") != "1":
 bitmap_runs = impl.bitmap_runs
 bitmap_count = impl.bitmap_count
 bitmap_claim = impl.bitmap_claim
+block_runs = impl.block_runs
 is_zero = impl.is_zero
 zero_runs = impl.zero_runs

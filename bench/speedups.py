@@ -1,7 +1,8 @@
 """Micro-benchmark of the speedups: compiled (agent._speedups) vs pure twins (agent._pyspeedups).
 
 Realistic inputs: 512-byte sector bitmaps of a 2 MiB VHD block (all set, all clear, sparse 4 KiB
-writes, alternating bits as the worst case) and 2 MiB block buffers (zero, non-zero, zero with one byte
+writes, alternating bits as the worst case), one block's bitmaps across a chain (block_runs), and
+2 MiB block buffers (zero, non-zero, zero with one byte
 set at the end). Both implementations run on the same inputs in the same process; the script prints
 time per call and the pure/compiled ratio. It also checks that a nogil scan lets another thread run.
 
@@ -144,6 +145,18 @@ def main():
         row(label, "bitmap_count", (bm, 0, BITMAP * 8), budget)
         row(label, "bitmap_claim", (bm, bytearray(b"\x0f" * BITMAP)), budget)
     row("sparse 4K, bits 3..4000", "bitmap_runs", (bitmaps()[2][1], 3, 3997), budget)
+    named = dict(bitmaps())
+    chains = [
+        ("leaf/mid/full base", [named["sparse 4K"], named["ragged"], named["all set"]]),
+        ("absent/sparse/none", [None, named["sparse 4K"], None]),
+        ("3 x ragged", [named["ragged"], named["sparse 4K"], named["ragged"]]),
+        (
+            "16 deep, full root",
+            [None, named["sparse 4K"]] * 7 + [named["ragged"], named["all set"]],
+        ),
+    ]
+    for label, levels in chains:
+        row(label, "block_runs", (levels, 0, BITMAP * 8), budget)
     for label, buf in buffers():
         row(label, "is_zero", (buf,), budget, BLOCK)
         row(label + " /4K", "zero_runs", (buf, 4096), budget, BLOCK)

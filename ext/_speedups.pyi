@@ -1,6 +1,6 @@
 # Type stubs for agent._speedups (compiled from ext/_speedups.pyx). The pure-Python twins in
 # agent/_pyspeedups.py have the same signatures and document the contract.
-from typing import List, Tuple, Union
+from typing import Iterable, List, Optional, Tuple, Union
 
 # Any C-contiguous buffer (bytes, bytearray, memoryview, array, mmap, ...), read as raw bytes.
 Buffer = Union[bytes, bytearray, memoryview]
@@ -13,6 +13,11 @@ def bitmap_count(bitmap: Buffer, first: int, count: int) -> int:
 
 def bitmap_claim(bitmap: Buffer, taken: Union[bytearray, memoryview]) -> bytes:
     """Return bitmap & ~taken and set taken |= bitmap in place (first len(taken) bytes)."""
+
+def block_runs(
+    bitmaps: Iterable[Optional[Buffer]], first: int, count: int
+) -> List[Tuple[int, int, int]]:
+    """(start, length, level): the first bitmap (leaf first) with the bits set, -1 for none."""
 
 def is_zero(buf: Buffer) -> bool:
     """True if every byte of buf is zero."""

@@ -96,6 +96,29 @@ cdef extern from *:
         return total;
     }
 
+    /* Index of the first level whose bit pos is set, or -1 (NULL levels lack the block). */
+    static Py_ssize_t fp_level_at(const unsigned char *const *bms, Py_ssize_t nlev, Py_ssize_t pos)
+    {
+        Py_ssize_t k;
+        for (k = 0; k < nlev; k++)
+            if (bms[k] != NULL && ((bms[k][pos >> 3] >> (7 - (pos & 7))) & 1))
+                return k;
+        return -1;
+    }
+
+    /* End of the run starting at pos whose supplying level is `level` (-1: none), bounded by end. */
+    static Py_ssize_t fp_level_run_end(const unsigned char *const *bms, Py_ssize_t nlev, Py_ssize_t pos,
+                                       Py_ssize_t end, Py_ssize_t level)
+    {
+        Py_ssize_t k, upto = level < 0 ? nlev : level;
+        for (k = 0; k < upto && end > pos + 1; k++)
+            if (bms[k] != NULL)
+                end = fp_run_end(bms[k], pos, end, 0);
+        if (level >= 0 && end > pos + 1)
+            end = fp_run_end(bms[level], pos, end, 1);
+        return end;
+    }
+
     /* out = b & ~t; t |= b (n bytes; b does not overlap t or out). */
     static void fp_claim(const unsigned char *b, unsigned char *t, unsigned char *out, Py_ssize_t n)
     {
@@ -112,6 +135,9 @@ cdef extern from *:
     Py_ssize_t fp_run_end(const unsigned char *bm, Py_ssize_t pos, Py_ssize_t end, int v) nogil
     Py_ssize_t fp_popcount(const unsigned char *bm, Py_ssize_t first, Py_ssize_t count) nogil
     void fp_claim(const unsigned char *b, unsigned char *t, unsigned char *out, Py_ssize_t n) nogil
+    Py_ssize_t fp_level_at(const unsigned char **bms, Py_ssize_t nlev, Py_ssize_t pos) nogil
+    Py_ssize_t fp_level_run_end(const unsigned char **bms, Py_ssize_t nlev, Py_ssize_t pos,
+                                Py_ssize_t end, Py_ssize_t level) nogil
 
 # Buffers at least this long are scanned without the GIL (below it, releasing costs more than it gives).
 cdef enum:
@@ -215,6 +241,47 @@ def bitmap_claim(bitmap, taken):
     finally:
         free(copy)
     return out
+
+
+def block_runs(bitmaps, first, count):
+    """Runs (start, length, level) of the first level (leaf first) with each bit set; -1: none."""
+    first = PyNumber_Index(first)
+    count = PyNumber_Index(count)
+    levels = list(bitmaps)
+    if count <= 0:
+        return []
+    cdef Py_ssize_t nlev = len(levels)
+    cdef Py_ssize_t i
+    cdef const unsigned char[::1] v
+    keep = []  # the views, alive (and their buffers held) while the pointers are used
+    for i in range(nlev):
+        if levels[i] is not None:
+            v = _view(levels[i])
+            _check_range(v.shape[0], first, count)
+            keep.append(v)
+    cdef const unsigned char **bms = <const unsigned char **>malloc((nlev if nlev else 1) * sizeof(void *))
+    if bms == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t pos = first
+    cdef Py_ssize_t end = pos + <Py_ssize_t>count
+    cdef Py_ssize_t nxt, level, j = 0
+    try:
+        for i in range(nlev):
+            if levels[i] is None:
+                bms[i] = NULL
+            else:
+                v = keep[j]
+                j += 1
+                bms[i] = &v[0]
+        runs = []
+        while pos < end:
+            level = fp_level_at(bms, nlev, pos)
+            nxt = fp_level_run_end(bms, nlev, pos, end, level)
+            runs.append((pos, nxt - pos, level))
+            pos = nxt
+        return runs
+    finally:
+        free(bms)
 
 
 def is_zero(buf):

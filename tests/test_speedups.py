@@ -32,7 +32,7 @@ else:
 REQUIRE = os.environ.get("FASTPATH_REQUIRE_SPEEDUPS") == "1"
 FORCED_PURE = os.environ.get("FASTPATH_PURE") == "1"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PUBLIC = ["bitmap_runs", "bitmap_count", "bitmap_claim", "is_zero", "zero_runs"]
+PUBLIC = ["bitmap_runs", "bitmap_count", "bitmap_claim", "block_runs", "is_zero", "zero_runs"]
 SETTINGS = settings(deadline=None, max_examples=150)
 
 
@@ -84,6 +84,23 @@ def ref_runs(bitmap, first, count):
 
 def ref_count(bitmap, first, count):
     return sum(length for _, length, is_set in ref_runs(bitmap, first, count) if is_set)
+
+
+def ref_block_runs(bitmaps, first, count):
+    if count <= 0:
+        return []
+    bits = [None if bm is None else ref_bits(bm) for bm in bitmaps]
+    for b in bits:
+        if b is not None and (first < 0 or first + count > len(b)):
+            raise ValueError
+    runs = []
+    for i in range(first, first + count):
+        level = next((k for k, b in enumerate(bits) if b is not None and b[i]), -1)
+        if runs and runs[-1][2] == level:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, level)
+        else:
+            runs.append((i, 1, level))
+    return runs
 
 
 def ref_zero_runs(buf, granularity):
@@ -328,6 +345,98 @@ def test_bitmap_claim_errors(impl):
     assert store == bytearray(b"\0\0\0\xf0\x0f\0\0\0")
 
 
+# -- block_runs ------------------------------------------------------------------------------------------
+
+
+@st.composite
+def chain_blocks(draw):
+    """The bitmaps of one block in a chain (leaf first; None: the level lacks the block) and a range."""
+    nbytes = draw(st.integers(0, 40))
+    level = st.one_of(
+        st.none(),
+        st.just(b"\xff" * nbytes),
+        st.binary(min_size=nbytes, max_size=nbytes),
+        st.lists(
+            st.sampled_from([0, 0xFF, 0x0F, 0xF0, 0x81]), min_size=nbytes, max_size=nbytes
+        ).map(bytes),
+    )
+    levels = draw(st.lists(level, max_size=6))
+    first = draw(st.integers(0, nbytes * 8))
+    count = draw(st.integers(0, nbytes * 8 - first))
+    return levels, first, count
+
+
+@SETTINGS
+@given(
+    case=chain_blocks(), kind=st.sampled_from(KINDS), container=st.sampled_from([list, tuple, iter])
+)
+def test_block_runs_matches_reference(impl, case, kind, container):
+    levels, first, count = case
+    arg = container([None if bm is None else as_kind(bm, kind) for bm in levels])
+    got = impl.block_runs(arg, first, count)
+    assert got == ref_block_runs(levels, first, count)
+    assert all(type(s) is int and type(n) is int and type(lv) is int for s, n, lv in got)
+
+
+@SETTINGS
+@given(case=chain_blocks())
+def test_block_runs_agrees_with_claiming_leaf_to_root(impl, case):
+    """The runs say the same as bitmap_claim + bitmap_runs per level (the chain reader's other path)."""
+    levels, first, count = case
+    runs = impl.block_runs(levels, first, count)
+    present = [(li, bm) for li, bm in enumerate(levels) if bm is not None]
+    if not present:
+        assert runs == ([(first, count, -1)] if count > 0 else [])
+        return
+    taken = bytearray(len(present[0][1]))
+    expected = []
+    for li, bm in present:
+        claim = impl.bitmap_claim(bm, taken)
+        expected += [(s, n, li) for s, n, on in impl.bitmap_runs(claim, first, count) if on]
+    expected += [(s, n, -1) for s, n, on in impl.bitmap_runs(taken, first, count) if not on]
+    assert runs == sorted(expected)
+
+
+def test_block_runs_vhd_block(impl):
+    """A 2 MiB block in a 3-deep chain: sparse 4 KiB leaf, full middle block, absent base."""
+    leaf = bytearray(512)
+    leaf[0] = 0xFF
+    leaf[256] = 0x0F
+    ones = b"\xff" * 512
+    assert impl.block_runs([leaf, ones, None], 0, 4096) == [
+        (0, 8, 0),
+        (8, 2044, 1),
+        (2052, 4, 0),
+        (2056, 2040, 1),
+    ]
+    assert impl.block_runs([leaf, None, bytes(512)], 0, 4096) == [
+        (0, 8, 0),
+        (8, 2044, -1),
+        (2052, 4, 0),
+        (2056, 2040, -1),
+    ]
+    assert impl.block_runs([None, None], 100, 3000) == [(100, 3000, -1)]
+    assert impl.block_runs([ones] * 64, 1, 4095) == [(1, 4095, 0)]
+    assert impl.block_runs([bytes(512)] * 63 + [ones], 7, 4000) == [(7, 4000, 63)]
+
+
+def test_block_runs_errors(impl):
+    with pytest.raises(ValueError, match="outside"):
+        impl.block_runs([b"\xff" * 8, None, b"\xff" * 4], 0, 64)
+    with pytest.raises(ValueError, match="outside"):
+        impl.block_runs([b"\xff"], -1, 3)
+    with pytest.raises(ValueError, match="contiguous"):
+        impl.block_runs([b"\xff", NON_CONTIGUOUS], 0, 8)
+    for bad in ([b"\xff", "text"], [b"\xff", 5], None, 7):
+        with pytest.raises(TypeError):
+            impl.block_runs(bad, 0, 8)
+    with pytest.raises(TypeError):
+        impl.block_runs([b"\xff"], 0, 8.0)
+    # empty ranges are [] even for levels that could not cover them
+    assert impl.block_runs([b"", None], 10**6, 0) == []
+    assert impl.block_runs([b"\xff"], -5, -1) == []
+
+
 # -- is_zero / zero_runs -----------------------------------------------------------------------------------
 
 
@@ -477,6 +586,9 @@ def test_buffer_is_not_held_after_a_call(impl):
     impl.bitmap_count(buf, 5, 100)
     impl.bitmap_claim(buf, bytearray(16))
     impl.bitmap_claim(bytes(len(buf)), buf)
+    impl.block_runs([buf, None, buf], 0, 1000)
+    with pytest.raises(ValueError):
+        impl.block_runs([buf, b"\0"], 0, 1000)
     with pytest.raises(ValueError):
         impl.zero_runs(buf, 0)
     with pytest.raises(ValueError):
@@ -585,6 +697,12 @@ def _claim_returning_or(bitmap, taken):
     return bytes(b | t for b, t in zip(bytes(bitmap), before))
 
 
+def _block_runs_none_as_full(bitmaps, first, count):
+    """A level without the block (None) mistaken for a level whose block is full."""
+    levels = [bm if bm is not None else b"\xff" * 64 for bm in bitmaps]
+    return _pyspeedups.block_runs(levels, first, count)
+
+
 def _zero_last_byte_ignored(buf):
     mv = memoryview(buf)
     return _pyspeedups.is_zero(mv[:-1]) if len(mv) else True
@@ -612,6 +730,13 @@ BROKEN = {
         lambda bm, first, count: _pyspeedups.bitmap_count(_lsb_first(bm), first, count),
     ],
     "bitmap_claim": [_claim_without_update, _claim_returning_or],
+    "block_runs": [
+        lambda bms, first, count: [
+            (s, n, lv) for s, n, lv in _pyspeedups.block_runs(list(bms)[::-1], first, count)
+        ],
+        _block_runs_none_as_full,
+        lambda bms, first, count: _pyspeedups.block_runs([bm for bm in bms if bm], first, count),
+    ],
     "is_zero": [_zero_last_byte_ignored, _zero_accepting_strided, lambda buf: True],
     "zero_runs": [_unmerged_zero_runs, _zero_runs_rounding_up],
 }

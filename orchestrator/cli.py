@@ -1,0 +1,316 @@
+"""The ``fastpath`` command.
+
+Subcommands register themselves: every module of :mod:`orchestrator.jobs` (and the modules in
+:data:`EXTRA_MODULES`) that defines ``register(registry)`` is imported and adds its commands, so
+a later ``jobs/backup.py`` or ``jobs/restore.py`` only has to define::
+
+    def register(registry):
+        p = registry.add("backup", run_backup, help="back up a VM")
+        p.add_argument(...)
+
+    def run_backup(args, ui):           # ui: orchestrator.progress.Progress
+        ...
+        return {"id": ...}               # the result; printed as JSON with --json
+        # or return (result, exit_code)
+
+Shared conventions (handled here): every command has ``--json`` (one JSON object on stdout,
+progress as JSON lines on stderr) and ``--progress``; errors are one line on stderr (and
+``{"ok": false, "error": ...}`` on stdout with --json); exit 0 success, 1 operational failure,
+2 usage error. REPO arguments are a path or ``s3://bucket/prefix``; an encrypted repository's
+passphrase comes from ``--passphrase-file``, ``FASTPATH_PASSPHRASE`` or a prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator.progress import MODES, Progress
+from orchestrator.repo.errors import RepoError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+# Command modules outside orchestrator.jobs (none yet); jobs/ modules are discovered.
+EXTRA_MODULES: tuple[str, ...] = ()
+
+Runner = Callable[[argparse.Namespace, Progress], Any]
+
+
+class UsageError(Exception):
+    """Bad arguments found after parsing (exit 2)."""
+
+
+class CommandFailed(Exception):
+    """An operational failure with a prepared result (exit 1, result still printed)."""
+
+    def __init__(self, message: str, result: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.result = result or {}
+
+
+class Registry:
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+        self.sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+        self.groups: dict[str, argparse._SubParsersAction] = {}
+
+    def add(
+        self, name: str, run: Runner, *, help: str, group: str | None = None
+    ) -> argparse.ArgumentParser:
+        """Add ``fastpath NAME`` (or ``fastpath GROUP NAME``) running ``run(args, ui)``."""
+        if group is None:
+            where = self.sub
+        else:
+            where = self.groups.get(group)
+            if where is None:
+                gp = self.sub.add_parser(group, help=f"{group} commands")
+                where = gp.add_subparsers(dest=f"{group}_command", metavar="COMMAND")
+                where.required = True
+                self.groups[group] = where
+        p = where.add_parser(name, help=help, description=help)
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.add_argument(
+            "--progress",
+            choices=MODES,
+            default="auto",
+            help="progress display on stderr (default: bar on a TTY, lines otherwise)",
+        )
+        p.set_defaults(_run=run, _name=f"{group} {name}" if group else name)
+        return p
+
+
+def add_repo_argument(p: argparse.ArgumentParser, *, nargs: str | None = None) -> None:
+    p.add_argument(
+        "repo" if nargs is None else "repos",
+        metavar="REPO",
+        nargs=nargs,
+        help="repository: a directory or s3://bucket/prefix",
+    )
+    p.add_argument(
+        "--passphrase-file", metavar="FILE", help="passphrase of an encrypted repository"
+    )
+    p.add_argument(
+        "--concurrency-io",
+        type=int,
+        default=16,
+        metavar="N",
+        help="backend connections / parallel object requests (default 16)",
+    )
+
+
+def open_repo(args: argparse.Namespace, url: str | None = None):
+    """Open ``args.repo`` (or ``url``), asking for the passphrase only when it is encrypted."""
+    from orchestrator.repo.backends import open_backend
+    from orchestrator.repo.config import get_passphrase, read_config
+    from orchestrator.repo.repository import Repository
+
+    target = url or args.repo
+    options: dict[str, Any] = {} if str(target).startswith("s3://") else {"create": False}
+    backend = open_backend(target, concurrency=getattr(args, "concurrency_io", 16), **options)
+    try:
+        config = read_config(backend)
+        passphrase = None
+        if config.encrypted:
+            passphrase = get_passphrase(getattr(args, "passphrase_file", None))
+        return Repository.open(backend, passphrase=passphrase)
+    except BaseException:
+        backend.close()
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastpath",
+        description="xcp-fastpath orchestrator: deduplicated backups of XCP-ng disks",
+    )
+    registry = Registry(parser)
+    _register_builtin(registry)
+    import orchestrator.jobs as jobs
+
+    names = sorted(m.name for m in pkgutil.iter_modules(jobs.__path__))
+    modules = [f"orchestrator.jobs.{n}" for n in names] + list(EXTRA_MODULES)
+    for modname in modules:
+        module = importlib.import_module(modname)
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(registry)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = getattr(args, "_run", None)
+    if run is None:
+        parser.print_usage(sys.stderr)
+        print("fastpath: error: a command is required", file=sys.stderr)
+        return EXIT_USAGE
+    ui = Progress.create(args.progress, json_output=args.json)
+    name = args._name
+    try:
+        outcome = run(args, ui)
+    except UsageError as exc:
+        ui.close()
+        print(f"fastpath {name}: usage error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandFailed as exc:
+        ui.close()
+        _emit(args, {"ok": False, "error": str(exc), **exc.result}, None)
+        print(f"fastpath {name}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (RepoError, OSError, ValueError) as exc:
+        ui.close()
+        if args.json:
+            print(json.dumps({"ok": False, "error": _one_line(exc), "type": type(exc).__name__}))
+        print(f"fastpath {name}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        ui.close()
+        print(f"fastpath {name}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        ui.close()
+    code = EXIT_OK
+    result = outcome
+    if isinstance(outcome, tuple):
+        result, code = outcome
+    render = getattr(args, "_render", None)
+    _emit(args, result, render)
+    return code
+
+
+def _emit(args: argparse.Namespace, result: Any, render: Callable[[Any], str] | None) -> None:
+    if result is None:
+        return
+    if args.json:
+        print(json.dumps(result, sort_keys=True, default=str))
+    elif render is not None:
+        text = render(result)
+        if text:
+            print(text)
+    else:
+        print(_plain(result))
+
+
+def _plain(result: Any, indent: str = "") -> str:
+    if isinstance(result, dict):
+        lines = []
+        for k, v in result.items():
+            if isinstance(v, dict | list) and v:
+                lines.append(f"{indent}{k}:")
+                lines.append(_plain(v, indent + "  "))
+            else:
+                lines.append(f"{indent}{k}: {v}")
+        return "\n".join(lines)
+    if isinstance(result, list):
+        return "\n".join(
+            _plain(v, indent + "  ") if isinstance(v, dict | list) else f"{indent}- {v}"
+            for v in result
+        )
+    return f"{indent}{result}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:500]
+
+
+# -- built-in repository commands: repo init, list, show, stats ---------------------------------
+
+
+def _register_builtin(registry: Registry) -> None:
+    p = registry.add("init", cmd_repo_init, help="create a repository", group="repo")
+    p.add_argument("repo", metavar="REPO", help="a directory or s3://bucket/prefix")
+    p.add_argument("--encrypt", action="store_true", help="encrypt chunks (AES-256-GCM)")
+    p.add_argument("--passphrase-file", metavar="FILE")
+
+    p = registry.add("list", cmd_list, help="list restore points")
+    add_repo_argument(p)
+    p.add_argument("--vm", metavar="UUID", help="only this VM")
+    p.add_argument("--all", action="store_true", help="include incomplete restore points")
+    p.set_defaults(_render=_render_list)
+
+    p = registry.add("show", cmd_show, help="show a restore point (ID = <vm>/<time> or latest)")
+    add_repo_argument(p)
+    p.add_argument("id", metavar="ID")
+
+    p = registry.add("stats", cmd_stats, help="logical vs stored bytes, dedup and compression")
+    add_repo_argument(p)
+
+
+def cmd_repo_init(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
+    from orchestrator.repo.config import get_passphrase
+    from orchestrator.repo.repository import Repository
+
+    passphrase = None
+    if args.encrypt:
+        passphrase = get_passphrase(args.passphrase_file, confirm=True)
+    elif args.passphrase_file:
+        raise UsageError("--passphrase-file needs --encrypt")
+    repo = Repository.init(args.repo, encrypt=args.encrypt, passphrase=passphrase)
+    try:
+        return {
+            "ok": True,
+            "repo": repo.url,
+            "id": repo.config.id,
+            "encrypted": repo.config.encrypted,
+            "chunk_size": repo.config.chunk_size,
+            "compression": repo.config.compression,
+        }
+    finally:
+        repo.close()
+
+
+def cmd_list(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
+    with open_repo(args) as repo:
+        cat = repo.scan()
+        points = cat.restore_points(args.vm, None if args.all else True)
+        return {
+            "ok": True,
+            "repo": repo.url,
+            "restore_points": [
+                {
+                    "id": p.id,
+                    "vm": p.vm,
+                    "time": p.time,
+                    "complete": p.complete,
+                    "disks": dict(sorted(p.disks.items())),
+                }
+                for p in points
+            ],
+        }
+
+
+def _render_list(result: dict[str, Any]) -> str:
+    rows = result["restore_points"]
+    if not rows:
+        return "no restore points"
+    return "\n".join(
+        f"{r['id']}  {len(r['disks'])} disk(s){'' if r['complete'] else '  (incomplete)'}"
+        for r in rows
+    )
+
+
+def cmd_show(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
+    with open_repo(args) as repo:
+        point = repo.resolve(args.id)
+        doc = repo.read_metadata(point)
+        return {"ok": True, "id": point.id, "vm": point.vm, "time": point.time, **doc}
+
+
+def cmd_stats(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
+    from orchestrator.jobs.verify import repository_stats
+
+    with open_repo(args) as repo:
+        return {"ok": True, "repo": repo.url, **repository_stats(repo, ui)}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

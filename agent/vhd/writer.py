@@ -342,8 +342,10 @@ def create_differencing(path, parent_path, uuid=None, size=None, block_size=None
 class VhdStreamLayout(object):
     """Byte layout of a dynamic (or differencing) VHD streamed front to back without seeking.
 
-    prefix_bytes() | for each block in ascending order: bitmap_bytes(i), then block_size bytes of data
-    at data_offset(i) | suffix_bytes(). The last block's data is padded with zeros to block_size.
+    prefix_bytes() | for each block in ascending order: bitmap_bytes(i) at block_offset(i), block_size
+    bytes of data at data_offset(i) (the last block's data padded with zeros to block_size), then `gap`
+    zero bytes | suffix_bytes() (the footer) at footer_offset. Every data area starts on a 4 KiB
+    boundary, as blktap lays blocks out; the gap keeps the next one aligned.
     """
 
     def __init__(
@@ -369,7 +371,8 @@ class VhdStreamLayout(object):
                     "block %d outside the disk (%d blocks)" % (i, self.meta.block_count)
                 )
         self.bitmap_size = self.meta.bitmap_size
-        self.stride = self.bitmap_size + block_size
+        self.gap = (-(self.bitmap_size + block_size)) % PAGE
+        self.stride = self.bitmap_size + block_size + self.gap
         self.first_block = _align_data(self.meta.metadata_end, self.bitmap_size)
         self._slot = {b: k for k, b in enumerate(self.blocks)}
         self.footer_offset = self.first_block + len(self.blocks) * self.stride
@@ -406,8 +409,9 @@ class VhdStreamLayout(object):
             yield self.bitmap_bytes(b)
             data = read_block(b)
             yield data
-            if len(data) < self.block_size:
-                yield bytes(self.block_size - len(data))
+            pad = self.block_size - len(data) + self.gap
+            if pad:
+                yield bytes(pad)
         yield self.suffix_bytes()
 
 

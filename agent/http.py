@@ -450,6 +450,11 @@ class HttpServer(object):
 
     def stop(self, timeout=5.0):
         self._stopping.set()
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept() at once on Linux
+            except OSError:
+                pass
         if self._thread is not None:
             self._thread.join(timeout)
         if self._sock is not None:
@@ -1148,6 +1153,12 @@ class _Handler(object):
             )
         return first, count
 
+    def _pad_to(self, pos, target):
+        if target < pos:
+            raise hp.HttpError("VHD layout goes backwards at %d (stream at %d)" % (target, pos))
+        self.resp.write_zeros(target - pos)
+        return target
+
     def _wants_changed(self):
         flag = self.req.param("changed")
         has_base = self.view.base_vdi is not None or bool(self.view.base_uuids)
@@ -1211,18 +1222,26 @@ class _Handler(object):
         )
         if resp.head_only:
             return
-        resp.write(layout.prefix_bytes())
+        # Follow the layout's own offsets (it may pad between areas to keep data 4 KiB-aligned).
+        prefix = layout.prefix_bytes()
+        resp.write(prefix)
+        pos = len(prefix)
         metrics = self.server.metrics
         bs = v.block_size
         for i in layout.blocks:
             self.check_live()
-            resp.write(layout.bitmap_bytes(i))
+            pos = self._pad_to(pos, layout.block_offset(i))
+            bitmap = layout.bitmap_bytes(i)
+            resp.write(bitmap)
+            pos = self._pad_to(pos + len(bitmap), layout.data_offset(i))
             pieces = v.block_pieces(i)
             _count_block(metrics, pieces, self.conn.tls)
             resp.write_pieces(pieces, self.record)
+            pos += bs  # with the zeros below for the last block of a disk not block-aligned
             short = bs - v.block_length(i)
             if short:
-                resp.write_zeros(short)  # the last block of a disk whose size is not block-aligned
+                resp.write_zeros(short)
+        self._pad_to(pos, layout.total_length - len(layout.suffix_bytes()))
         resp.write(layout.suffix_bytes())
 
 

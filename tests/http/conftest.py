@@ -21,7 +21,9 @@ import pytest
 
 from agent import http as fhttp
 from agent import httpproto as hp
-from agent.vhd import open_chain
+from agent.export import Counters
+from agent.sr import FileSR
+from agent.tickets import TicketStore
 from tests.fixtures.vhd import Level, build_chain, pattern
 
 MiB = 1 << 20
@@ -30,15 +32,21 @@ VDI = "0b3c1f55-6a0e-4a57-9b64-2f8e6f1d1a11"
 BASE_VDI = "6a8e4c1e-2f0d-4c53-8f3b-0c1d2e3f4a5b"
 
 
+SR = "5d7a3b2c-1e0f-4a9b-8c7d-6e5f4a3b2c1d"
+
+
 class Disk(object):
-    def __init__(self, paths, models):
+    def __init__(self, sr_root, paths, models):
+        self.sr_root = sr_root
         self.root, self.leaf = paths
         self.root_model, self.model = (bytes(m) for m in models)
 
 
 @pytest.fixture(scope="session")
 def disk(tmp_path_factory):
-    d = tmp_path_factory.mktemp("httpdisk")
+    sr_root = tmp_path_factory.mktemp("sr-mount")
+    d = sr_root / SR
+    d.mkdir()
     levels = [
         Level(
             SIZE,
@@ -56,140 +64,65 @@ def disk(tmp_path_factory):
         ),
     ]
     paths, models = build_chain(d, levels)
-    return Disk(paths, models)
+    return Disk(str(sr_root), paths, models)
 
 
-class ChainView(fhttp.ExportView):
-    """ExportView straight over agent.vhd chains (the contract the real Export adapter fulfils)."""
-
-    def __init__(self, chain, base=None, vdi=None, base_vdi=None):
-        self.chain = chain
-        self.base = base
-        self.size = chain.size
-        self.block_size = chain.block_size
-        self.vdi = vdi
-        self.base_vdi = base_vdi if base is not None else None
-        self.chain_uuids = tuple(str(f.uuid) for f in chain.files)
-        self.base_uuids = tuple(str(f.uuid) for f in base.files) if base is not None else ()
-        self.closed = False
-
-    def allocated_blocks(self):
-        return self.chain.allocated_blocks()
-
-    def changed_blocks(self):
-        return self.chain.changed_blocks(self.base)
-
-    def extents(self, offset, length):
-        return [(e.offset, e.length, e.zero, e.zero) for e in self.chain.extents(offset, length)]
-
-    def block_pieces(self, index):
-        src = self.chain.block_source(index)
-        if src.kind == "zero":
-            return [("zero", src.length)]
-        if src.kind == "file":
-            return [("file", src.file.fileno(), src.offset, src.length)]
-        return [("bytes", self.chain.read_block(index))]
-
-    def read_pieces(self, offset, length):
-        return [("bytes", self.chain.read(offset, length))]
-
-    def vhd_layout(self, block_indexes, delta=False):
-        from agent.vhd import VhdStreamLayout
-
-        parent = None
-        if delta:
-            parent = (self.base.files[0].uuid, "%s.vhd" % self.base_vdi)
-        return VhdStreamLayout(
-            self.size, block_indexes, self.block_size, uuid=self.chain.files[0].uuid, parent=parent
-        )
-
-    def close(self):
-        self.closed = True
-        self.chain.close()
-        if self.base is not None:
-            self.base.close()
-
-
-class FakeTicket(object):
-    def __init__(self, id, vdi, base=None, ttl=60):
-        self.id = id
-        self.vdi = vdi
-        self.base = base
-        self.expires = time.time() + ttl
-        self.revoked = False
-
-    def expired(self, now=None):
-        return (now or time.time()) >= self.expires
-
-
-class FakeTickets(object):
-    """Same answers as agent.tickets.TicketStore.get (TicketError-like messages)."""
+class Clock(object):
+    """A settable clock for the ticket store (expiry without sleeping)."""
 
     def __init__(self):
-        self.tickets = {}
+        self.offset = 0.0
 
-    def add(self, ticket):
-        self.tickets[ticket.id] = ticket
-        return ticket
-
-    def get(self, ticket_id):
-        t = self.tickets.get(ticket_id)
-        if t is None:
-            raise LookupError("unknown ticket")
-        if t.revoked:
-            raise LookupError("ticket revoked")
-        if t.expired():
-            raise LookupError("ticket expired")
-        return t
+    def __call__(self):
+        return time.time() + self.offset
 
 
 class Env(object):
-    def __init__(self, disk, server, tickets):
+    def __init__(self, disk, server, tickets, clock, counters):
         self.disk = disk
         self.server = server
         self.tickets = tickets
+        self.clock = clock
+        self.counters = counters
         self.host, self.port = server.address
-        self.opened = []
 
-    def ticket(self, base=False, ttl=60, vdi=VDI):
-        tid = os.urandom(16).hex()
-        return self.tickets.add(FakeTicket(tid, vdi, BASE_VDI if base else None, ttl)).id
+    def ticket(self, base=False, ttl=60, vdi=VDI, max_connections=16):
+        t = self.tickets.create(
+            vdi, SR, BASE_VDI if base else None, ttl=ttl, max_connections=max_connections
+        )
+        return t.id
 
     def connect(self, timeout=10):
         return socket.create_connection((self.host, self.port), timeout=timeout)
 
 
-def opener_for(disk, opened):
-    def opener(ticket):
-        chain = open_chain(disk.leaf)
-        base = open_chain(disk.root) if ticket.base else None
-        view = ChainView(chain, base, ticket.vdi, ticket.base)
-        opened.append(view)
-        return view
-
-    return opener
-
-
 @pytest.fixture
 def make_server(disk):
+    """An HttpServer wired exactly as the daemon wires it: TicketStore, FileSR.open_export."""
     servers = []
 
     def make(tls_context=None, tls_mode=None, limits=None):
-        tickets = FakeTickets()
-        opened = []
+        clock = Clock()
+        tickets = TicketStore(clock=clock)
+        counters = Counters()
+        file_sr = FileSR([disk.sr_root])
+
+        def open_export(ticket):
+            return file_sr.open_export(
+                ticket.vdi, ticket.sr, ticket.base, counters=counters, name=ticket.id
+            )
+
         server = fhttp.HttpServer(
             ("127.0.0.1", 0),
             tickets,
-            opener_for(disk, opened),
+            open_export,
             tls_context=tls_context,
             tls_mode=tls_mode,
             limits=limits,
         )
         server.start()
         servers.append(server)
-        env = Env(disk, server, tickets)
-        env.opened = opened
-        return env
+        return Env(disk, server, tickets, clock, counters)
 
     yield make
     for s in servers:
@@ -244,6 +177,15 @@ def read_response(sock, head_only=False):
             raise EOFError("body truncated at %d of %d bytes" % (len(body), length))
         body += data
     return status, headers, bytes(body)
+
+
+def wait_for(cond, timeout=10.0):
+    """Poll cond() until true (server threads finish after the client has its answer)."""
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise AssertionError("condition not reached within %ss" % timeout)
+        time.sleep(0.01)
 
 
 def fd_count():

@@ -1132,7 +1132,7 @@ class _Handler(object):
         resp.start(status, headers, end - start)
         if resp.head_only:
             return
-        step = 8 * v.block_size
+        step = v.block_size  # check the ticket between blocks
         pos = start
         while pos < end:
             self.check_live()

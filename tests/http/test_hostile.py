@@ -1,0 +1,252 @@
+"""Hostile and careless clients: none of them stops the service, and nothing leaks.
+
+Each case ends by checking that a well-behaved client is still served; the last one checks that
+the process holds no more file descriptors than before (connections, exports and chain files closed).
+"""
+
+import json
+import socket
+import struct
+
+import pytest
+
+from agent import httpproto as hp
+from tests.http.conftest import SIZE, fd_count, request, wait_for
+
+
+def healthy(env):
+    status, _, body = request(env, "/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+def raw_exchange(env, data, timeout=10):
+    """Send bytes, read until the server closes; returns everything received."""
+    s = env.connect(timeout=timeout)
+    try:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+    finally:
+        s.close()
+
+
+def status_of(resp):
+    return int(resp.split(b" ", 2)[1]) if resp.startswith(b"HTTP/1.1 ") else None
+
+
+@pytest.fixture
+def fast_env(make_server):
+    limits = hp.Limits(
+        header_timeout=0.5,
+        idle_timeout=1.0,
+        send_timeout=5.0,
+        max_connections=6,
+        max_request_line=1024,
+        max_header_bytes=4096,
+        max_headers=20,
+    )
+    return make_server(limits=limits)
+
+
+@pytest.mark.parametrize(
+    "data, status",
+    [
+        (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 8000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X: 1\r\n" * 50 + b"\r\n", 431),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n", 400),
+        (b"\x00\xff\xfe garbage \r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 100, 413),
+        (b"GET /v1/exports/%s HTTP/3.0\r\n\r\n", 505),
+    ],
+)
+def test_malformed_requests_get_an_error_and_a_close(fast_env, data, status):
+    resp = raw_exchange(fast_env, data)
+    assert status_of(resp) == status
+    body = resp.split(b"\r\n\r\n", 1)[1]
+    assert set(json.loads(body)) == {"error", "message"}
+    assert b"Connection: close" in resp
+    healthy(fast_env)
+
+
+def test_slowloris_is_cut_off_and_others_are_served(fast_env):
+    slow = []
+    for _ in range(4):
+        s = fast_env.connect()
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        slow.append(s)
+    healthy(fast_env)  # a fifth client is served meanwhile
+    for s in slow:
+        s.settimeout(10)
+        resp = b""
+        while True:  # the server answers 408 and closes once header_timeout has passed
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            resp += chunk
+        assert status_of(resp) == 408
+        s.close()
+    assert fast_env.server.metrics.errors["timeout"] >= 4
+    healthy(fast_env)
+
+
+def test_trickled_header_bytes_do_not_extend_the_deadline(fast_env):
+    s = fast_env.connect()
+    s.settimeout(10)
+    closed = False
+    try:
+        for _ in range(200):  # one byte every 50 ms would take 10 s: the deadline is 0.5 s total
+            s.sendall(b"X")
+            ready = s.recv(65536) if _readable(s, 0.05) else None
+            if ready is not None:
+                closed = True
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        closed = True
+    finally:
+        s.close()
+    assert closed
+    healthy(fast_env)
+
+
+def _readable(sock, timeout):
+    import select
+
+    r, _, _ = select.select([sock], [], [], timeout)
+    return bool(r)
+
+
+def test_connection_limit_refuses_with_503_then_recovers(fast_env):
+    held = [fast_env.connect() for _ in range(6)]
+    try:
+        wait_for(lambda: fast_env.server.metrics.connections_open == 6)
+        resp = raw_exchange(fast_env, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(resp) == 503
+    finally:
+        for s in held:
+            s.close()
+    wait_for(lambda: fast_env.server.metrics.connections_open == 0)
+    healthy(fast_env)
+
+
+def split_responses(buf):
+    """Parse consecutive responses (all with Content-Length) from one buffer."""
+    out = []
+    while buf:
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+        n = int(headers["content-length"])
+        out.append((int(lines[0].split(" ")[1]), rest[:n]))
+        buf = rest[n:]
+    return out
+
+
+def test_keep_alive_and_pipelining(env, disk):
+    t = env.ticket()
+    s = env.connect()
+    try:
+        three = (
+            "GET /v1/exports/%s/raw HTTP/1.1\r\nHost: x\r\nRange: bytes=0-99\r\n\r\n"
+            "GET /v1/exports/%s/raw HTTP/1.1\r\nHost: x\r\nRange: bytes=100-199\r\n\r\n"
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (t, t)
+        )
+        s.sendall(three.encode())
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    responses = split_responses(buf)
+    assert [r[0] for r in responses] == [206, 206, 200]
+    assert responses[0][1] == disk.model[:100]
+    assert responses[1][1] == disk.model[100:200]
+
+
+def test_disconnect_mid_stream_releases_everything(env):
+    t = env.ticket()
+    for path in ("raw", "vhd", "blocks"):
+        s = env.connect()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.sendall(("GET /v1/exports/%s/%s HTTP/1.1\r\nHost: x\r\n\r\n" % (t, path)).encode())
+        got = s.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200")
+        s.close()  # RST while the server is streaming
+    wait_for(lambda: env.server.metrics.connections_open == 0)
+    wait_for(lambda: env.tickets.get(t).connections == 0)
+    assert env.server.metrics.open_exports == 0
+    healthy(env)
+
+
+def test_revoking_a_ticket_stops_its_running_stream(env):
+    t = env.ticket()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    s.settimeout(10)
+    s.connect((env.host, env.port))
+    try:
+        s.sendall(("GET /v1/exports/%s/raw HTTP/1.1\r\nHost: x\r\n\r\n" % t).encode())
+        head = s.recv(200)
+        assert head.startswith(b"HTTP/1.1 200")
+        env.tickets.revoke(t)
+        received = len(head.split(b"\r\n\r\n", 1)[1]) if b"\r\n\r\n" in head else 0
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            received += len(chunk)
+    finally:
+        s.close()
+    assert received < SIZE  # the server stopped between blocks and closed
+    wait_for(lambda: env.server.metrics.connections_open == 0)
+    healthy(env)
+
+
+def test_metrics_are_prometheus_text(env):
+    t = env.ticket()
+    request(env, "/v1/exports/%s/blocks" % t)
+    request(env, "/v1/exports/%s/raw" % ("0" * 32))
+    status, headers, body = request(env, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in body.decode().splitlines():
+        if line.startswith("#"):
+            assert line.split()[1] in ("HELP", "TYPE")
+            continue
+        name, value = line.rsplit(" ", 1)
+        samples[name] = int(value)
+    assert samples['fastpath_http_blocks_total{path="sendfile"}'] == 2
+    assert samples['fastpath_http_blocks_total{path="assembled"}'] == 2
+    assert samples['fastpath_http_bytes_sent_total{transport="blocks"}'] > 4 * (2 << 20)
+    assert samples['fastpath_http_requests_total{status="200"}'] >= 1
+    assert samples['fastpath_http_requests_total{status="403"}'] >= 1
+    assert "fastpath_http_open_exports" in samples
+
+
+def test_no_fd_leak_after_a_mixed_workload(env):
+    healthy(env)
+    wait_for(lambda: env.server.metrics.connections_open == 0)
+    before = fd_count()
+    t = env.ticket(base=True)
+    for path in ("", "/extents", "/extents?context=changed", "/raw", "/vhd", "/blocks"):
+        assert request(env, "/v1/exports/%s%s" % (t, path))[0] == 200
+    request(env, "/v1/exports/%s/raw" % t, [("Range", "bytes=99999999999-")])
+    raw_exchange(env, b"BAD\r\n\r\n")
+    s = env.connect()
+    s.sendall(("GET /v1/exports/%s/raw HTTP/1.1\r\nHost: x\r\n\r\n" % t).encode())
+    s.recv(100)
+    s.close()
+    wait_for(lambda: env.server.metrics.connections_open == 0)
+    wait_for(lambda: env.tickets.get(t).connections == 0)
+    assert fd_count() == before

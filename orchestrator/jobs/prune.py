@@ -150,11 +150,14 @@ def run_prune(
     catalog: Catalog | None = None,
     batch: int = 500,
     on_deleted: Callable[[RestorePoint], None] | None = None,
+    live: set[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Delete the restore points the policy does not keep. Returns a JSON-able report."""
     ui = ui or Progress("quiet")
     cat = catalog or repo.scan()
-    plan = plan_prune(cat, policy, vm=vm, live_sessions=live_sessions(repo))
+    if live is None:
+        live = live_sessions(repo)
+    plan = plan_prune(cat, policy, vm=vm, live_sessions=live)
     victims = plan.delete + plan.incomplete
     deleted_objects = 0
     if not dry_run and victims:

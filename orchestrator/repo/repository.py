@@ -442,6 +442,7 @@ class BackupSession:
         self.gc_wait = gc_wait
         self.writers: list[DiskWriter] = []
         self.written: set[bytes] = set()  # chunks this session stored or confirmed
+        self.inflight: dict[bytes, threading.Event] = {}  # chunks being stored right now
         self.lock = threading.Lock()
         self.committed_id: str | None = None
         self._closed = False
@@ -689,6 +690,19 @@ class DiskWriter:
         with self.session.lock:
             return digest in self.session.written
 
+    def _wait_inflight(self, digest: bytes) -> bool:
+        """If another thread of the session is storing ``digest``, wait for it and return True
+        when it succeeded; otherwise claim the digest (return False: the caller stores it)."""
+        while True:
+            with self.session.lock:
+                if digest in self.session.written and digest not in self._vanished:
+                    return True
+                event = self.session.inflight.get(digest)
+                if event is None:
+                    self.session.inflight[digest] = threading.Event()
+                    return False
+            event.wait()
+
     def _store(self, i: int, data: bytes) -> None:
         codec = self.repo.codec
         backend = self.repo.backend
@@ -698,28 +712,31 @@ class DiskWriter:
             stats.chunks_zero = 1
         else:
             digest = codec.digest(data)
-            if self._known(digest):
+            if self._known(digest) or self._wait_inflight(digest):
                 stats.chunks_deduped = 1
-            elif (
-                digest not in self._vanished
-                and self.session.lookup.may_contain(digest)
-                and backend.exists(chunk_key(digest))
-            ):
-                stats.chunks_deduped = 1
-                stats.chunks_deduped_repo = 1
-                with self.session.lock:
-                    self.session.written.add(digest)
             else:
-                obj = codec.encode(data, digest)
-                backend.put(chunk_key(digest), obj)
-                stats.chunks_new = 1
-                stats.new_plain_bytes = len(data)
-                stats.bytes_written = len(obj)
-                if HEADER.unpack_from(obj)[2] & FLAG_COMPRESSED:
-                    stats.compressed_chunks = 1
-                with self.session.lock:
-                    self.session.written.add(digest)
-                self._vanished.discard(digest)
+                try:
+                    if (
+                        digest not in self._vanished
+                        and self.session.lookup.may_contain(digest)
+                        and backend.exists(chunk_key(digest))
+                    ):
+                        stats.chunks_deduped = 1
+                        stats.chunks_deduped_repo = 1
+                    else:
+                        obj = codec.encode(data, digest)
+                        backend.put(chunk_key(digest), obj)
+                        stats.chunks_new = 1
+                        stats.new_plain_bytes = len(data)
+                        stats.bytes_written = len(obj)
+                        if HEADER.unpack_from(obj)[2] & FLAG_COMPRESSED:
+                            stats.compressed_chunks = 1
+                        self._vanished.discard(digest)
+                    with self.session.lock:
+                        self.session.written.add(digest)
+                finally:
+                    with self.session.lock:
+                        self.session.inflight.pop(digest).set()
         with self._lock:
             self.index.set(i, digest)
             self.stats.add(stats)

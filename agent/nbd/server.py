@@ -558,8 +558,9 @@ class Connection(object):
                     kind = piece[0]
                     if kind == HOLE:
                         n = piece[1]
-                        self._send(p.offset_hole(req.handle, pos, n, done=done))
+                        # Count before sending: the final chunk lets the client move on.
                         self.server.counters.record("hole", n)
+                        self._send(p.offset_hole(req.handle, pos, n, done=done))
                     elif kind == BYTES:
                         n = len(piece[1])
                         self._send(p.offset_data_header(req.handle, pos, n, done=done))
@@ -589,16 +590,17 @@ class Connection(object):
         counters = self.server.counters
         if kind == HOLE:
             n = piece[1]
-            self._send_zeros(n)
             counters.record("hole", n)
+            self._send_zeros(n)
             return
         if kind == BYTES:
-            self._send(piece[1])
             counters.record("assembled", len(piece[1]))
+            self._send(piece[1])
             return
         assert kind == SENDFILE
         _, fd, offset, n = piece
         if isinstance(self.sock, ssl.SSLSocket):
+            counters.record("pread", n)
             done = 0
             while done < n:
                 data = os.pread(fd, min(n - done, 4 * 1024 * 1024), offset + done)
@@ -609,8 +611,8 @@ class Connection(object):
                     )
                 self._send(data)
                 done += len(data)
-            counters.record("pread", n)
             return
+        counters.record("sendfile", n)
         out = self.sock.fileno()
         done = 0
         while done < n:
@@ -628,7 +630,6 @@ class Connection(object):
                 )
             done += sent
         self.bytes_sent += n
-        counters.record("sendfile", n)
 
     def _send_zeros(self, n):
         while n > 0:

@@ -38,19 +38,46 @@ cdef extern from *:
         return n == 0 || memcmp(p, fp_zero_page, (size_t)n) == 0;
     }
 
-    /* Zero-ness of each granule of p[0:n): flags[i] = 1 if granule i is all zero. */
-    static void fp_zero_flags(const unsigned char *p, Py_ssize_t n, Py_ssize_t g, unsigned char *flags)
-    {
-        Py_ssize_t i = 0, pos;
-        for (pos = 0; pos < n; pos += g, i++)
-            flags[i] = (unsigned char)fp_is_zero(p + pos, n - pos < g ? n - pos : g);
-    }
-
     static inline uint64_t fp_load64(const unsigned char *p)
     {
         uint64_t w;
         memcpy(&w, p, 8);
         return w;
+    }
+
+    /* Index of the first non-zero byte of p[0:n), or n. */
+    static Py_ssize_t fp_first_nonzero(const unsigned char *p, Py_ssize_t n)
+    {
+        Py_ssize_t i = 0, head = n < 16 ? n : 16;
+        for (; i < head; i++)
+            if (p[i])
+                return i;
+        while (n - i >= 4096 && memcmp(p + i, fp_zero_page, 4096) == 0)
+            i += 4096;
+        while (n - i >= 8 && fp_load64(p + i) == 0)
+            i += 8;
+        for (; i < n; i++)
+            if (p[i])
+                return i;
+        return n;
+    }
+
+    /* Zero-ness of each granule of p[0:n): flags[i] = 1 if granule i is all zero. Zero stretches are
+       skipped many granules at a time; a non-zero granule costs the scan up to its first non-zero byte. */
+    static void fp_zero_flags(const unsigned char *p, Py_ssize_t n, Py_ssize_t g, unsigned char *flags)
+    {
+        Py_ssize_t pos = 0, ngran = (n + g - 1) / g;
+        while (pos < n) {
+            Py_ssize_t nz = pos + fp_first_nonzero(p + pos, n - pos);
+            Py_ssize_t gi = pos / g, gz = nz / g;
+            if (nz >= n) {
+                memset(flags + gi, 1, (size_t)(ngran - gi));
+                return;
+            }
+            memset(flags + gi, 1, (size_t)(gz - gi));
+            flags[gz] = 0;
+            pos = (gz + 1) * g;
+        }
     }
 
     /* First bit index in [pos, end) whose value differs from v (0 or 1), or end. MSB-first bits. */

@@ -454,6 +454,34 @@ def test_zero_runs_matches_reference(impl, buf, granularity, kind):
     assert all(type(o) is int and type(n) is int and type(z) is bool for o, n, z in got)
 
 
+@settings(deadline=None, max_examples=60)
+@given(
+    n=st.integers(4096, 40000),
+    data=st.data(),
+    granularity=st.one_of(st.integers(1, 20000), st.sampled_from([8, 512, 4096, 4097, 8191])),
+)
+def test_zero_runs_multi_page_buffers(impl, n, data, granularity):
+    """Buffers of several 4 KiB pages: zero stretches skipped many granules at a time, edges exact."""
+    positions = data.draw(
+        st.lists(
+            st.one_of(
+                st.integers(0, n - 1),
+                st.sampled_from([4095, 4096, 8191, 8192, n - 1, n - 8, n - 9]).map(
+                    lambda p: min(p, n - 1)
+                ),
+                st.integers(1, n // granularity + 1).map(lambda k: min(k * granularity - 1, n - 1)),
+                st.integers(0, n // granularity).map(lambda k: min(k * granularity, n - 1)),
+            ),
+            max_size=5,
+        )
+    )
+    buf = bytearray(n)
+    for pos in positions:
+        buf[pos] = 0x40
+    assert impl.zero_runs(buf, granularity) == ref_zero_runs_sparse(n, granularity, positions)
+    assert impl.is_zero(buf) is (not positions)
+
+
 @pytest.mark.parametrize(
     "where",
     [

@@ -11,6 +11,8 @@ from agent import speedups
 from agent.vhd.errors import ChainError, VhdError
 from agent.vhd.file import BEYOND, FULL, SECTOR, RawFile, VhdFile, open_level
 
+_SPAN_MIN_RUNS = 3
+
 Extent = collections.namedtuple("Extent", "offset length zero")
 BlockSource = collections.namedtuple("BlockSource", "kind file offset length")
 
@@ -33,6 +35,31 @@ def _read_at(fd, view, offset):
             break
         done += n
     return done
+
+
+def _span_group(runs):
+    """(level, first sector, end sector, file offset, base) of the runs of one level that map sector s to
+    file offset base + s * 512 (so one read covers them all), the most numerous group with at least
+    _SPAN_MIN_RUNS runs, or None. The read also covers whatever lies between those runs in the file:
+    every other run inside the span must be read (or zeroed) after it."""
+    groups = {}
+    for s, n, li, where in runs:
+        if li is None:
+            continue
+        key = (li, where - s * SECTOR)
+        g = groups.get(key)
+        if g is None:
+            groups[key] = [1, s, s + n]
+        else:
+            g[0] += 1
+            g[2] = s + n
+    best = None
+    for (li, base), (cnt, s0, s1) in groups.items():
+        if cnt >= _SPAN_MIN_RUNS and (best is None or cnt > best[0]):
+            best = (cnt, li, s0, s1, base + s0 * SECTOR, base)
+    if best is None:
+        return None
+    return best[1:]
 
 
 def default_resolve_parent(child, locators):
@@ -269,15 +296,27 @@ class Chain(object):
         return length
 
     def _fill(self, view, first, count, zero=False):
-        for s, n, li, where in self._resolve(first, count):
+        runs = self._resolve(first, count)
+        span = _span_group(runs)
+        if span is not None:
+            # One read of the level that supplies most runs (e.g. a root block under small overwrites),
+            # then the other runs on top: fewer syscalls than one pread per fragment.
+            li, s0, s1, where, _base = span
+            a, b = (s0 - first) * SECTOR, (s1 - first) * SECTOR
+            got = _read_at(self.files[li].fileno(), view[a:b], where)
+            if got < b - a:
+                view[a + got : b] = bytes(b - a - got)
+        for s, n, li, where in runs:
             a = (s - first) * SECTOR
             b = a + n * SECTOR
+            if span is not None and li == span[0] and where - s * SECTOR == span[4]:
+                continue  # part of the span read (a run of another block of that level is not)
             if li is None:
-                if zero:
+                if zero or (span is not None and s < span[2] and s + n > span[1]):
                     view[a:b] = bytes(n * SECTOR)
                 continue
             got = _read_at(self.files[li].fileno(), view[a:b], where)
-            if zero and got < b - a:
+            if (zero or span is not None) and got < b - a:
                 view[a + got : b] = bytes(b - a - got)
 
     def extents(self, offset=0, length=None):
@@ -334,15 +373,18 @@ class Chain(object):
         return bytes(buf)
 
     def _claim_fill(self, index, buf, nsec):
-        """Assemble a block leaf to root with bitmap_claim; False when a level needs the general path."""
+        """Assemble a block with bitmap_claim (leaf to root decides who supplies each sector), then read
+        root first, a level with many fragments in one span read, the levels above on top of it.
+        False when a level is smaller than the block (the general path handles that)."""
         end_sector = index * (self.block_size // SECTOR) + nsec
-        nbytes = (self.block_size // SECTOR + 7) // 8
-        taken = bytearray(nbytes)
-        ones = None
-        view = memoryview(buf)
         for level in self.files:
             if level.size_sectors < end_sector:
                 return False
+        nbytes = (self.block_size // SECTOR + 7) // 8
+        taken = bytearray(nbytes)
+        ones = None
+        plan = []
+        for level in self.files:
             if level.is_vhd and level.bat is not None:
                 bm = level.block_bitmap(index)
                 if bm is None:
@@ -356,12 +398,27 @@ class Chain(object):
                     ones = b"\xff" * nbytes
                 bm = ones
             claim = speedups.bitmap_claim(bm, taken)
-            fd = level.fileno()
-            for s, n, isset in speedups.bitmap_runs(claim, 0, nsec):
-                if isset:
-                    _read_at(fd, view[s * SECTOR : (s + n) * SECTOR], data_off + s * SECTOR)
+            runs = [(s, n) for s, n, isset in speedups.bitmap_runs(claim, 0, nsec) if isset]
+            if runs:
+                plan.append((level.fileno(), data_off, runs))
             if speedups.bitmap_count(taken, 0, nsec) == nsec:
                 break
+        view = memoryview(buf)
+        spanned = False
+        for k, (fd, data_off, runs) in enumerate(reversed(plan)):
+            # Only the first (root-most) level may span: a span over-reads sectors that belong to other
+            # levels, which is harmless only when every level read later overwrites its own sectors.
+            if k == 0 and len(runs) >= _SPAN_MIN_RUNS:
+                s0, s1 = runs[0][0], runs[-1][0] + runs[-1][1]
+                _read_at(fd, view[s0 * SECTOR : s1 * SECTOR], data_off + s0 * SECTOR)
+                spanned = True
+            else:
+                for s, n in runs:
+                    _read_at(fd, view[s * SECTOR : (s + n) * SECTOR], data_off + s * SECTOR)
+        if spanned:
+            for s, n, isset in speedups.bitmap_runs(taken, 0, nsec):
+                if not isset:
+                    view[s * SECTOR : (s + n) * SECTOR] = bytes(n * SECTOR)
         return True
 
     # -- incremental ---------------------------------------------------------------------------------

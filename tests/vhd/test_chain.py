@@ -243,3 +243,34 @@ def test_batmap_used_when_valid(tmp_path):
         assert f.batmap is not None
         assert f.block_full(0) and not f.block_full(1) and not f.block_full(2)
         assert f.block_bitmap(0) is vhd.file.FULL
+
+
+def test_fragmented_levels_assemble(tmp_path):
+    """Every level holds many fragments of the same block (the span-read path must not let one level's
+    over-read clobber another's sectors)."""
+    bs = 2 * MiB
+    levels = [Level(4 * MiB, [(0, pattern(1, 4 * MiB))])]
+    for lvl in range(1, 4):
+        writes = [
+            (off, pattern(10 * lvl + k, 4096 * lvl))
+            for k, off in enumerate(range(lvl * 8192, bs, 3 * 65536))
+        ]
+        writes += [(bs + 100 * lvl + k * 7000, pattern(20 * lvl + k, 1000)) for k in range(5)]
+        levels.append(Level(4 * MiB, writes))
+    paths, models = build_chain(tmp_path, levels)
+    with vhd.open_chain(paths[-1]) as c:
+        assert c.read(0, c.size) == bytes(models[-1])
+        for i in range(c.block_count):
+            assert c.read_block(i) == bytes(models[-1][i * bs : (i + 1) * bs])
+            buf = bytearray(b"\xaa" * bs)
+            c.read_into(i * bs, buf)
+            assert buf == models[-1][i * bs : (i + 1) * bs]
+    # the same with a hole in the root's block: zeros under the fragments
+    levels[0] = Level(4 * MiB, [(0, pattern(1, 65536)), (bs, pattern(2, 4096))])
+    sub = tmp_path / "holes"
+    sub.mkdir()
+    paths, models = build_chain(sub, levels)
+    with vhd.open_chain(paths[-1]) as c:
+        assert c.read(0, c.size) == bytes(models[-1])
+        for i in range(c.block_count):
+            assert c.read_block(i) == bytes(models[-1][i * bs : (i + 1) * bs])

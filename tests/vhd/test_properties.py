@@ -35,8 +35,13 @@ def chains(draw):
             )
         )
         writes = []
-        for _ in range(draw(st.integers(0, 5))):
-            if draw(st.integers(0, 3)) == 0:
+        for _ in range(draw(st.integers(0, 10))):
+            kind = draw(st.integers(0, 5))
+            if kind >= 4:
+                # small scattered writes: fragments that several levels share inside one block
+                off = draw(st.integers(0, size - 1))
+                length = draw(st.integers(1, min(size - off, 8192)))
+            elif kind == 0:
                 # a whole aligned block of the chain grid (exercises 'file' sources and batmap bits)
                 b = draw(st.integers(0, max(0, (size - 1) // chain_bs)))
                 off = b * chain_bs

@@ -13,6 +13,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import types
 
 import pytest
@@ -295,11 +296,13 @@ def test_bitmap_claim_assembles_a_chain(impl, levels):
     """Leaf to root: every set bit is claimed by exactly one level, the highest that has it."""
     taken = bytearray(16)
     claims = [impl.bitmap_claim(level, taken) for level in levels]
+    claim_bits = [ref_bits(c) for c in claims]
+    level_bits = [ref_bits(level) for level in levels]
     for bit in range(128):
-        owners = [i for i, c in enumerate(claims) if ref_bits(c)[bit]]
-        having = [i for i, level in enumerate(levels) if ref_bits(level)[bit]]
+        owners = [i for i, c in enumerate(claim_bits) if c[bit]]
+        having = [i for i, lv in enumerate(level_bits) if lv[bit]]
         assert owners == having[:1]
-    assert ref_bits(taken) == [int(any(ref_bits(lv)[b] for lv in levels)) for b in range(128)]
+    assert ref_bits(taken) == [int(any(lv[b] for lv in level_bits)) for b in range(128)]
 
 
 @SETTINGS
@@ -517,6 +520,55 @@ def test_big_buffers(impl, where):
     assert impl.zero_runs(block, granule) == ref_zero_runs_sparse(2 << 20, granule, [where])
     assert impl.zero_runs(block, granule)[0][0] == 0
     assert any(o == first and not z for o, _, z in impl.zero_runs(block, granule))
+
+
+@pytest.mark.parametrize("kind", ["bytes", "memoryview"])
+def test_granules_longer_than_the_twins_zero_buffer(impl, kind):
+    """Granules and buffers beyond 2 MiB (the pure twin compares those in 2 MiB pieces)."""
+    n = (5 << 20) + 3
+    for where in (None, 0, (2 << 20) - 1, 2 << 20, (3 << 20) - 1, 3 << 20, (4 << 20) + 5, n - 1):
+        block = bytearray(n)
+        positions = []
+        if where is not None:
+            block[where] = 1
+            positions.append(where)
+        buf = bytes(block) if kind == "bytes" else memoryview(block)
+        assert impl.is_zero(buf) is (where is None)
+        for granularity in (3 << 20, (2 << 20) + 1, 1 << 21):
+            expected = ref_zero_runs_sparse(n, granularity, positions)
+            assert impl.zero_runs(buf, granularity) == expected, (where, granularity)
+
+
+def test_concurrent_scans_from_threads(impl):
+    """Several threads scanning big buffers at once (the compiled scans run without the GIL)."""
+    size = 1 << 20
+    buffers = []
+    for i in range(8):
+        b = bytearray(size)
+        if i % 2:
+            b[(i * 100003) % size] = 7
+        buffers.append(b)
+    expected = [(impl.is_zero(b), impl.zero_runs(b, 4096)) for b in buffers]
+    errors = []
+
+    def worker(k):
+        try:
+            for r in range(20):
+                i = (k + r) % len(buffers)
+                got = (impl.is_zero(buffers[i]), impl.zero_runs(buffers[i], 4096))
+                if got != expected[i]:
+                    errors.append((k, r, i))
+        except Exception as exc:  # reported below: a thread's exception must fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert [e[0] for e in expected] == [True, False] * 4
 
 
 def ref_zero_runs_sparse(n, granularity, nonzero_positions):

@@ -141,6 +141,8 @@ class Xapi:
         self.host_ref = None
         self.pool_ref = None
         self.guest_lock = threading.RLock()
+        # hostsim's own methods (not XAPI's): "hostsim.write", "hostsim.gc", ...
+        self.extensions = {}
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -159,6 +161,15 @@ class Xapi:
             method = "event.from"
         is_async = method.startswith("Async.")
         name = method[len("Async.") :] if is_async else method
+        if name in self.extensions:
+            fn = self.extensions[name]
+            nargs = len(inspect.signature(fn).parameters)
+            if len(params) != nargs + 1:
+                raise XapiError(E.MESSAGE_PARAMETER_COUNT_MISMATCH, method, nargs + 1, len(params))
+            session = self._session(params[0])
+            if is_async:
+                return self._async(session, name, fn, params[1:])
+            return fn(*params[1:])
         if "." not in name:
             raise XapiError(E.MESSAGE_METHOD_UNKNOWN, method)
         cls_part, meth = name.split(".", 1)

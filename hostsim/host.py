@@ -107,7 +107,8 @@ class Pool:
         st.update("pool", self.pool_ref, default_SR=self.sr_ref)
         self.server = None
         self.nbd = None
-        self.http_routes_installed = False
+        self.api.extensions["hostsim.write"] = self._ext_write
+        self.api.extensions["hostsim.gc"] = self._ext_gc
         if gc_interval:
             self.sr.start_gc(gc_interval)
 
@@ -172,6 +173,43 @@ class Pool:
 
     def refresh(self, vdi_ref):
         self.api.refresh_vdi(vdi_ref)
+
+    # -- hostsim's own API methods (used by the `hostsim write` CLI against a running pool) ---------
+
+    def _ext_write(self, target, spec):
+        """hostsim.write(session, VM or VDI ref, {pattern, count, length, seed, source, disk}):
+        guest writes; returns {vdi uuid: [[offset, length], ...]}."""
+        from hostsim import guest
+        from hostsim.errors import XapiError
+
+        st = self.api.store
+        if st.exists("VM", target):
+            vdis = self.vm_vdis(target)
+            if "disk" in spec:
+                vdis = [vdis[int(spec["disk"])]]
+        elif st.exists("VDI", target):
+            vdis = [target]
+        else:
+            raise XapiError("HANDLE_INVALID", "VM", target)
+        source = spec.get("source")
+        if source and st.exists("VM", source):
+            source = self.vm_vdis(source)[0]
+        out = {}
+        for vdi in vdis:
+            writes = guest.guest_write(
+                self,
+                vdi,
+                pattern=spec.get("pattern", "mixed"),
+                count=int(spec.get("count", 16)),
+                length=int(spec.get("length", 64 << 10)),
+                seed=int(spec.get("seed", 0)),
+                source_vdi=source or None,
+            )
+            out[st.field("VDI", vdi, "uuid")] = [[o, n] for o, n in writes]
+        return out
+
+    def _ext_gc(self):
+        return [list(a) for a in self.sr.gc_once()]
 
     # -- serving -------------------------------------------------------------------------------
 

@@ -12,7 +12,10 @@ Retention (per VM, UTC calendar, like restic's ``forget``): the union of
   months that have restore points, the newest restore point of that period.
 Only complete restore points are counted and kept. Incomplete ones (indexes without their JSON:
 a backup that crashed before its last step, or a half-pruned point) are deleted unless a live
-writer lease says the backup is still running. A policy must keep something (at least one rule
+writer lease says the backup is still running. The leases are listed after the catalogue scan:
+a writer seen incomplete in the scan held its lease then, so at the listing it is either still
+live (kept), dead (deleted), or finished — and then its JSON exists, which is checked again just
+before deleting. A policy must keep something (at least one rule
 >= 1), so prune can never empty a VM by mistake.
 """
 
@@ -140,6 +143,14 @@ def live_sessions(repo: Repository) -> set[tuple[str, str]]:
     return out
 
 
+def _still_incomplete(repo: Repository, point: RestorePoint) -> bool:
+    """An incomplete point whose writer had no live lease when listed (after the scan) is dead,
+    unless its writer finished in between: then its JSON exists now, and it is complete."""
+    from orchestrator.repo.repository import rp_key
+
+    return not repo.backend.exists(rp_key(point.vm, point.time))
+
+
 def run_prune(
     repo: Repository,
     policy: RetentionPolicy,
@@ -156,8 +167,10 @@ def run_prune(
     ui = ui or Progress("quiet")
     cat = catalog or repo.scan()
     if live is None:
-        live = live_sessions(repo)
+        live = live_sessions(repo)  # listed after the scan: see _still_incomplete
     plan = plan_prune(cat, policy, vm=vm, live_sessions=live)
+    if plan.incomplete and not dry_run:
+        plan.incomplete = [p for p in plan.incomplete if _still_incomplete(repo, p)]
     victims = plan.delete + plan.incomplete
     deleted_objects = 0
     if not dry_run and victims:

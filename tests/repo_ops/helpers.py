@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import random
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 
@@ -121,9 +122,17 @@ class DiskModel:
         return bytes(self.data[i * CHUNK_SIZE : i * CHUNK_SIZE + self.length(i)])
 
 
-def backup(repo, vm: str, disks: list[DiskModel], bases: dict[str, str] | None = None, **kw):
+def backup(
+    repo,
+    vm: str,
+    disks: list[DiskModel],
+    bases: dict[str, str] | None = None,
+    pause: float = 0.0,
+    **kw,
+):
     """Back up ``disks`` of ``vm``: full (every non-zero chunk) or incremental (changed chunks
-    on top of ``bases[vdi]``). Returns (restore point id, {vdi: index key})."""
+    on top of ``bases[vdi]``). Returns (restore point id, {vdi: index key}). ``pause``: sleep
+    before each commit (widens race windows in the race tests)."""
     keys = {}
     with repo.begin_backup(vm, **kw) as session:
         for disk in disks:
@@ -135,10 +144,16 @@ def backup(repo, vm: str, disks: list[DiskModel], bases: dict[str, str] | None =
                 if base is None and not any(chunk):
                     continue  # a hole: never put, stays zero
                 w.put_chunk(i, chunk)
+            if pause:
+                w.wait()
+                time.sleep(pause)
             keys[disk.vdi] = commit_with_retry(w, disk)
             disk.changed.clear()
         rid = session.commit({"test": True})
     return rid, keys
+
+
+VANISHED = collections.Counter()  # how often commit_with_retry had to re-put (race tests)
 
 
 def commit_with_retry(writer, disk: DiskModel, attempts: int = 5) -> str:
@@ -149,6 +164,8 @@ def commit_with_retry(writer, disk: DiskModel, attempts: int = 5) -> str:
         try:
             return writer.commit()
         except ChunksVanished as exc:
+            VANISHED["commits"] += 1
+            VANISHED["chunks"] += len(exc.positions)
             for i in exc.positions:
                 writer.put_chunk(i, disk.chunk(i))
     return writer.commit()

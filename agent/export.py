@@ -153,20 +153,29 @@ class Export(object):
                 if self._changed is None:
                     changed = bytearray(self.block_count)
                     if self.base_chain is None:
-                        for off, length, _ in [
-                            (e.offset, e.length, e.zero)
-                            for e in self.chain.extents(0, self.size)
-                            if not e.zero
-                        ]:
-                            first = off // self.block_size
-                            last = (off + length - 1) // self.block_size
-                            for i in range(first, last + 1):
-                                changed[i] = 1
+                        # Allocated blocks: the union of the files' BATs (metadata only; a
+                        # 2 TiB disk is not scanned sector by sector).
+                        for f in self.chain.files:
+                            self._mark_blocks(changed, f.block_size, f.allocated_blocks())
                     else:
                         for i in self.chain.changed_blocks(self.base_chain):
                             changed[i] = 1
                     self._changed = changed
         return self._changed
+
+    def _mark_blocks(self, changed, file_block_size, blocks):
+        bs = self.block_size
+        count = self.block_count
+        if file_block_size == bs:
+            for b in blocks:
+                if b < count:
+                    changed[b] = 1
+            return
+        for b in blocks:
+            first = b * file_block_size // bs
+            last = min(((b + 1) * file_block_size - 1) // bs, count - 1)
+            for i in range(first, last + 1):
+                changed[i] = 1
 
     def changed(self, offset=0, length=None):
         """[(offset, length, bool)] at block granularity (clipped to the range), merged."""

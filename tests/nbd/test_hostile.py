@@ -29,9 +29,9 @@ def env(tmp_path_factory):
     sr = FileSRTree(tmp / "sr-mount")
     vdi = sr.qemu_vdi(8 * MiB, [(0, 3 * MiB, 0x61), (5 * MiB, 64 * 1024, 0x62)])
     raw = qemu_raw_bytes(sr.path(vdi), tmp)
-    agent = AgentProcess(tmp, [sr.root], extra=["--handshake-timeout", "2"])
+    agent = AgentProcess(tmp, [sr.root], extra=["--handshake-timeout", "2", "--idle-timeout", "3"])
     try:
-        yield {"agent": agent, "vdi": vdi, "raw": raw, "tmp": tmp}
+        yield {"agent": agent, "vdi": vdi, "raw": raw, "tmp": tmp, "sr": sr}
     finally:
         agent.stop()
 
@@ -358,3 +358,176 @@ def test_unknown_client_flags_close(ctx):
     c.greet(flags=0)  # not fixed newstyle
     assert c.closed_by_server()
     c.close()
+
+
+def test_idle_connection_is_closed(ctx):
+    c = Raw(ctx["agent"], timeout=30)
+    c.greet()
+    c.go(ctx["ticket"])
+    c.request(0, 0, 512)
+    c.structured_reply()
+    assert c.closed_by_server()  # --idle-timeout 3 with nothing in flight
+    c.close()
+
+
+def test_df_read_is_one_content_chunk(ctx):
+    c = Raw(ctx["agent"])
+    c.greet()
+    c.go(ctx["ticket"])
+    off, n = 6 * MiB - 4096, 8192  # end of allocated block 2, start of unallocated block 3
+    c.request(0, off, n, flags=4, handle=3)
+    chunks = c.structured_reply()
+    content = [ch for ch in chunks if ch[1] in (1, 2)]
+    assert len(content) == 1 and content[0][1] == 1
+    assert struct.unpack(">Q", content[0][3][:8])[0] == off
+    assert content[0][3][8:] == ctx["raw"][off : off + n]
+    assert chunks[-1][0] & 1
+    # without DF the hole is an OFFSET_HOLE chunk
+    c.request(0, off, n, handle=4)
+    types = [ch[1] for ch in c.structured_reply()]
+    assert 1 in types and 2 in types
+    c.request(2)
+    c.close()
+
+
+def test_block_status_both_contexts_and_req_one(ctx):
+    c = Raw(ctx["agent"])
+    c.greet()
+    c.go(ctx["ticket"], contexts=["base:allocation", "fastpath:changed", "qemu:nope"])
+    size = len(ctx["raw"])
+    c.request(7, 0, size, handle=9)
+    chunks = c.structured_reply()
+    assert [ch[1] for ch in chunks] == [5, 5] and chunks[-1][0] & 1 and not chunks[0][0] & 1
+    by_ctx = {}
+    for _f, _t, _h, payload in chunks:
+        (ctx_id,) = struct.unpack(">I", payload[:4])
+        by_ctx[ctx_id] = [
+            struct.unpack(">II", payload[i : i + 8]) for i in range(4, len(payload), 8)
+        ]
+    assert sorted(by_ctx) == [1, 2]
+    for descs in by_ctx.values():
+        assert sum(n for n, _ in descs) == size
+    # allocation: holes read as zero in qemu's decoding
+    pos = 0
+    for n, flags in by_ctx[1]:
+        if flags & 1:
+            assert flags == 3 and not any(ctx["raw"][pos : pos + n])
+        pos += n
+    # changed (no base) at block granularity: blocks 0, 1 (data up to 3 MiB) and 2 (5 MiB)
+    assert by_ctx[2] == [(6 * MiB, 1), (size - 6 * MiB, 0)]  # qemu rounds the size up (CHS)
+    c.request(7, 512, 100, flags=8, handle=10)  # REQ_ONE: one descriptor per context, <= length
+    for _f, _t, _h, payload in c.structured_reply():
+        assert len(payload) == 12 and struct.unpack(">I", payload[4:8])[0] <= 100
+    c.request(2)
+    c.close()
+
+
+def test_vhd_truncated_under_the_server(ctx):
+    """The file shrinks while it is served: the read fails with EIO (an error chunk after zero
+    padding), the connection and the server go on."""
+    sr = ctx["sr"]
+    vdi = sr.qemu_vdi(8 * MiB, [(0, 4 * MiB, 0x77)])
+    agent = ctx["agent"]
+    tid = agent.ticket(vdi)
+    c = Raw(agent)
+    c.greet()
+    c.go(tid)
+    c.request(0, 0, 4096, handle=1)
+    assert c.structured_reply()[0][3][8:] == b"\x77" * 4096
+    with open(sr.path(vdi), "r+b") as f:
+        f.truncate(2 * MiB)
+    c.request(0, 2 * MiB, 2 * MiB, handle=2)
+    chunks = c.structured_reply()
+    assert error_of(chunks) == 5, chunks[-1][:3]
+    c.request(0, 6 * MiB, 4096, handle=3)  # a hole still reads
+    chunks = c.structured_reply()
+    assert error_of(chunks) == 0 and chunks[0][1] == 2
+    c.request(2)
+    c.close()
+
+
+def test_server_connection_limit(tmp_path, env):
+    agent = AgentProcess(tmp_path, [env["sr"].root], extra=["--max-connections", "2"])
+    try:
+        a, b = Raw(agent), Raw(agent)
+        a.greet()
+        b.greet()
+        c = Raw(agent)
+        assert c.closed_by_server()  # refused: two connections already
+        c.close()
+        a.close()
+        b.close()
+        assert agent.wait_idle()
+        d = Raw(agent)
+        d.greet()
+        assert d.go(agent.ticket(env["vdi"]))[-1] == (1, b"")
+        d.request(2)
+        d.close()
+        assert agent.stats()["refused_connections"] >= 1
+    finally:
+        agent.stop()
+
+
+def test_tls_hostile(tmp_path, env, tls_files):
+    nbd = pytest.importorskip(
+        "nbd", reason="libnbd Python bindings (python3-libnbd) not importable"
+    )
+    agent = AgentProcess(
+        tmp_path,
+        [env["sr"].root],
+        tls="require",
+        extra=[
+            "--tls-cert",
+            tls_files["cert"],
+            "--tls-key",
+            tls_files["key"],
+            "--handshake-timeout",
+            "3",
+        ],
+    )
+    try:
+        tid = agent.ticket(env["vdi"])
+        baseline = agent.settled_fd_count()
+        # Options before STARTTLS are refused with TLS_REQD; ABORT still works.
+        c = Raw(agent)
+        c.greet()
+        ((rtype, _),) = c.go(tid, structured=False)
+        assert rtype == 0x80000005
+        c.option(3)
+        assert c.replies()[0][0] == 0x80000005
+        c.option(2)
+        assert c.replies() == [(1, b"")]
+        c.close()
+        # EXPORT_NAME in clear text: hang up.
+        c = Raw(agent)
+        c.greet()
+        c.option(1, tid.encode())
+        assert c.closed_by_server()
+        c.close()
+        # STARTTLS accepted, then garbage instead of a ClientHello.
+        c = Raw(agent)
+        c.greet()
+        c.option(5)
+        assert c.replies() == [(1, b"")]
+        c.sock.sendall(b"\x00" * 64 + b"not tls at all")
+        assert c.closed_by_server()
+        c.close()
+        # STARTTLS accepted, then silence: the handshake timeout applies.
+        c = Raw(agent)
+        c.greet()
+        c.option(5)
+        assert c.replies() == [(1, b"")]
+        assert c.closed_by_server()
+        c.close()
+        # A real TLS client still gets the data.
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(tls_files["dir"])
+        h.set_export_name(tid)
+        h.connect_tcp(agent.host, str(agent.port))
+        assert h.pread(len(env["raw"]), 0) == env["raw"]
+        h.shutdown()
+        assert agent.wait_idle()
+        assert agent.wait_fds(baseline) <= baseline
+    finally:
+        agent.stop()

@@ -14,6 +14,8 @@ Bitmaps are VHD sector bitmaps: bit i is (bitmap[i >> 3] >> (7 - (i & 7))) & 1 (
 
 from operator import index as _index
 
+_BIT_COUNT = getattr(int, "bit_count", None)  # Python 3.10+; bin().count() before that
+
 _ZLEN = 1 << 21
 _ZEROS = bytes(_ZLEN)
 _ZMV = memoryview(_ZEROS)
@@ -36,14 +38,12 @@ def _check_range(nbytes, first, count):
         )
 
 
-def _bit_string(bm, first, count):
-    """Bits [first, first + count) of bitmap view bm as a str of '0' and '1' (MSB first)."""
+def _bits_value(bm, first, count):
+    """Bits [first, first + count) of bitmap view bm as an int (bit `first` is the most significant)."""
     b0 = first >> 3
     b1 = (first + count + 7) >> 3
     value = int.from_bytes(bm[b0:b1], "big")
-    bits = format(value, "0%db" % ((b1 - b0) * 8))
-    skip = first - b0 * 8
-    return bits[skip : skip + count]
+    return (value >> ((b1 << 3) - first - count)) & ((1 << count) - 1)
 
 
 def bitmap_runs(bitmap, first, count):
@@ -57,7 +57,12 @@ def bitmap_runs(bitmap, first, count):
         return []
     bm = _view(bitmap)
     _check_range(len(bm), first, count)
-    bits = _bit_string(bm, first, count)
+    value = _bits_value(bm, first, count)
+    if value == 0:
+        return [(first, count, False)]
+    if value == (1 << count) - 1:
+        return [(first, count, True)]
+    bits = format(value, "0%db" % count)
     find = bits.find
     runs = []
     append = runs.append
@@ -84,7 +89,10 @@ def bitmap_count(bitmap, first, count):
         return 0
     bm = _view(bitmap)
     _check_range(len(bm), first, count)
-    return _bit_string(bm, first, count).count("1")
+    value = _bits_value(bm, first, count)
+    if _BIT_COUNT is not None:
+        return _BIT_COUNT(value)
+    return bin(value).count("1")
 
 
 def bitmap_claim(bitmap, taken):
@@ -140,11 +148,7 @@ def block_runs(bitmaps, first, count):
             continue
         v = _view(bm)
         _check_range(len(v), first, count)
-        b0 = first >> 3
-        b1 = (first + count + 7) >> 3
-        values.append(
-            (int.from_bytes(v[b0:b1], "big") >> ((b1 << 3) - first - count)) & ((1 << count) - 1)
-        )
+        values.append(_bits_value(v, first, count))
     full = (1 << count) - 1
     width = "0%db" % count
     taken = 0

@@ -462,8 +462,15 @@ class Chain(object):
                 own.close()
 
     def allocated_blocks(self):
-        """Sorted block indices that some file of the chain holds (the others read as zeros)."""
-        return [i for i in range(self.block_count) if self.block_source(i).kind != "zero"]
+        """Sorted block indices where some file of the chain holds sectors (the others read as zeros)."""
+        if not self._same_grid or any(not f.is_vhd or f.bat is None for f in self.files):
+            candidates = range(self.block_count)
+        else:
+            found = set()
+            for f in self.files:
+                found.update(b for b in f.allocated_blocks() if b < self.block_count)
+            candidates = sorted(found)
+        return [i for i in candidates if self.block_source(i).kind != "zero"]
 
     def describe(self):
         return {

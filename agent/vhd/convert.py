@@ -70,7 +70,7 @@ def export_vhd(chain, out, base=None, uuid=None):
     Returns the number of bytes written.
     """
     if base is None:
-        blocks = [i for i in range(chain.block_count) if chain.block_source(i).kind != "zero"]
+        blocks = chain.allocated_blocks()
         parent = None
     else:
         blocks = chain.changed_blocks(base)

@@ -277,6 +277,12 @@ class VhdFile(Level):
                 "disk type %d (only fixed 2, dynamic 3, differencing 4)" % f.disk_type,
                 "disk_type",
             )
+        if f.disk_type != fmt.DISK_FIXED and f.creator_app[:3] == b"tap" and f.creator_version == 1:
+            raise UnsupportedVhd(
+                path,
+                "blktap 0.1 VHD with little-endian sector bitmaps (convert it with vhd-util first)",
+                "creator_version",
+            )
         if f.current_size > fmt.MAX_SIZE:
             raise UnsupportedVhd(
                 path,
@@ -344,6 +350,7 @@ class VhdFile(Level):
         if sys.byteorder == "little":
             bat.byteswap()
         self.bat = bat
+        self._allocated_index = []  # sorted indices of allocated blocks (filled by _check_bat)
         self._check_bat()
 
     def _check_bat(self):
@@ -362,11 +369,13 @@ class VhdFile(Level):
             (h.table_offset, h.max_table_entries * 4, "BAT"),
         ]
         allocated = []
+        indices = self._allocated_index
         unused = fmt.BAT_UNUSED
         max_sector = (limit - full) // SECTOR  # an entry above this needs the precise check below
         for i, e in enumerate(bat):
             if e == unused:
                 continue
+            indices.append(i)
             if e > max_sector:
                 length = last_len if i == last else full
                 if e * SECTOR + length > limit:
@@ -488,13 +497,12 @@ class VhdFile(Level):
     def allocated_blocks(self):
         if self.bat is None:
             return list(range(self.block_count))
-        unused = fmt.BAT_UNUSED
-        return [i for i, e in enumerate(self.bat) if e != unused]
+        return list(self._allocated_index)
 
     def allocated_count(self):
         if self.bat is None:
             return self.block_count
-        return len(self.bat) - self.bat.count(fmt.BAT_UNUSED)
+        return len(self._allocated_index)
 
     def block_data_offset(self, index):
         """Byte offset of block `index`'s data area, or None if unallocated."""
@@ -548,6 +556,10 @@ class VhdFile(Level):
             n = min(lim, bstart + spb) - s
             e = bat[b]
             if e == unused:
+                # jump over the whole run of unallocated blocks (LVM BATs map 2 TiB, mostly empty)
+                k = bisect.bisect_right(self._allocated_index, b)
+                nxt = self._allocated_index[k] * spb if k < len(self._allocated_index) else lim
+                n = min(lim, nxt) - s
                 if runs and runs[-1][2] is None and runs[-1][0] + runs[-1][1] == s:
                     runs[-1] = (runs[-1][0], runs[-1][1] + n, None)
                 else:

@@ -60,23 +60,30 @@ def _make_footer(size, disk_type, uid, timestamp=None):
 class _Metadata(object):
     """Footer, header, and the byte layout of everything before the first block."""
 
-    def __init__(self, size, block_size, uid, parent=None, timestamp=None):
+    def __init__(self, size, block_size, uid, parent=None, timestamp=None, max_table_entries=None):
         _check_geometry(size, block_size)
         self.size = size
         self.block_size = block_size
         self.block_count = _ceil_div(size, block_size)
+        if max_table_entries is None:
+            max_table_entries = self.block_count
+        if max_table_entries < self.block_count or max_table_entries > 0xFFFFFFFF:
+            raise ValueError(
+                "max_table_entries %d cannot map %d blocks" % (max_table_entries, self.block_count)
+            )
+        self.table_entries = max_table_entries
         self.bitmap_size = fmt.bitmap_bytes(block_size)
         disk_type = fmt.DISK_DIFF if parent is not None else fmt.DISK_DYNAMIC
         self.footer = _make_footer(size, disk_type, uid, timestamp)
         self.table_offset = fmt.FOOTER_SIZE + fmt.HEADER_SIZE
-        self.table_bytes = fmt.sectors_padded(self.block_count * 4)
+        self.table_bytes = fmt.sectors_padded(self.table_entries * 4)
         self.batmap_header_offset = self.table_offset + self.table_bytes
         self.batmap_offset = self.batmap_header_offset + SECTOR
-        self.batmap_bytes = fmt.sectors_padded(_ceil_div(self.block_count, 8))
+        self.batmap_bytes = fmt.sectors_padded(_ceil_div(self.table_entries, 8))
         pos = self.batmap_offset + self.batmap_bytes
         header = fmt.Header(
             table_offset=self.table_offset,
-            max_table_entries=self.block_count,
+            max_table_entries=self.table_entries,
             block_size=block_size,
         )
         self.locator_data = []
@@ -296,9 +303,13 @@ class VhdWriter(object):
                 self._parent_chain = None
 
 
-def create_dynamic(path, size, block_size=fmt.DEFAULT_BLOCK_SIZE, uuid=None):
-    """Create an empty dynamic VHD of exactly `size` bytes; returns a VhdWriter (close it)."""
-    return VhdWriter(path, _Metadata(size, block_size, uuid))
+def create_dynamic(
+    path, size, block_size=fmt.DEFAULT_BLOCK_SIZE, uuid=None, max_table_entries=None
+):
+    """Create an empty dynamic VHD of exactly `size` bytes; returns a VhdWriter (close it).
+
+    max_table_entries: a BAT larger than the size needs, as SM makes on LVM (sized for 2 TiB)."""
+    return VhdWriter(path, _Metadata(size, block_size, uuid, max_table_entries=max_table_entries))
 
 
 def parent_info(parent_path, child_path):

@@ -13,7 +13,7 @@ import pytest
 from orchestrator.repo.backends import Backend, ObjectInfo, open_backend
 from orchestrator.repo.errors import NotFound
 
-BACKENDS = ["local"]
+BACKENDS = ["local", "s3", "s3-faulty"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -102,8 +102,12 @@ def test_list_recursive_relative_keys(backend):
     assert sizes == {k: len(k) for k in wanted}
 
 
-def test_list_many_pages(backend):
-    keys = [f"chunks/{i % 7:02x}/{i:064x}" for i in range(1100)]  # > 1000: S3 pagination
+def test_list_and_delete_many_pages(backend):
+    # Small pages and batches so that paging (continuation tokens) and batching are exercised.
+    if hasattr(backend, "list_page_size"):
+        backend.list_page_size = 23
+        backend.delete_batch_size = 31
+    keys = [f"chunks/{i % 7:02x}/{i:064x}" for i in range(150)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda k: backend.put(k, b"x"), keys))
     assert keys_of(backend.list("chunks/")) == sorted(keys)

@@ -247,6 +247,13 @@ class Xapi:
             raise XapiError(E.SESSION_INVALID, ref)
         return s
 
+    def session__get_this_host(self, session):
+        self._session(session)
+        return self.host_ref or NULL_REF
+
+    def session__get_uuid(self, session):
+        return self.store.field("session", session, "uuid")
+
     def invalidate_session(self, ref):
         s = self.sessions.pop(ref, None)
         if s is not None:

@@ -1,0 +1,420 @@
+"""The `hostsim` command.
+
+    hostsim serve --root DIR [--xapi-listen HOST:PORT] [--nbd-listen HOST:PORT] [--vms N]
+                  [--disk-size SIZE] [--tls] [--gc-interval S] [--no-agent] [--agent-tls off|require]
+    hostsim write [--root DIR] VM [--pattern P] [--count N] [--length SIZE] [--seed N] [--source VM]
+    hostsim gc [--root DIR]
+    hostsim info [--root DIR]
+
+`serve` builds a demo pool (one host, one file SR, a template and N VMs fast-cloned from it, with
+realistic data), serves XAPI and xapi-nbd, starts the fastpath agent on the SR root as it would run in
+dom0 (when agent.daemon is available), then writes DIR/hostsim.json once everything answers:
+{"xapi": {"url", "user", "password", "fingerprint"}, "sr": {"uuid", "root", "path"}, "sm_lock_dir",
+ "xapi_nbd": {"host", "port"}, "agent": {... the agent's ready file ...} or null, "vms": [...], "pid"}.
+The other commands talk to a running `serve` through DIR/hostsim.json (DIR defaults to $HOSTSIM_ROOT,
+else the current directory). Exit codes: 0 ok, 1 failure, 2 usage.
+"""
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+log = logging.getLogger("hostsim")
+
+SIZES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AGENT_START_TIMEOUT = 60
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_size(text):
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", text.lower())
+    if not m:
+        raise UsageError("bad size %r" % text)
+    return int(float(m.group(1)) * SIZES.get(m.group(2), 1))
+
+
+def parse_listen(text):
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError("bad address %r (HOST:PORT)" % text)
+    return (host.strip("[]") or "0.0.0.0", int(port))
+
+
+def _root(args):
+    return os.path.abspath(args.root or os.environ.get("HOSTSIM_ROOT") or ".")
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+
+def build_demo(pool, vms, disk_size, seed=0, cbt=True):
+    """A template with an OS-like disk and `vms` VMs fast-cloned from it, each with its own writes."""
+    from hostsim import guest
+
+    api, st = pool.api, pool.api.store
+    tpl = pool.create_vm("debian-12-template", [disk_size], template=True)
+    guest.fill_template(pool, pool.vm_vdis(tpl)[0], seed=seed)
+    out = []
+    prev = None
+    for i in range(vms):
+        vm = api.vm__clone(tpl, "vm%d" % (i + 1))
+        st.update("VM", vm, is_a_template=False)
+        vdi = pool.vm_vdis(vm)[0]
+        st.update("VDI", vdi, name_label="vm%d disk 0" % (i + 1))
+        guest.guest_write(pool, vdi, "mixed", count=8, length=256 << 10, seed=seed * 1000 + i + 1)
+        if prev is not None:  # files copied between VMs of one template
+            guest.guest_write(
+                pool, vdi, "copy", count=2, length=128 << 10, seed=seed * 1000 + 77, source_vdi=prev
+            )
+        if cbt:
+            api.vdi__enable_cbt(vdi)
+        api.vm__start(vm, False, False)
+        prev = vdi
+        out.append(vm)
+    return tpl, out
+
+
+def _agent_available():
+    try:
+        return importlib.util.find_spec("agent.daemon") is not None
+    except ImportError:
+        return False
+
+
+def start_agent(pool, root, args):
+    """Start `fastpath-agent serve` on the SR root; returns (process, ready info)."""
+    ready = os.path.join(root, "agent-ready.json")
+    if os.path.exists(ready):
+        os.unlink(ready)
+    cmd = [
+        sys.executable,
+        "-m",
+        "agent.daemon",
+        "serve",
+        "--sr-root",
+        pool.sr_root,
+        "--nbd-listen",
+        args.agent_nbd_listen,
+        "--http-listen",
+        args.agent_http_listen,
+        "--admin-socket",
+        os.path.join(root, "agent.sock"),
+        "--tls",
+        args.agent_tls,
+        "--ready-file",
+        ready,
+    ]
+    if args.agent_tls != "off":
+        cmd += ["--tls-cert", pool.cert_path, "--tls-key", pool.key_path]
+    logf = open(os.path.join(root, "agent.log"), "ab")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=root)
+    logf.close()
+    deadline = time.monotonic() + AGENT_START_TIMEOUT
+    while not os.path.exists(ready):
+        if proc.poll() is not None:
+            raise RuntimeError(
+                "the agent exited with %s (see %s)"
+                % (proc.returncode, os.path.join(root, "agent.log"))
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the agent did not become ready in %ds" % AGENT_START_TIMEOUT)
+        time.sleep(0.05)
+    with open(ready) as f:
+        info = json.load(f)
+    return proc, info
+
+
+def configure_plugin(pool, root, agent_info):
+    """The plugin reads the agent's config (FASTPATH_CONFIG) and the host inventory, as in dom0."""
+    from hostsim import plugins
+
+    conf = os.path.join(root, "agent.conf")
+    lines = ["[agent]", "sr_roots = %s" % pool.sr_root]
+    if agent_info:
+        lines.append("admin_socket = %s" % agent_info.get("admin_socket", ""))
+        for key in ("nbd", "http"):
+            if agent_info.get(key):
+                host, port = agent_info[key][0], agent_info[key][1]
+                lines += ["[%s]" % key, "listen = %s:%d" % (host, port)]
+        lines += ["[tls]", "mode = %s" % agent_info.get("tls", "off")]
+    lines += ["[plugin]", "address = %s" % pool.address]
+    with open(conf, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    inventory = os.path.join(root, "xensource-inventory")
+    with open(inventory, "w") as f:
+        f.write("INSTALLATION_UUID='%s'\n" % pool.api.store.field("host", pool.host_ref, "uuid"))
+    dirs = [os.path.join(root, "plugins"), os.path.join(REPO, "agent", "plugin")]
+    pool.api.plugins = plugins.PluginRunner(
+        dirs,
+        pool.server.url if pool.server else None,
+        env={"FASTPATH_CONFIG": conf, "FASTPATH_XENSOURCE_INVENTORY": inventory},
+    )
+
+
+def _check_xapi(url, user, password, cafile=None):
+    import ssl
+    import xmlrpc.client
+
+    ctx = None
+    if url.startswith("https"):
+        ctx = ssl.create_default_context(cafile=cafile)
+    proxy = xmlrpc.client.ServerProxy(url, context=ctx) if ctx else xmlrpc.client.ServerProxy(url)
+    r = proxy.session.login_with_password(user, password, "2.21", "hostsim-check")
+    if r.get("Status") != "Success":
+        raise RuntimeError("XAPI login failed: %r" % r)
+    proxy.session.logout(r["Value"])
+
+
+def cmd_serve(args):
+    from hostsim.certs import fingerprint
+    from hostsim.host import Pool
+
+    root = _root(args)
+    os.makedirs(root, exist_ok=True)
+    state = os.path.join(root, "hostsim.json")
+    if os.path.exists(state):
+        # A previous run: its SR content is unknown to the new (in-memory) database.
+        with open(state) as f:
+            old = json.load(f)
+        old_path = old.get("sr", {}).get("path")
+        if old_path and os.path.dirname(old_path) == os.path.join(root, "sr-mount"):
+            shutil.rmtree(old_path, ignore_errors=True)
+        os.unlink(state)
+    disk_size = parse_size(args.disk_size)
+    pool = Pool(root, user=args.user, password=args.password, gc_interval=args.gc_interval)
+    tpl, vms = build_demo(pool, args.vms, disk_size, seed=args.seed, cbt=not args.no_cbt)
+    nbd_listen = parse_listen(args.nbd_listen) if args.nbd_listen else None
+    url = pool.start(listen=parse_listen(args.xapi_listen), tls=args.tls, nbd_listen=nbd_listen)
+    agent_proc, agent_info = None, None
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        if not args.no_agent and _agent_available():
+            agent_proc, agent_info = start_agent(pool, root, args)
+        elif not args.no_agent:
+            log.warning("agent.daemon is not available: serving without the fastpath agent")
+        configure_plugin(pool, root, agent_info)
+        _check_xapi(url, args.user, args.password, cafile=pool.cert_path)
+        st = pool.api.store
+        info = {
+            "pid": os.getpid(),
+            "xapi": {
+                "url": url,
+                "user": args.user,
+                "password": args.password,
+                "fingerprint": fingerprint(pool.cert_pem) if args.tls else None,
+                "cafile": pool.cert_path,
+            },
+            "pool": st.field("pool", pool.pool_ref, "uuid"),
+            "host": st.field("host", pool.host_ref, "uuid"),
+            "sr": {"uuid": pool.sr_uuid, "root": pool.sr_root, "path": pool.sr.path},
+            "sm_lock_dir": pool.lock_dir,
+            "xapi_nbd": {"host": pool.address, "port": pool.nbd.port} if pool.nbd else None,
+            "agent": agent_info,
+            "template": st.field("VM", tpl, "uuid"),
+            "vms": [
+                {
+                    "name": st.field("VM", vm, "name_label"),
+                    "uuid": st.field("VM", vm, "uuid"),
+                    "vdis": [st.field("VDI", v, "uuid") for v in pool.vm_vdis(vm)],
+                }
+                for vm in vms
+            ],
+        }
+        _write_json(state, info)
+        print(json.dumps({"ready": state, "xapi": url}), flush=True)
+        while not stop.wait(0.5):
+            if agent_proc is not None and agent_proc.poll() is not None:
+                log.error("the agent exited with %s", agent_proc.returncode)
+                return 1
+        return 0
+    finally:
+        if agent_proc is not None and agent_proc.poll() is None:
+            agent_proc.terminate()
+            try:
+                agent_proc.wait(15)
+            except subprocess.TimeoutExpired:
+                agent_proc.kill()
+                agent_proc.wait(5)
+        pool.stop()
+        if os.path.exists(state):
+            os.unlink(state)
+
+
+# -- client commands ------------------------------------------------------------------------------
+
+
+def _connect(args):
+    import XenAPI
+
+    root = _root(args)
+    path = os.path.join(root, "hostsim.json")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(
+            "no running hostsim in %s (no hostsim.json); start `hostsim serve --root DIR`" % root
+        ) from None
+    session = XenAPI.Session(
+        info["xapi"]["url"], ignore_ssl=info["xapi"]["url"].startswith("https")
+    )
+    session.xenapi.login_with_password(
+        info["xapi"]["user"], info["xapi"]["password"], "2.21", "hostsim-cli"
+    )
+    return session, info
+
+
+def _find_vm(x, name):
+    if name.startswith("OpaqueRef:"):
+        return name
+    for ref, rec in x.VM.get_all_records().items():
+        if name in (rec["uuid"], rec["name_label"]):
+            return ref
+    raise UsageError("no VM named %r" % name)
+
+
+def cmd_write(args):
+    session, _ = _connect(args)
+    try:
+        x = session.xenapi
+        vm = _find_vm(x, args.vm)
+        spec = {
+            "pattern": args.pattern,
+            "count": str(args.count),
+            "length": str(parse_size(args.length)),
+            "seed": str(args.seed),
+        }
+        if args.source:
+            spec["source"] = _find_vm(x, args.source)
+        if args.disk is not None:
+            spec["disk"] = str(args.disk)
+        out = session.xenapi_request("hostsim.write", (vm, spec))
+        if args.json:
+            print(json.dumps(out, sort_keys=True))
+        else:
+            for uuid, writes in out.items():
+                total = sum(int(n) for _, n in writes)
+                print("%s: %d writes, %d bytes (%s)" % (uuid, len(writes), total, args.pattern))
+        return 0
+    finally:
+        session.xenapi.session.logout()
+
+
+def cmd_gc(args):
+    session, _ = _connect(args)
+    try:
+        out = session.xenapi_request("hostsim.gc", ())
+        print(json.dumps(out))
+        return 0
+    finally:
+        session.xenapi.session.logout()
+
+
+def cmd_info(args):
+    root = _root(args)
+    try:
+        with open(os.path.join(root, "hostsim.json")) as f:
+            print(f.read().rstrip())
+    except FileNotFoundError:
+        raise UsageError("no running hostsim in %s" % root) from None
+    return 0
+
+
+def build_parser():
+    from hostsim.guest import PATTERNS
+
+    p = argparse.ArgumentParser(
+        prog="hostsim", description="a simulated XCP-ng host (XAPI + file SR)"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run a demo pool and the fastpath agent")
+    s.add_argument("--root", help="state directory (default $HOSTSIM_ROOT or .)")
+    s.add_argument("--xapi-listen", default="127.0.0.1:0", metavar="HOST:PORT")
+    s.add_argument(
+        "--nbd-listen", default="127.0.0.1:0", metavar="HOST:PORT", help="xapi-nbd endpoint"
+    )
+    s.add_argument("--vms", type=int, default=3)
+    s.add_argument("--disk-size", default="64M")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--tls", action="store_true", help="serve XAPI over HTTPS with the host certificate"
+    )
+    s.add_argument(
+        "--gc-interval", type=float, default=30.0, help="seconds between SM GC passes (0: off)"
+    )
+    s.add_argument("--no-cbt", action="store_true", help="do not enable CBT on the VMs' disks")
+    s.add_argument("--no-agent", action="store_true")
+    s.add_argument("--agent-nbd-listen", default="127.0.0.1:0", metavar="HOST:PORT")
+    s.add_argument("--agent-http-listen", default="127.0.0.1:0", metavar="HOST:PORT")
+    s.add_argument("--agent-tls", choices=("off", "optional", "require"), default="require")
+    s.add_argument("--user", default="root")
+    s.add_argument("--password", default="hostsim")
+    s.set_defaults(fn=cmd_serve)
+    w = sub.add_parser("write", help="guest writes into a VM's disks")
+    w.add_argument("--root")
+    w.add_argument("vm", help="name, uuid or ref")
+    w.add_argument("--pattern", choices=PATTERNS, default="mixed")
+    w.add_argument("--count", type=int, default=16)
+    w.add_argument("--length", default="64K")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--source", help="VM to copy from (pattern copy)")
+    w.add_argument("--disk", type=int, help="only this disk (position)")
+    w.add_argument("--json", action="store_true")
+    w.set_defaults(fn=cmd_write)
+    g = sub.add_parser("gc", help="run SM's GC now")
+    g.add_argument("--root")
+    g.set_defaults(fn=cmd_gc)
+    i = sub.add_parser("info", help="print hostsim.json")
+    i.add_argument("--root")
+    i.set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv=None):
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except UsageError as e:
+        sys.stderr.write("hostsim: %s\n" % e)
+        return 2
+    except Exception as e:  # operational failure: one line
+        log.debug("failure", exc_info=True)
+        sys.stderr.write("hostsim: %s: %s\n" % (type(e).__name__, e))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

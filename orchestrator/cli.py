@@ -313,4 +313,8 @@ def cmd_stats(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m orchestrator.cli`: run the imported module's main, so the job modules and this
+    # entry point share one set of classes (UsageError...).
+    from orchestrator.cli import main as _main
+
+    sys.exit(_main())

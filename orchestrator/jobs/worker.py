@@ -168,7 +168,13 @@ def run_worker(
     results: dict[str, Any] = {}
     try:
         for job in jobs:
-            repo = repos[job.repo] = open_repo(job.repo)
+            try:
+                repo = repos[job.repo] = open_repo(job.repo)
+            except (RepoError, OSError, ValueError) as exc:
+                # one unreachable repository must not stop the others
+                failures[f"open {job.repo}"] = " ".join(str(exc).split())
+                ui.log(f"open {job.repo}: FAILED: {failures[f'open {job.repo}']}", failed=True)
+                continue
             prunes: list[str] = []
             if "prune" in job.tasks:
                 cat = catalogs[job.repo] = repo.scan()

@@ -1,0 +1,169 @@
+"""The `fastpath` command, run as a subprocess with --json: results, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from orchestrator.repo.codec import chunk_key
+from orchestrator.repo.repository import Repository
+from tests.repo_ops.conftest import PASSPHRASE
+from tests.repo_ops.helpers import DiskModel, backup
+
+
+def fastpath(*args, env=None, input=None, timeout=60):
+    full_env = {**os.environ, "FASTPATH_INSECURE_TEST_KDF_N": "1024"}
+    full_env.pop("FASTPATH_PASSPHRASE", None)
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        input=input,
+        timeout=timeout,
+    )
+    return proc
+
+
+def as_json(proc):
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout + proc.stderr
+    return json.loads(lines[0])
+
+
+def one_line_error(proc):
+    err = [line for line in proc.stderr.splitlines() if line.startswith("fastpath")]
+    assert len(err) == 1, proc.stderr
+    return err[0]
+
+
+@pytest.fixture
+def populated(tmp_path):
+    url = tmp_path / "repo"
+    repo = Repository.init(url)
+    ids = []
+    for n in range(2):
+        vm = str(uuid.UUID(int=n + 1))
+        disk = DiskModel(chunks=1, tail=4096, seed=n)
+        disk.write_chunk(0, seed=5)  # shared by both VMs
+        disk.write_chunk(1, seed=n)
+        keys = None
+        for gen in range(2):
+            disk.write_chunk(1, seed=100 * n + gen)
+            rid, keys = backup(repo, vm, [disk], bases=keys)
+            ids.append(rid)
+    repo.close()
+    return url, ids
+
+
+def test_repo_init_and_errors(tmp_path):
+    url = tmp_path / "new"
+    r = fastpath("repo", "init", url, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = as_json(r)
+    assert doc["ok"] and doc["encrypted"] is False and doc["chunk_size"] == 2 * 1024 * 1024
+    again = fastpath("repo", "init", url, "--json")
+    assert again.returncode == 1 and not as_json(again)["ok"]
+    assert "already exists" in one_line_error(again)
+    missing = fastpath("list", tmp_path / "nowhere")
+    assert missing.returncode == 1 and "no repository" in one_line_error(missing)
+
+
+def test_usage_errors_exit_2(populated):
+    url, _ = populated
+    assert fastpath().returncode == 2
+    assert fastpath("frobnicate").returncode == 2
+    r = fastpath("prune", url)  # no retention rule
+    assert r.returncode == 2 and "keep something" in one_line_error(r)
+    assert fastpath("verify", url, "--sample", "0").returncode == 2
+    assert fastpath("worker", "--concurrency", "0", url).returncode == 2
+
+
+def test_list_show_stats(populated):
+    url, ids = populated
+    listing = as_json(fastpath("list", url, "--json"))
+    assert [p["id"] for p in listing["restore_points"]] == sorted(ids)
+    latest = as_json(fastpath("show", url, "latest", "--json"))
+    assert latest["id"] == max(ids, key=lambda i: i.split("/")[1])
+    assert latest["disks"][0]["index"].endswith(".index")
+    one = as_json(fastpath("show", url, ids[0], "--json"))
+    assert one["id"] == ids[0] and one["metadata"] == {"test": True}
+    vm_latest = as_json(fastpath("show", url, f"{ids[0].split('/')[0]}/latest", "--json"))
+    assert vm_latest["id"] == ids[1]
+    bad = fastpath("show", url, "nope/20260101T000000.000000Z", "--json")
+    assert bad.returncode == 1 and "no restore point" in as_json(bad)["error"]
+    stats = as_json(fastpath("stats", url, "--json"))
+    assert stats["restore_points"] == 4 and stats["vms"] == 2
+    assert stats["dedup_ratio"] > 1 and stats["chunks"] == stats["chunks_referenced"]
+    human = fastpath("list", url)
+    assert human.returncode == 0 and ids[0] in human.stdout
+
+
+def test_prune_gc_verify_check(populated):
+    url, ids = populated
+    dry = as_json(fastpath("prune", url, "--keep-last", "1", "--dry-run", "--json"))
+    assert sorted(dry["deleted"]) == sorted([ids[0], ids[2]]) and dry["objects_deleted"] == 0
+    done = as_json(fastpath("prune", url, "--keep-last", "1", "--json"))
+    assert done["objects_deleted"] == 4
+    gc = as_json(fastpath("gc", url, "--margin", "0", "--json"))
+    assert gc["chunks_deleted"] == 2  # each VM's old version of chunk 1
+    ok = fastpath("verify", url, "--json")
+    assert ok.returncode == 0 and as_json(ok)["ok"]
+    # damage a chunk both remaining restore points share
+    repo = Repository.open(url)
+    shared = repo.codec.digest(DiskModel(chunks=1, tail=4096).length(0) and _chunk5())
+    path = os.path.join(str(url), *chunk_key(shared).split("/"))
+    repo.close()
+    with open(path, "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x40]))
+    bad = fastpath("verify", url, "--json")
+    assert bad.returncode == 1
+    doc = as_json(bad)
+    assert sorted(doc["affected_restore_points"]) == sorted([ids[1], ids[3]])
+    assert fastpath("check", url, "--json").returncode == 0  # structure is intact
+    os.unlink(path)
+    chk = fastpath("check", url, "--json")
+    assert chk.returncode == 1 and as_json(chk)["missing_chunks"] == [shared.hex()]
+    human = fastpath("verify", url)
+    assert human.returncode == 1 and "affected restore point" in human.stdout
+
+
+def _chunk5():
+    from orchestrator.repo.codec import CHUNK_SIZE
+    from tests.repo_ops.helpers import chunk_bytes
+
+    return chunk_bytes(5, CHUNK_SIZE)
+
+
+def test_encrypted_repository_passphrase_sources(tmp_path):
+    url = tmp_path / "enc"
+    env = {"FASTPATH_PASSPHRASE": PASSPHRASE}
+    r = fastpath("repo", "init", url, "--encrypt", "--json", env=env)
+    assert r.returncode == 0 and as_json(r)["encrypted"] is True
+    assert fastpath("list", url, "--json", env=env).returncode == 0
+    pfile = tmp_path / "pass"
+    pfile.write_text(PASSPHRASE + "\n")
+    assert fastpath("list", url, "--passphrase-file", pfile, "--json").returncode == 0
+    wrong = fastpath("list", url, "--json", env={"FASTPATH_PASSPHRASE": "nope"})
+    assert wrong.returncode == 1 and "passphrase" in one_line_error(wrong).lower()
+    none = fastpath("list", url, "--json", input="")
+    assert none.returncode == 1 and "passphrase" in one_line_error(none).lower()
+
+
+def test_progress_as_json_lines_on_stderr(populated):
+    url, _ = populated
+    r = fastpath("verify", url, "--json")
+    events = [json.loads(line) for line in r.stderr.splitlines()]
+    assert {"start", "end"} <= {e["event"] for e in events}
+    assert any(e.get("task") == "verify chunks" for e in events)
+    lines = fastpath("verify", url, "--progress", "lines")
+    assert "verify chunks: started" in lines.stderr

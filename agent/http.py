@@ -1179,7 +1179,9 @@ class _Handler(object):
         changed = self._wants_changed()
         chosen = v.changed_blocks() if changed else v.allocated_blocks()
         chosen = [i for i in chosen if first <= i < first + count]
-        plans = [(i, v.block_length(i)) for i in chosen]
+        # A changed block that no file of the chain holds any more reads as zeros: a ZERO frame.
+        holes = set(chosen) - set(v.allocated_blocks()) if changed else set()
+        plans = [(i, 0 if i in holes else v.block_length(i)) for i in chosen]
         enc = hp.BlocksEncoder(v.size, v.block_size, first, count, changed=changed)
         length = hp.BlocksEncoder.stream_length(n for _, n in plans)
         resp = self.resp
@@ -1198,6 +1200,10 @@ class _Handler(object):
         metrics = self.server.metrics
         for i, n in plans:
             self.check_live()
+            if i in holes:
+                resp.write(enc.frame(i, 0, zero=True))
+                metrics.add("blocks", "zero")
+                continue
             pieces = v.block_pieces(i)
             resp.write(enc.frame(i, n))
             _count_block(metrics, pieces, self.conn.tls)

@@ -212,19 +212,22 @@ def _import_vhd(handler, sr, uuid, length, size):
         with vhdfile.VhdFile(tmp) as src:
             if src.parent_uuid is not None:
                 raise ValueError("a differencing VHD cannot be imported")
-            if src.size > size:
-                raise ValueError("VHD of %d bytes is larger than the VDI (%d)" % (src.size, size))
             from agent import speedups
 
             for index in src.allocated():
                 nsec = min(src.spb, (src.size - index * src.block_size + 511) // 512)
                 for start, run, is_set in speedups.bitmap_runs(src.bitmap(index), 0, nsec):
-                    if is_set:
-                        sr.write(
-                            uuid,
-                            index * src.block_size + start * 512,
-                            src.read_sectors(index, start, run),
-                        )
+                    if not is_set:
+                        continue
+                    off = index * src.block_size + start * 512
+                    data = src.read_sectors(index, start, run)
+                    if off + len(data) > size:
+                        # qemu-img rounds sizes up to a CHS geometry: only zeros may lie beyond the VDI.
+                        if any(data[max(0, size - off) :]):
+                            raise ValueError("the VHD has data beyond the VDI's %d bytes" % size)
+                        data = data[: max(0, size - off)]
+                    if data:
+                        sr.write(uuid, off, data)
     finally:
         os.unlink(tmp)
 

@@ -301,31 +301,26 @@ def chain_read(files, offset, length, block_size):
 
 
 def _fill_block(files, index, within, n, dest):
-    """Copy block bytes [within, within+n) into dest, each sector from the topmost file having it."""
+    """Copy block bytes [within, within+n) into dest, each sector from the topmost file having it
+    (what tapdisk does for a read through a chain); sectors no file has read as zeros."""
     first = within // SECTOR
     count = (within + n + SECTOR - 1) // SECTOR - first
     head = within - first * SECTOR
-    need = bytearray(b"\xff" * ((first + count + 7) // 8 + 1))  # sectors still to fill (1 = needed)
     buf = bytearray(count * SECTOR)
-    remaining = count
+    taken = None
     for vf in files:
-        if remaining == 0:
-            break
         if index >= len(vf.bat) or index * vf.block_size >= vf.size:
             continue
         bm = vf.bitmap(index)
         if bm is None:
             continue
-        for start, run, is_set in speedups.bitmap_runs(bm, first, count):
-            if not is_set:
-                continue
-            # Sectors in this run still needed
-            for s2, r2, needed in speedups.bitmap_runs(bytes(need), start, run):
-                if not needed:
-                    continue
-                data = vf.read_sectors(index, s2, r2)
-                buf[(s2 - first) * SECTOR : (s2 - first + r2) * SECTOR] = data
-                for k in range(s2, s2 + r2):
-                    need[k >> 3] &= ~(0x80 >> (k & 7)) & 0xFF
-                remaining -= r2
+        if taken is None:
+            taken = bytearray(len(bm))
+        mine = speedups.bitmap_claim(bm, taken)
+        for start, run, is_set in speedups.bitmap_runs(mine, first, count):
+            if is_set:
+                pos = (start - first) * SECTOR
+                buf[pos : pos + run * SECTOR] = vf.read_sectors(index, start, run)
+        if speedups.bitmap_count(taken, first, count) == count:
+            break
     dest[:] = buf[head : head + n]

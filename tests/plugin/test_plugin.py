@@ -30,13 +30,13 @@ class XapiFailure(Exception):
         self.params = description[1:]
 
 
-def call_plugin(fn, args, config, inventory=None, timeout=60):
+def call_plugin(fn, args, config, inventory=None, timeout=60, shim=True):
     """host.call_plugin(host, "fastpath", fn, args) as xapi_plugins.ml executes and decodes it."""
     assert all(isinstance(v, str) for v in args.values()), "XAPI passes a Map(String, String)"
     request = xmlrpc.client.dumps((SESSION, args), fn)
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "PYTHONPATH": SHIM,
+        "PYTHONPATH": SHIM if shim else "/nonexistent",
         "FASTPATH_CONFIG": str(config),
         "FASTPATH_XENSOURCE_INVENTORY": str(inventory or "/nonexistent"),
     }
@@ -176,3 +176,20 @@ def test_advertised_address_and_transport_selection(tmp_path, file_sr, agent_pro
         "url": "http://192.0.2.10:%d/v1/exports/%s" % (out["http"]["port"], out["ticket"]),
     }
     assert out["fingerprint"] is None and out["tls"] == "off"
+
+
+def test_without_xenapiplugin_the_builtin_dispatcher_speaks_the_same_protocol(tmp_path):
+    """A dom0 python3 without xen-api's XenAPIPlugin module (XCP-ng 8.2 ships it for python2)."""
+    config = write_config(tmp_path, tmp_path / "none.sock")
+    with pytest.raises(XapiFailure) as ei:
+        call_plugin("nope", {}, config, shim=False)
+    assert ei.value.code == "UNKNOWN_XENAPI_PLUGIN_FUNCTION"
+    with pytest.raises(XapiFailure) as ei:
+        call_plugin("open_export", {"vdi": "x"}, config, shim=False)
+    assert ei.value.code == "FASTPATH_BAD_ARGUMENT"
+    with pytest.raises(XapiFailure) as ei:
+        call_plugin(
+            "open_export", {"vdi": "0b3c1f55-6a0e-4a57-9b64-2f8e6f1d1a11"}, config, shim=False
+        )
+    assert ei.value.code == "FASTPATH_AGENT_UNAVAILABLE"
+    assert json.loads(call_plugin("status", {}, config, shim=False))["running"] is False

@@ -241,6 +241,7 @@ class Connection(object):
         self.requests = 0
         self.bytes_sent = 0
         self.broken = None
+        self.tls = False
         self._aborted = threading.Event()
         self._inflight = threading.BoundedSemaphore(server.max_inflight)
         self._pool = None
@@ -279,30 +280,66 @@ class Connection(object):
     # -- I/O primitives --------------------------------------------------------------------------
 
     def _send(self, data):
+        """Send everything (callers in transmission hold send_lock)."""
         try:
-            self.sock.sendall(data)
+            if self.tls:
+                self._tls_send(data)
+            else:
+                self.sock.sendall(data)
         except (OSError, ValueError) as exc:
             raise ConnectionClosed("send failed: %s" % exc) from exc
         self.bytes_sent += len(data)
 
-    def _recv(self, timeout):
-        """Bytes from the peer; b'' at EOF; None on timeout."""
-        if self._aborted.is_set():
-            raise ConnectionClosed(self.broken or "aborted")
-        pending = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
-        if not pending:
+    def _tls_send(self, data):
+        # The TLS socket is non-blocking: OpenSSL objects must not be used by two threads at
+        # once, so the reader only touches it under send_lock and never blocks there.
+        view = memoryview(data)
+        timeout = self.server.send_timeout
+        while view:
             try:
-                r, _, _ = select.select([self.sock], [], [], timeout)
+                n = self.sock.send(view)
+            except ssl.SSLWantWriteError:
+                self._wait(write=True, timeout=timeout)
+                continue
+            except ssl.SSLWantReadError:
+                self._wait(write=False, timeout=timeout)
+                continue
+            view = view[n:]
+
+    def _wait(self, write, timeout):
+        if write:
+            _, w, _ = select.select([], [self.sock], [], timeout)
+            ready = w
+        else:
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+        if not ready:
+            raise ConnectionClosed("peer stalled for %ds" % timeout)
+
+    def _recv(self, timeout):
+        """Bytes from the peer; b'' at EOF; None when `timeout` seconds pass without any."""
+        deadline = time.time() + timeout
+        while True:
+            if self._aborted.is_set():
+                raise ConnectionClosed(self.broken or "aborted")
+            if not (self.tls and self.sock.pending()):
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    r, _, _ = select.select([self.sock], [], [], remaining)
+                except (OSError, ValueError) as exc:
+                    raise ConnectionClosed("select failed: %s" % exc) from exc
+                if not r:
+                    return None
+            try:
+                if not self.tls:
+                    return self.sock.recv(256 * 1024)
+                with self.send_lock:
+                    return self.sock.recv(256 * 1024)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                continue  # a partial TLS record: wait for the rest
             except (OSError, ValueError) as exc:
-                raise ConnectionClosed("select failed: %s" % exc) from exc
-            if not r:
-                return None
-        try:
-            return self.sock.recv(256 * 1024)
-        except ssl.SSLWantReadError:
-            return None if timeout else b""
-        except (OSError, ValueError) as exc:
-            raise ConnectionClosed("recv failed: %s" % exc) from exc
+                raise ConnectionClosed("recv failed: %s" % exc) from exc
 
     # -- main loop -------------------------------------------------------------------------------
 
@@ -384,12 +421,12 @@ class Connection(object):
         self.sock.settimeout(max(0.1, deadline - time.time()))
         try:
             tls = ctx.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-            self.sock = tls
+            self.sock = self.raw_sock = tls
             tls.do_handshake()
         except (ssl.SSLError, OSError) as exc:
             raise ConnectionClosed("TLS handshake failed: %s" % exc) from exc
-        self.sock.settimeout(None)
-        self.raw_sock = tls
+        tls.setblocking(False)
+        self.tls = True
 
     def _answer_export(self, ev):
         name = ev.name
@@ -599,7 +636,7 @@ class Connection(object):
             return
         assert kind == SENDFILE
         _, fd, offset, n = piece
-        if isinstance(self.sock, ssl.SSLSocket):
+        if self.tls:
             counters.record("pread", n)
             done = 0
             while done < n:

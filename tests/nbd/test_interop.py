@@ -228,6 +228,13 @@ def test_libnbd_tls_with_and_without_client_certificates(
     assert after["sendfile_bytes"] == before["sendfile_bytes"]
     assert after["pread_bytes"] > before["pread_bytes"]
 
+    # Many requests in flight over several TLS connections (reader and workers share the TLS
+    # socket under the send lock).
+    out = str(tmp_path / "tls-copy.raw")
+    uri = "nbds://%s:%d/%s?tls-certificates=%s" % (agent.host, agent.port, tid, tls_files["dir"])
+    run(["nbdcopy", "--connections=4", "--requests=64", "--request-size=65536", uri, out])
+    assert open(out, "rb").read() == raw
+
     # A client that will not do TLS gets nothing (FORCEDTLS).
     r = run(["nbdinfo", "--json", agent.uri(tid)], check=False)
     assert r.returncode != 0

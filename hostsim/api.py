@@ -348,6 +348,8 @@ class Xapi:
             timeout = float(timeout)
         except (TypeError, ValueError):
             raise XapiError(E.FIELD_TYPE_ERROR, "timeout") from None
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise XapiError(E.FIELD_TYPE_ERROR, "classes")
         since = _parse_token(token)
         wanted = set()
         for c in classes:

@@ -33,11 +33,11 @@ class PluginRunner:
         return None
 
     def call(self, session_ref, plugin, fn, args):
+        if not isinstance(args, dict) or not all(isinstance(v, str) for v in args.values()):
+            raise XapiError(E.FIELD_TYPE_ERROR, "args")
         path = self.find(plugin)
         if path is None:
             raise XapiError(E.XENAPI_MISSING_PLUGIN, plugin)
-        if not isinstance(args, dict) or not all(isinstance(v, str) for v in args.values()):
-            raise XapiError(E.FIELD_TYPE_ERROR, "args")
         self.calls.append((plugin, fn, dict(args)))
         request = xmlrpc.client.dumps((session_ref or "", args), fn)
         env = dict(os.environ)

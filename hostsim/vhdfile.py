@@ -198,10 +198,17 @@ class VhdFile:
         pos = (self.data_end + SECTOR - 1) // SECTOR * SECTOR
         pos += (-(pos + self.bitmap_size)) % PAGE
         self.bat[index] = pos // SECTOR
+        old_size = self.physical_size()
         os.pwrite(self.f.fileno(), bytes(self.bitmap_size), pos)
         self.data_end = pos + self.bitmap_size + self.block_size
-        # Reserve the block (reads of its data area return zeros until written).
-        if self.physical_size() < self.data_end:
+        # The new data area must read as zeros (blktap zeroes new blocks; qemu-img ignores bitmaps):
+        # clear what overlaps old bytes (the old footer), extend the rest sparsely.
+        stale_end = min(old_size, self.data_end)
+        if stale_end > pos + self.bitmap_size:
+            os.pwrite(
+                self.f.fileno(), bytes(stale_end - pos - self.bitmap_size), pos + self.bitmap_size
+            )
+        if old_size < self.data_end:
             os.ftruncate(self.f.fileno(), self.data_end)
         os.pwrite(
             self.f.fileno(),

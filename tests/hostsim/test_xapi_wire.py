@@ -243,3 +243,69 @@ def test_slave_refuses_login_with_host_is_slave():
         assert err.value.details == ["HOST_IS_SLAVE", "192.0.2.1"]
     finally:
         server.stop()
+
+
+def test_hostile_requests(hostsim_pool, xapi_session):
+    import http.client
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(hostsim_pool.server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.request("POST", "/", body=b"<not-xml", headers={"Content-Type": "text/xml"})
+    resp = conn.getresponse()
+    body = resp.read()
+    assert resp.status == 200 and b"<fault>" in body
+    conn.request("POST", "/", body=b"x", headers={"Content-Length": str(1 << 30)})
+    assert conn.getresponse().status == 413
+    conn.close()
+    x = xapi_session.xenapi
+    with pytest.raises(XenAPI.Failure) as err:
+        x.event_from("vm", "", 0.0)
+    assert err.value.details == ["FIELD_TYPE_ERROR", "classes"]
+    with pytest.raises(XenAPI.Failure) as err:
+        x.event_from(["vm"], "", "soon")
+    assert err.value.details == ["FIELD_TYPE_ERROR", "timeout"]
+    # unknown classes are ignored, as XAPI does
+    assert x.event_from(["nosuchclass"], "", 0.0)["events"] == []
+    with pytest.raises(XenAPI.Failure) as err:
+        x.VDI.create({"SR": hostsim_pool.sr_ref, "virtual_size": "lots"})
+    assert err.value.details == ["FIELD_TYPE_ERROR", "virtual_size"]
+    with pytest.raises(XenAPI.Failure) as err:
+        x.VDI.create({"SR": hostsim_pool.sr_ref, "virtual_size": "0"})
+    assert err.value.details[0] == "SR_BACKEND_FAILURE_79"
+    with pytest.raises(XenAPI.Failure) as err:
+        x.Async.VM.nothing("a")
+    assert err.value.details[0] == "MESSAGE_METHOD_UNKNOWN"
+    with pytest.raises(XenAPI.Failure) as err:
+        x.host.call_plugin(x.host.get_all()[0], "../etc/passwd", "f", {})
+    assert err.value.details[0] == "XENAPI_MISSING_PLUGIN"
+    with pytest.raises(XenAPI.Failure) as err:
+        x.host.call_plugin(x.host.get_all()[0], "p", "f", {"a": 1})
+    assert err.value.details == ["FIELD_TYPE_ERROR", "args"]
+
+
+def test_snapshot_of_a_template_clone_chain_and_vm_destroy_rules(hostsim_pool, xapi_session):
+    x = xapi_session.xenapi
+    vm = hostsim_pool.create_vm("alpha", [MiB], running=True)
+    with pytest.raises(XenAPI.Failure) as err:
+        x.VM.clone(vm, "c")
+    assert err.value.details[0] == "VM_BAD_POWER_STATE"
+    with pytest.raises(XenAPI.Failure) as err:
+        x.VM.destroy(vm)
+    assert err.value.details == ["VM_BAD_POWER_STATE", vm, "halted", "running"]
+    vdi = x.VBD.get_VDI(x.VM.get_VBDs(vm)[0])
+    with pytest.raises(XenAPI.Failure) as err:
+        x.VDI.destroy(vdi)
+    assert err.value.details == ["VDI_IN_USE", vdi, "destroy"]
+    snap = x.VM.snapshot(vm, "s")
+    with pytest.raises(XenAPI.Failure) as err:
+        x.VM.snapshot(snap, "s2")
+    assert err.value.details[0] == "OPERATION_NOT_ALLOWED"
+    x.VM.clean_shutdown(vm)
+    x.VM.destroy(vm)
+    assert x.VM.get_snapshot_of(snap) == "OpaqueRef:NULL"
+    # the base copy cannot be destroyed while it has children
+    base = x.VDI.get_by_uuid(x.VDI.get_sm_config(vdi)["vhd-parent"])
+    with pytest.raises(XenAPI.Failure) as err:
+        x.VDI.destroy(base)
+    assert err.value.details[0] == "SR_BACKEND_FAILURE_24"

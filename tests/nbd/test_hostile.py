@@ -531,3 +531,17 @@ def test_tls_hostile(tmp_path, env, tls_files):
         assert agent.wait_fds(baseline) <= baseline
     finally:
         agent.stop()
+
+
+def test_flush_and_cache_are_harmless_successes(ctx):
+    c = Raw(ctx["agent"])
+    c.greet()
+    c.go(ctx["ticket"], structured=False)
+    c.request(3, handle=1)  # FLUSH (not advertised; nothing to flush on a read-only export)
+    assert struct.unpack(">IIQ", c.recv_exact(16)) == (0x67446698, 0, 1)
+    c.request(5, 0, 4096, handle=2)  # CACHE
+    assert struct.unpack(">IIQ", c.recv_exact(16)) == (0x67446698, 0, 2)
+    c.request(5, len(ctx["raw"]), 4096, handle=3)  # CACHE past the end
+    assert struct.unpack(">IIQ", c.recv_exact(16)) == (0x67446698, 22, 3)
+    c.request(2)
+    c.close()

@@ -1,0 +1,116 @@
+"""agent.nbd.server in-process with a fake export: the error paths that real files rarely reach
+(a VHD file shorter than its metadata promised in the middle of a sendfile, a failing read plan)."""
+
+import os
+import struct
+
+import pytest
+
+from agent.export import HOLE, SENDFILE, Counters
+from agent.nbd.server import NBDServer
+from agent.tickets import TicketStore
+from tests.nbd.test_hostile import Raw, error_of
+
+MiB = 1 << 20
+
+
+class FakeExport(object):
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = MiB
+        self.block_size = 2 * MiB
+        self.description = "fake"
+        self.closed = False
+
+    def plan_read(self, offset, length):
+        if offset >= 512 * 1024:
+            raise OSError(5, "simulated read failure")
+        if offset >= 256 * 1024:
+            return [(HOLE, length)]
+        return [(SENDFILE, self.fd, offset, length)]
+
+    def extents(self, offset, length):
+        return [(offset, length, "data")]
+
+    def changed(self, offset, length):
+        return [(offset, length, True)]
+
+    def close(self):
+        self.closed = True
+        os.close(self.fd)
+
+
+class Address(object):
+    def __init__(self, server):
+        self.host, self.port = server.address
+
+
+@pytest.fixture
+def served(tmp_path):
+    path = tmp_path / "small.bin"
+    path.write_bytes(bytes(range(256)) * 16)  # 4096 bytes: reads past it come up short
+    store = TicketStore()
+    exports = []
+
+    def open_export(ticket):
+        e = FakeExport(str(path))
+        exports.append(e)
+        return e
+
+    fds_before = len(os.listdir("/proc/self/fd"))
+    server = NBDServer(store, open_export, port=0, tls_mode="off", counters=Counters()).start()
+    ticket = store.create("fake-vdi")
+    yield server, Address(server), ticket.id, path.read_bytes(), exports
+    server.stop()
+    assert all(e.closed for e in exports)
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+def test_short_file_mid_sendfile_pads_then_reports_eio(served):
+    server, addr, tid, data, _ = served
+    c = Raw(addr)
+    c.greet()
+    c.go(tid)
+    c.request(0, 0, 8192, handle=1)
+    chunks = c.structured_reply()
+    assert chunks[0][1] == 1 and len(chunks[0][3]) == 8 + 8192  # the chunk is completed...
+    assert chunks[0][3][8 : 8 + 4096] == data and not any(
+        chunks[0][3][8 + 4096 :]
+    )  # ...with zeroes
+    assert error_of(chunks) == 5 and chunks[-1][0] & 1
+    c.request(0, 100, 50, handle=2)  # the connection goes on
+    chunks = c.structured_reply()
+    assert chunks[0][3][8:] == data[100:150] and error_of(chunks) == 0
+    c.request(0, 600 * 1024, 10, handle=3)  # a failing plan: EIO, nothing sent before
+    chunks = c.structured_reply()
+    assert len(chunks) == 1 and error_of(chunks) == 5
+    c.request(0, 300 * 1024, 4096, flags=4, handle=4)  # DF over a hole: explicit zeroes
+    chunks = c.structured_reply()
+    assert chunks[0][1] == 1 and chunks[0][3][8:] == bytes(4096)
+    c.request(2)
+    c.close()
+    assert server.stats()["request_errors"] == 2
+
+
+def test_short_file_after_a_simple_reply_header_hangs_up(served):
+    server, addr, tid, data, _ = served
+    c = Raw(addr)
+    c.greet()
+    c.go(tid, structured=False)
+    c.request(0, 0, 8192, handle=1)
+    assert struct.unpack(">IIQ", c.recv_exact(16)) == (0x67446698, 0, 1)
+    assert c.recv_exact(8192)[:4096] == data
+    assert c.closed_by_server()  # the header promised data it cannot have: hard disconnect
+    c.close()
+
+
+def test_stop_closes_live_connections(served):
+    server, addr, tid, _, exports = served
+    c = Raw(addr)
+    c.greet()
+    c.go(tid)
+    server.stop()
+    assert c.closed_by_server()
+    c.close()
+    assert server.connections() == []
+    assert all(e.closed for e in exports)

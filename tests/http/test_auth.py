@@ -6,7 +6,15 @@ import ssl
 
 import pytest
 
-from tests.http.conftest import BASE_VDI, VDI, make_tls, read_response, request, wait_for
+from tests.http.conftest import (
+    BASE_VDI,
+    VDI,
+    fd_count,
+    make_tls,
+    read_response,
+    request,
+    wait_for,
+)
 
 
 def err(resp):
@@ -102,6 +110,7 @@ def tls_get(env, client_ctx, path):
 def test_tls_required_refuses_plaintext_and_serves_tls(make_server, tmp_path, disk):
     server_ctx, client_ctx, _ = make_tls(tmp_path)
     env = make_server(tls_context=server_ctx, tls_mode="require")
+    before = fd_count()
     t = env.ticket()
     status, headers, body = request(env, "/v1/exports/%s/raw" % t)
     assert status == 400 and json.loads(body)["error"] == "tls_required"
@@ -114,6 +123,8 @@ def test_tls_required_refuses_plaintext_and_serves_tls(make_server, tmp_path, di
     status, _, body = tls_get(env, client_ctx, "/v1/exports/%s/blocks" % t)
     assert status == 200
     assert env.server.metrics.blocks["pread"] == 2 and env.server.metrics.blocks["sendfile"] == 0
+    wait_for(lambda: env.server.metrics.connections_open == 0)
+    assert fd_count() == before
 
 
 def test_tls_optional_serves_both(make_server, tmp_path, disk):

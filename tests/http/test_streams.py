@@ -195,3 +195,43 @@ def test_vhd_stream_delta_reads_through_its_parent_with_pyvhdi(env, disk, tmp_pa
         child.close()
         parent.close()
     assert data == disk.model
+
+
+def test_parallel_block_range_streams_rebuild_the_disk(env, disk):
+    """The orchestrator's pattern: several /blocks streams at once over disjoint ranges."""
+    import threading
+
+    t = env.ticket()
+    results = {}
+    errors = []
+
+    def fetch(start, count):
+        try:
+            status, _, body = request(
+                env, "/v1/exports/%s/blocks?start=%d&count=%d" % (t, start, count)
+            )
+            assert status == 200
+            results.update(decode_blocks(body)[1])
+        except Exception as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch, args=(i, 1)) for i in range(5)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors, errors
+    image = bytearray(SIZE)
+    for i, (_, data) in results.items():
+        image[i * 2 * MiB : i * 2 * MiB + len(data)] = data
+    assert bytes(image) == disk.model
+
+
+@pytest.mark.parametrize("path", ["raw", "vhd", "blocks", "blocks?changed=1", ""])
+def test_head_announces_the_length_get_sends(env, path):
+    t = env.ticket(base=True)
+    sep = "/" if path else ""
+    h_status, h_headers, _ = request(env, "/v1/exports/%s%s%s" % (t, sep, path), method="HEAD")
+    g_status, g_headers, body = request(env, "/v1/exports/%s%s%s" % (t, sep, path))
+    assert h_status == g_status == 200
+    assert int(h_headers["content-length"]) == int(g_headers["content-length"]) == len(body)

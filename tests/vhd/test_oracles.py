@@ -6,6 +6,8 @@ Known oracle limits we respect, without bending our code (see DESIGN.md, Indepen
   `qemu-img check` has no checker for vpc (exit 63), so compare/convert/info are the judges.
 - libvhdi 20210425 misreads a clear bitmap bit after a set bit in the same byte, and fails reads that
   fall through to a smaller parent: chains given to it use 8-sector-aligned writes and equal sizes.
+  It also returns wrong data for a single read spanning several blocks when blocks are smaller than
+  2 MiB (found here; block-by-block reads are right), so it is read one block at a time.
 """
 
 import io
@@ -136,8 +138,10 @@ def _pyvhdi_chain(pyvhdi, paths):
     return files
 
 
-@pytest.mark.parametrize("depth", [1, 2, 4])
-def test_differencing_chain_judged_by_libvhdi(tmp_path, pyvhdi_module, depth):
+@pytest.mark.parametrize(
+    "depth,block_size", [(1, 2 * MiB), (2, 2 * MiB), (4, 2 * MiB), (3, 512 * 1024), (2, 64 * 1024)]
+)
+def test_differencing_chain_judged_by_libvhdi(tmp_path, pyvhdi_module, depth, block_size):
     rng = random.Random(depth)
     size = 10 * MiB
     levels = []
@@ -149,19 +153,26 @@ def test_differencing_chain_judged_by_libvhdi(tmp_path, pyvhdi_module, depth):
             ln = rng.randrange(1, 64) * SECTORS8
             ln = min(ln, size - off)
             writes.append((off, pattern(rng.randrange(1 << 30), ln)))
-        levels.append(Level(size, writes))
+        levels.append(Level(size, writes, block_size=block_size))
     paths, models = build_chain(tmp_path, levels)
     files = _pyvhdi_chain(pyvhdi_module, paths)
     try:
         leaf = files[-1]
         assert leaf.get_media_size() == size
-        theirs = leaf.read_buffer_at_offset(size, 0)
+        # libvhdi 20210425 returns wrong data for one read spanning several blocks smaller than 2 MiB
+        # (block by block it is right), so it is asked one block at a time.
+        theirs = b"".join(
+            leaf.read_buffer_at_offset(min(block_size, size - o), o)
+            for o in range(0, size, block_size)
+        )
         with vhd.open_chain(paths[-1]) as c:
             ours = c.read(0, size)
             assert ours == theirs == bytes(models[-1])
             for _ in range(20):
                 off = rng.randrange(0, size - 1)
                 ln = rng.randrange(1, min(300000, size - off))
+                if block_size < 2 * MiB:
+                    ln = min(ln, block_size - off % block_size)
                 assert c.read(off, ln) == leaf.read_buffer_at_offset(ln, off)
             if depth > 1:
                 assert str(c.files[0].parent_uuid) == leaf.get_parent_identifier()

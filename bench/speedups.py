@@ -8,12 +8,21 @@ time per call and the pure/compiled ratio. It also checks that a nogil scan lets
 
     .venv/bin/python -m bench.speedups            # full run (a few seconds per line)
     .venv/bin/python -m bench.speedups --quick    # smoke run
+    .venv/bin/python -m bench.speedups --chain    # chain reads (agent.vhd), compiled vs pure twins
+
+--chain builds a 3-deep chain (base: every other 2 MiB block full; middle: scattered 4 KiB writes;
+leaf: scattered 64 KiB writes) and times Chain.read_block over every block, Chain.extents() and
+Chain.block_source over every block, in two child processes: one on the compiled module and one with
+FASTPATH_PURE=1. It shows how much of a chain read the speedups decide (little: I/O and buffer
+allocation dominate read_block; the per-block Python resolution dominates extents/block_source).
 """
 
 import argparse
 import os
 import random
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -133,10 +142,93 @@ def gil_check(budget):
         )
 
 
+def build_chain(directory, size):
+    from agent.vhd import create_differencing, create_dynamic
+
+    rng = random.Random(7)
+    payload = os.urandom(BLOCK)
+    base, mid, leaf = (os.path.join(directory, n) for n in ("base.vhd", "mid.vhd", "leaf.vhd"))
+    w = create_dynamic(base, size)
+    for b in range(0, size // BLOCK, 2):
+        w.write(b * BLOCK, payload)
+    w.close()
+    w = create_differencing(mid, base)
+    for _ in range(size // BLOCK * 8):
+        w.write(rng.randrange(size // 4096) * 4096, payload[:4096])
+    w.close()
+    w = create_differencing(leaf, mid)
+    for _ in range(size // BLOCK):
+        w.write(rng.randrange(size // 65536) * 65536, payload[:65536])
+    w.close()
+    return leaf
+
+
+def chain_child(leaf, reps):
+    """Runs in a child process: time chain operations on whichever implementation was loaded."""
+    from agent import speedups
+    from agent.vhd import open_chain
+
+    def best(func):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            func()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with open_chain(leaf) as c:
+        blocks = range(c.block_count)
+        t_read = best(lambda: [c.read_block(i) for i in blocks])
+        t_ext = best(c.extents)
+        t_src = best(lambda: [c.block_source(i) for i in blocks])
+        print(
+            "%s %.6f %.6f %.6f %d"
+            % ("compiled" if speedups.COMPILED else "pure", t_read, t_ext, t_src, c.size)
+        )
+
+
+def chain_bench(size_mib, reps):
+    with tempfile.TemporaryDirectory(prefix="bench-speedups-") as d:
+        leaf = build_chain(d, size_mib << 20)
+        results = {}
+        for label, extra in (("compiled", {"FASTPATH_REQUIRE_SPEEDUPS": "1"}), ("pure", {})):
+            env = dict(os.environ, **extra)
+            env.pop("FASTPATH_PURE", None)
+            if label == "pure":
+                env["FASTPATH_PURE"] = "1"
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.speedups", "--chain-child", leaf, str(reps)],
+                env=env,
+                stdout=subprocess.PIPE,
+                check=True,
+                universal_newlines=True,
+                timeout=1800,
+            ).stdout.split()
+            results[label] = [float(x) for x in out[1:4]]
+            size = int(out[4])
+        print("3-deep chain of %d MiB, best of %d" % (size >> 20, reps))
+        names = ("read_block, every block", "extents()", "block_source, every block")
+        for i, name in enumerate(names):
+            tc, tp = results["compiled"][i], results["pure"][i]
+            print(
+                "%-26s pure %9.2f ms  compiled %9.2f ms  ratio %5.2fx"
+                % (name, tp * 1e3, tc * 1e3, tp / tc)
+            )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short budget per line (smoke run)")
+    ap.add_argument("--chain", action="store_true", help="time chain operations instead")
+    ap.add_argument("--size-mib", type=int, default=512, help="chain size for --chain")
+    ap.add_argument("--chain-child", nargs=2, help=argparse.SUPPRESS)
     opts = ap.parse_args()
+    if opts.chain_child:
+        chain_child(opts.chain_child[0], int(opts.chain_child[1]))
+        return
+    if opts.chain:
+        chain_bench(opts.size_mib, 2 if opts.quick else 5)
+        return
     budget = 0.05 if opts.quick else 0.5
     pure.self_test(compiled)
     print("seconds per call, best of repeated batches; ratio = pure / compiled")

@@ -1,0 +1,83 @@
+"""Connecting to XAPI for the backup and restore jobs (URL and credentials from the command line,
+the environment, or a running hostsim's ``hostsim.json``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class XapiTarget:
+    url: str
+    user: str
+    password: str
+    cafile: str | None = None
+
+
+def add_xapi_arguments(p, *, required_flag: str = "--xapi") -> None:
+    p.add_argument(
+        required_flag,
+        dest="xapi",
+        metavar="URL",
+        help="XAPI URL of the pool master (default: $FASTPATH_XAPI_URL or hostsim.json)",
+    )
+    p.add_argument("--user", help="XAPI user (default $FASTPATH_XAPI_USER, root)")
+    p.add_argument("--password", help="XAPI password (default $FASTPATH_XAPI_PASSWORD)")
+    p.add_argument(
+        "--hostsim",
+        metavar="DIR",
+        help="take URL and credentials from DIR/hostsim.json (default $HOSTSIM_ROOT)",
+    )
+
+
+def resolve_target(args) -> XapiTarget:
+    from orchestrator.cli import UsageError
+
+    url = args.xapi or os.environ.get("FASTPATH_XAPI_URL")
+    user = args.user or os.environ.get("FASTPATH_XAPI_USER")
+    password = args.password or os.environ.get("FASTPATH_XAPI_PASSWORD")
+    cafile = None
+    root = getattr(args, "hostsim", None) or os.environ.get("HOSTSIM_ROOT")
+    if root and (not url or user is None or password is None):
+        path = os.path.join(root, "hostsim.json")
+        try:
+            with open(path) as f:
+                info = json.load(f)["xapi"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise UsageError(f"cannot read {path}: {exc}") from None
+        url = url or info["url"]
+        user = user or info["user"]
+        password = password if password is not None else info["password"]
+        cafile = info.get("cafile")
+    if not url:
+        raise UsageError("no XAPI URL: give --xapi URL (or $FASTPATH_XAPI_URL, --hostsim DIR)")
+    if password is None:
+        raise UsageError("no XAPI password: --password or $FASTPATH_XAPI_PASSWORD")
+    return XapiTarget(url, user or "root", password, cafile)
+
+
+def connect(target: XapiTarget):
+    import XenAPI
+
+    session = XenAPI.Session(target.url)
+    try:
+        session.xenapi.login_with_password(target.user, target.password, "2.21", "fastpath")
+    except XenAPI.Failure as exc:
+        raise ConnectionError(f"XAPI {target.url}: login failed: {exc.details}") from None
+    except OSError as exc:
+        raise ConnectionError(f"XAPI {target.url}: {exc}") from None
+    return session
+
+
+def logout(session) -> None:
+    try:
+        session.xenapi.session.logout()
+    except Exception:
+        pass
+
+
+def failure_code(exc) -> str:
+    details = getattr(exc, "details", None) or []
+    return str(details[0]) if details else type(exc).__name__

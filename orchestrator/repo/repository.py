@@ -40,7 +40,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -184,6 +184,39 @@ def scan_backups(backend: Backend) -> Catalog:
             cat.other.append(info.key)
     cat.indexes.sort()
     return cat
+
+
+def fetch_many(
+    backend: Backend, keys: list[str], concurrency: int = 16
+) -> Iterator[tuple[str, bytes | None]]:
+    """GET many small objects (indexes) with at most ``concurrency`` requests in flight, in
+    completion order; ``None`` for an object that vanished (pruned meanwhile). On S3 a GET costs
+    a round trip, so reading thousands of indexes one by one would be latency-bound."""
+
+    def one(key: str) -> tuple[str, bytes | None]:
+        try:
+            return key, backend.get(key)
+        except NotFound:
+            return key, None
+
+    if concurrency <= 1 or len(keys) <= 1:
+        for key in keys:
+            yield one(key)
+        return
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="fetch") as pool:
+        todo = iter(keys)
+        running = set()
+        for key in todo:
+            running.add(pool.submit(one, key))
+            if len(running) >= 2 * concurrency:
+                break
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                yield fut.result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    running.add(pool.submit(one, nxt))
 
 
 # -- GC deletion lists (shared by the writer's commit check and GC) ---------------------------
@@ -380,12 +413,7 @@ class Repository:
             if refresh:
                 cat = catalog or self.scan()
                 todo = [k for k in cat.indexes if k not in self._lookup.index_keys]
-                parts = []
-                for key in todo:
-                    try:
-                        parts.append((key, self.backend.get(key)))
-                    except NotFound:
-                        continue  # pruned meanwhile
+                parts = [(k, d) for k, d in fetch_many(self.backend, todo) if d is not None]
                 if parts:
                     decoded = []
                     for key, data in parts:

@@ -142,3 +142,11 @@ def test_invalid_keys_are_refused(backend, bad):
 def test_url_names_the_backend(backend):
     assert isinstance(backend.url, str) and backend.url
     assert backend.url in repr(backend)
+
+
+def test_open_backend_accepts_s3_options_for_local_paths(tmp_path):
+    from orchestrator.repo.retry import RetryPolicy
+
+    b = open_backend(f"file://{tmp_path}/r", concurrency=4, retry=RetryPolicy(), read_timeout=5)
+    b.put("k", b"v")
+    assert (tmp_path / "r" / "k").read_bytes() == b"v"

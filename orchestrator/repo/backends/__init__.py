@@ -14,6 +14,19 @@ from orchestrator.repo.backends.base import Backend, ObjectInfo, check_key, chec
 __all__ = ["Backend", "ObjectInfo", "check_key", "check_prefix", "open_backend", "is_s3_url"]
 
 
+S3_ONLY_OPTIONS = (
+    "endpoint_url",
+    "region",
+    "addressing",
+    "retry",
+    "connect_timeout",
+    "read_timeout",
+    "check_bucket",
+    "conditional_writes",
+    "session",
+)
+
+
 def is_s3_url(url: str) -> bool:
     return str(url).startswith("s3://")
 
@@ -35,4 +48,8 @@ def open_backend(url: str | os.PathLike[str], *, concurrency: int = 16, **option
         text = text[len("file://") :]
     from orchestrator.repo.backends.local import LocalBackend
 
+    # Options that only mean something for S3 are accepted and ignored, so callers can pass the
+    # same options whatever the URL.
+    for name in S3_ONLY_OPTIONS:
+        options.pop(name, None)
     return LocalBackend(text, **options)

@@ -67,12 +67,13 @@ from orchestrator.progress import Progress
 from orchestrator.repo import locks
 from orchestrator.repo.codec import DIGEST_SIZE, chunk_key, digest_from_key
 from orchestrator.repo.dedup import CACHE_KEY, DigestLookup, prefixes, records
-from orchestrator.repo.errors import CorruptIndex, NotFound, RepoError
+from orchestrator.repo.errors import CorruptIndex, RepoError
 from orchestrator.repo.index import Index
 from orchestrator.repo.repository import (
     DELETIONS_PREFIX,
     Repository,
     encode_deletion_list,
+    fetch_many,
     format_time,
     scan_backups,
 )
@@ -108,10 +109,8 @@ class _Marker:
 
 
 def _read_indexes(repo, keys, marker, ui_task, damaged, seen) -> None:
-    for key in keys:
-        try:
-            data = repo.backend.get(key)
-        except NotFound:
+    for key, data in fetch_many(repo.backend, keys):
+        if data is None:
             seen.add(key)  # pruned (or finalised) meanwhile
             ui_task.advance()
             continue

@@ -28,7 +28,7 @@ from orchestrator.repo.codec import DIGEST_SIZE, chunk_key, digest_from_key
 from orchestrator.repo.dedup import records
 from orchestrator.repo.errors import CorruptChunk, CorruptIndex, NotFound
 from orchestrator.repo.index import Index
-from orchestrator.repo.repository import RP_FORMAT, Catalog, Repository
+from orchestrator.repo.repository import RP_FORMAT, Catalog, Repository, fetch_many
 
 _REC = np.dtype(f"V{DIGEST_SIZE}")
 
@@ -51,12 +51,12 @@ def _scan_indexes(repo: Repository, cat: Catalog, ui: Progress):
     short: dict[bytes, int] = {}
     logical = 0
     with ui.task("read indexes", total=len(cat.indexes), unit="indexes") as t:
-        for n, key in enumerate(cat.indexes):
-            try:
-                index = Index.decode(repo.backend.get(key), f"{repo.url}/{key}")
-            except NotFound:
+        for n, (key, data) in enumerate(fetch_many(repo.backend, cat.indexes)):
+            if data is None:
                 t.advance()
                 continue  # pruned while we ran
+            try:
+                index = Index.decode(data, f"{repo.url}/{key}")
             except CorruptIndex as exc:
                 damaged.append(
                     {"index": key, "restore_point": point_of.get(key), "error": str(exc)}
@@ -89,10 +89,12 @@ def _affected(repo: Repository, cat: Catalog, bad: set[bytes]) -> dict[str, list
     point_of = _point_of(cat)
     bad_arr = np.frombuffer(b"".join(sorted(bad)), dtype=_REC)
     out: dict[str, set[str]] = {}
-    for key in cat.indexes:
+    for key, data in fetch_many(repo.backend, cat.indexes):
+        if data is None:
+            continue
         try:
-            index = Index.decode(repo.backend.get(key), key)
-        except (NotFound, CorruptIndex):
+            index = Index.decode(data, key)
+        except CorruptIndex:
             continue
         common = np.intersect1d(records(index.entries), bad_arr)
         if len(common):

@@ -111,7 +111,7 @@ class RawFile(Level):
 
     kind = "raw"
 
-    def __init__(self, path, fd=None, end=None, block_size=fmt.DEFAULT_BLOCK_SIZE):
+    def __init__(self, path, fd=None, end=None, block_size=fmt.DEFAULT_BLOCK_SIZE, own_fd=False):
         self.path = path
         if fd is None:
             self._fd = os.open(path, os.O_RDONLY)
@@ -124,12 +124,15 @@ class RawFile(Level):
         except OSError:
             self.close()
             raise
+        if fd is not None and own_fd:
+            self._owns_fd = True
         self.block_size = block_size
         self.data_end = self.size
 
     @classmethod
-    def open(cls, path, fd=None, end=None):
-        return cls(path, fd=fd, end=end)
+    def open(cls, path, fd=None, end=None, own_fd=False):
+        """fd: an open descriptor, closed by close() only with own_fd=True; end: logical size."""
+        return cls(path, fd=fd, end=end, own_fd=own_fd)
 
     def sectors_present(self, first, count):
         return _flat_sectors(first, count, self.size_sectors, 0)
@@ -172,20 +175,26 @@ class VhdFile(Level):
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path, fd=None, end=None):
-        """Open and validate a VHD. fd: an open descriptor (not closed by us); end: its logical end."""
-        owns = fd is None
-        if owns:
+    def open(cls, path, fd=None, end=None, own_fd=False):
+        """Open and validate a VHD.
+
+        fd: an already open descriptor (e.g. an LV's block device); close() closes it only with
+        own_fd=True, and a failed open never closes it. end: the VHD's logical end inside that file
+        or device (its footer is in the 512 bytes before `end`); default: the file's size.
+        """
+        opened = fd is None
+        if opened:
             fd = os.open(path, os.O_RDONLY)
         try:
             if end is None:
                 end = _logical_end(fd)
-            self = cls(path, fd, owns, end)
+            self = cls(path, fd, False, end)
             self._load()
         except BaseException:
-            if owns:
+            if opened:
                 os.close(fd)
             raise
+        self._owns_fd = opened or bool(own_fd)
         return self
 
     # -- parsing ---------------------------------------------------------------------------------
@@ -631,11 +640,11 @@ def _entries_near(sorted_entries, start, length):
     return out
 
 
-def open_level(path, fd=None, end=None, allow_raw=True):
+def open_level(path, fd=None, end=None, allow_raw=True, own_fd=False):
     """A VhdFile, or a RawFile when the file carries no VHD footer at all and allow_raw is set."""
     try:
-        return VhdFile.open(path, fd=fd, end=end)
+        return VhdFile.open(path, fd=fd, end=end, own_fd=own_fd)
     except NotVhd:
         if not allow_raw:
             raise
-        return RawFile.open(path, fd=fd, end=end)
+        return RawFile.open(path, fd=fd, end=end, own_fd=own_fd)

@@ -347,3 +347,42 @@ def test_large_sparse_disk(tmp_path):
         assert len(ext) == 3
         assert c.allocated_blocks() == [0, c.block_count - 1]
         assert c.read(size - 1024, 1024) == bytes(512) + b"z" * 512
+
+
+def test_chain_of_vhds_inside_larger_devices(tmp_path):
+    """The LVM SR's shape: each VHD lives at the start of a bigger 'device' (here a file standing in for
+    an LV; real LVs need device-mapper, absent on these machines), footer in the VHD's last 512 bytes.
+    The resolve_parent hook hands over opened levels whose fds the chain then owns."""
+    levels = [Level(4 * MiB, [(0, pattern(1, 4 * MiB))]), Level(4 * MiB, [(MiB, pattern(2, 8192))])]
+    paths, models = build_chain(tmp_path, levels)
+    devices = {}
+    for p in paths:
+        data = open(p, "rb").read()
+        dev = p + ".lv"
+        with open(dev, "wb") as f:
+            f.write(data + pattern(3, 2 * MiB + 512))  # junk after the VHD, like an inflated LV
+        devices[os.path.basename(p)] = (dev, len(data))
+    opened = []
+
+    def resolve(child, locators):
+        name = child.header.parent_name
+        dev, end = devices[name]
+        fd = os.open(dev, os.O_RDONLY)
+        opened.append(fd)
+        return vhd.VhdFile.open(dev, fd=fd, end=end, own_fd=True)
+
+    dev, end = devices["level1.vhd"]
+    fd = os.open(dev, os.O_RDONLY)
+    leaf = vhd.VhdFile.open(dev, fd=fd, end=end, own_fd=True)
+    with vhd.Chain([leaf]) as c0:
+        assert c0.size == 4 * MiB
+    with pytest.raises(OSError):
+        os.fstat(fd)  # owned: closed with the chain
+    fd = os.open(dev, os.O_RDONLY)
+    with vhd.open_chain(dev, fd=fd, end=end, resolve_parent=resolve) as c:
+        assert c.depth == 2 and c.read(0, c.size) == bytes(models[1])
+    os.fstat(fd)  # the leaf's fd was passed without own_fd: still the caller's
+    os.close(fd)
+    for pfd in opened:
+        with pytest.raises(OSError):
+            os.fstat(pfd)

@@ -6,6 +6,7 @@ its size; reads are bounded by the leaf's current_size. The chain holds one fd p
 
 import collections
 import os
+import stat
 
 from agent import speedups
 from agent.vhd.errors import ChainError, VhdError
@@ -81,7 +82,11 @@ def default_resolve_parent(child, locators):
     if name and "/" not in name and "\\" not in name:
         candidates.append(os.path.join(base, name))
     for c in candidates:
-        if os.path.isfile(c) or (os.path.exists(c) and not os.path.isdir(c)):
+        try:
+            mode = os.stat(c).st_mode
+        except OSError:
+            continue
+        if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
             return c
     return None
 

@@ -40,6 +40,21 @@ def _pread(fd, length, offset, path, what):
     return data
 
 
+def open_readonly(path):
+    """Open a regular file or block device read-only. Anything else (a FIFO or a character device a
+    hostile locator may name) is refused without blocking."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        raise UnsupportedVhd(path, "not a regular file or block device")
+    return fd
+
+
 def _logical_end(fd):
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode):
@@ -114,7 +129,7 @@ class RawFile(Level):
     def __init__(self, path, fd=None, end=None, block_size=fmt.DEFAULT_BLOCK_SIZE, own_fd=False):
         self.path = path
         if fd is None:
-            self._fd = os.open(path, os.O_RDONLY)
+            self._fd = open_readonly(path)
             self._owns_fd = True
         else:
             self._fd = fd
@@ -184,7 +199,7 @@ class VhdFile(Level):
         """
         opened = fd is None
         if opened:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_readonly(path)
         try:
             if end is None:
                 end = _logical_end(fd)

@@ -463,3 +463,15 @@ def test_fuzz_mutated_leaf(tmp_path, fuzz_target, data):
         pass
     finally:
         os.unlink(leaf)
+
+
+@pytest.mark.timeout(60)
+def test_locator_naming_a_fifo_does_not_hang(tmp_path):
+    paths, _ = build_chain(tmp_path, [Level(2 * MiB), Level(2 * MiB)])
+    os.unlink(paths[0])
+    os.mkfifo(paths[0])
+    expect(vhd.ChainError, paths[1], "parent locator")
+    with pytest.raises(vhd.UnsupportedVhd, match="not a regular file"):
+        vhd.VhdFile.open(paths[0])
+    with pytest.raises(vhd.UnsupportedVhd):
+        vhd.open_chain("/dev/zero")

@@ -7,6 +7,7 @@ values -> {"Status": "Success", "Value": wire(value)}.
 
 import http.server
 import logging
+import socket
 import socketserver
 import ssl
 import threading
@@ -108,6 +109,8 @@ class XapiHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.get_routes = {}
         self.put_routes = {}
         self.thread = None
+        self._conns = set()
+        self._conns_lock = threading.Lock()
 
     def get_request(self):
         sock, addr = super().get_request()
@@ -122,7 +125,17 @@ class XapiHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 sock.close()
                 raise
             sock.settimeout(None)
+        with self._conns_lock:
+            self._conns.add(sock)
         return sock, addr
+
+    def handle_error(self, request, client_address):
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+    def close_request(self, request):
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().close_request(request)
 
     @property
     def url(self):
@@ -136,8 +149,16 @@ class XapiHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         return self
 
     def stop(self):
+        """Stop accepting and cut every open connection (as a XAPI restart would)."""
         self.shutdown()
         self.server_close()
+        with self._conns_lock:
+            conns = list(self._conns)
+        for sock in conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def check_session(api, query):

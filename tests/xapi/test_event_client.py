@@ -263,3 +263,53 @@ def test_tls_with_certificate_pinning(tmp_path):
             run(login())
     finally:
         pool.stop()
+
+
+def test_a_bad_token_reloads_the_collections(hostsim_pool):
+    pool = hostsim_pool
+    a = pool.create_vm("a", [])
+    b = pool.create_vm("b", [])
+    seen = []
+
+    async def main():
+        async with client_for(pool) as client:
+            async with client.subscribe("vm") as vms:
+                vms.on("del", lambda ref, rec: seen.append(("del", ref)))
+                vms.on("mod", lambda ref, rec: seen.append(("mod", rec["name_label"])))
+                await until(lambda: len(client.event_calls) >= 2)
+                pool.api.store.delete("VM", b)
+                client._token = (
+                    "not-a-token"  # the server will answer EVENT_FROM_TOKEN_PARSE_FAILURE
+                )
+                pool.api.store.update("VM", a, name_label="a2")
+                await until(lambda: ("del", b) in seen and ("mod", "a2") in seen, what="reload")
+                assert set(vms.records) == {a}
+
+    run(main())
+
+
+def test_watcher_survives_a_xapi_outage(hostsim_pool):
+    pool = hostsim_pool
+    vm = pool.create_vm("alpha", [])
+    names = []
+    port = pool.server.server_address[1]
+
+    async def main():
+        async with client_for(pool, retry_delay=0.05) as client:
+            async with client.subscribe("vm") as vms:
+                vms.on("mod", lambda ref, rec: names.append(rec["name_label"]))
+                await until(lambda: len(client.event_calls) >= 2)
+                pool.server.stop()  # refuses new connections and cuts the open ones
+                failed_before = len(client.event_calls)
+                await until(lambda: len(client.event_calls) >= failed_before + 2, what="retries")
+                pool.api.store.update("VM", vm, name_label="during outage")
+                restarted = XapiHTTPServer(("127.0.0.1", port), pool.api).start()
+                try:
+                    await until(lambda: names == ["during outage"], what="event after the outage")
+                finally:
+                    restarted.stop()
+                pool.server = XapiHTTPServer(
+                    ("127.0.0.1", 0), pool.api
+                ).start()  # for the fixture's stop()
+
+    run(main())

@@ -193,3 +193,54 @@ def test_without_xenapiplugin_the_builtin_dispatcher_speaks_the_same_protocol(tm
         )
     assert ei.value.code == "FASTPATH_AGENT_UNAVAILABLE"
     assert json.loads(call_plugin("status", {}, config, shim=False))["running"] is False
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="agent/daemon.py does not start the HTTP server yet: the lead wires HttpServer into "
+    "Agent (see the HTTP helper's report), then removes this marker",
+)
+def test_open_then_read_over_https_pinned_by_fingerprint(tmp_path, file_sr, agent_proc, tls_files):
+    """The orchestrator's HTTP path end to end: plugin -> ticket -> HTTPS with the pinned certificate."""
+    import hashlib as _hashlib
+    import socket
+    import ssl
+
+    from agent import httpproto as hp
+
+    vdis, models = file_sr.chain([Level(4 * MiB, writes=[(MiB, pattern(8, 2 * MiB))])])
+    tls_args = ["--tls-cert", tls_files["cert"], "--tls-key", tls_files["key"]]
+    agent = agent_proc(
+        [file_sr.root], tls="require", extra=tls_args + ["--http-listen", "127.0.0.1:0"]
+    )
+    config = write_config(tmp_path, agent.admin_socket)
+    out = json.loads(call_plugin("open_export", {"vdi": vdis[0], "transports": "http"}, config))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # trust comes from the pinned fingerprint below
+    raw = socket.create_connection((out["http"]["host"], out["http"]["port"]), timeout=30)
+    s = ctx.wrap_socket(raw)
+    try:
+        der = s.getpeercert(binary_form=True)
+        assert _hashlib.sha256(der).hexdigest() == out["fingerprint"]
+        path = out["http"]["url"].split("/", 3)[3]
+        s.sendall(
+            ("GET /%s/blocks HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path).encode()
+        )
+        buf = b""
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    head, _, body = buf.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    dec = hp.BlocksDecoder()
+    image = bytearray(4 * MiB)
+    for ev in dec.feed(body):
+        if ev[0] == "block":
+            image[ev[1] * 2 * MiB : ev[1] * 2 * MiB + len(ev[3])] = ev[3]
+    dec.finish()
+    assert bytes(image) == bytes(models[0])

@@ -35,7 +35,7 @@ class Task:
         self.unit = unit
         self.completed = 0.0
         self.started = time.monotonic()
-        self._last_emit = 0.0
+        self._last_emit = float("-inf")  # the first update is shown at once
         self._ended = False
         self._handle: Any = None
 

@@ -167,3 +167,23 @@ def test_progress_as_json_lines_on_stderr(populated):
     assert any(e.get("task") == "verify chunks" for e in events)
     lines = fastpath("verify", url, "--progress", "lines")
     assert "verify chunks: started" in lines.stderr
+
+
+def test_cli_on_s3(s3_env):
+    """The same commands on s3://bucket/prefix (endpoint and credentials from the environment,
+    as the AWS configuration chain provides them)."""
+    url = s3_env.url
+    r = fastpath("repo", "init", url, "--json", env=s3_env.env)
+    assert r.returncode == 0, r.stderr
+    repo = Repository.open(url)
+    disk = DiskModel(chunks=1, tail=4096, seed=3)
+    disk.write_chunk(0, seed=1)
+    disk.write_chunk(1, seed=2)
+    rid, _ = backup(repo, str(uuid.UUID(int=77)), [disk])
+    repo.close()
+    listing = as_json(fastpath("list", url, "--json", env=s3_env.env))
+    assert [p["id"] for p in listing["restore_points"]] == [rid]
+    assert as_json(fastpath("verify", url, "--json", env=s3_env.env))["chunks_checked"] == 2
+    assert as_json(fastpath("gc", url, "--json", env=s3_env.env))["chunks_deleted"] == 0
+    missing = fastpath("list", "s3://no-such-bucket-fastpath/x", "--json", env=s3_env.env)
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1

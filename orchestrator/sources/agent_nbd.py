@@ -18,6 +18,7 @@ from orchestrator.sources.nbdclient import (
     NbdBlockReader,
     NbdEndpoint,
     TlsConfig,
+    _close_handle,
     block_status_blocks,
 )
 
@@ -102,18 +103,24 @@ class AgentNbdSource(Source):
                 todo = sorted(set(blocks))
                 incremental = True
             elif self.incremental:
+                if not h.can_meta_context(CONTEXT_CHANGED):
+                    raise SourceError(f"{self.describe()}: no {CONTEXT_CHANGED} for an incremental")
                 todo = block_status_blocks(h, size, BLOCK_SIZE, CONTEXT_CHANGED, lambda f: f & 1)
                 incremental = True
-            else:
+            elif h.can_meta_context(CONTEXT_ALLOCATION):
                 todo = block_status_blocks(
                     h, size, BLOCK_SIZE, CONTEXT_ALLOCATION, lambda f: not (f & STATE_ZERO)
                 )
                 incremental = False
+            else:
+                todo = list(range(-(-size // BLOCK_SIZE)))
+                incremental = False
+                notes.append("no base:allocation on this server: every block is read")
             if not h.can_multi_conn():
                 self.connections = 1
                 notes.append("server does not allow multi-conn: one connection")
         except BaseException:
-            h.close()
+            _close_handle(h)
             raise
         self._reader = NbdBlockReader(
             ep,

@@ -151,7 +151,7 @@ class NbdEndpoint:
         try:
             h.connect_tcp(self.host, str(self.port))
         except nbd.Error as exc:
-            h.close()
+            del h  # libnbd 1.14's Python handles close when collected
             raise SourceUnavailable(f"{self.url}: {exc}") from exc
         return h
 
@@ -279,8 +279,9 @@ class NbdBlockReader:
                 buf = nbd.Buffer(n)
 
                 def cb(error, _i=i, _buf=buf):
-                    if error:
-                        failed.append(f"read of block {_i} failed: {os.strerror(error)}")
+                    code = getattr(error, "value", error)
+                    if code:
+                        failed.append(f"read of block {_i} failed: {os.strerror(code)}")
                         return 1
                     done.append((_i, _buf))
                     return 1
@@ -314,7 +315,9 @@ def _close_handle(h) -> None:
         h.shutdown()
     except Exception:
         pass
-    try:
-        h.close()
-    except Exception:
-        pass
+    close = getattr(h, "close", None)  # libnbd >= 1.16; 1.14 closes when collected
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            pass

@@ -20,7 +20,7 @@ from orchestrator.sources.base import (
     fold_cbt_bitmap,
     split_round_robin,
 )
-from orchestrator.sources.nbdclient import NbdBlockReader, NbdEndpoint, TlsConfig
+from orchestrator.sources.nbdclient import NbdBlockReader, NbdEndpoint, TlsConfig, _close_handle
 
 
 def changed_blocks_cbt(xenapi, base_ref: str, snap_ref: str, size: int) -> list[int]:
@@ -70,7 +70,7 @@ class XapiNbdSource(Source):
         try:
             size = h.get_size()
         except BaseException:
-            h.close()
+            _close_handle(h)
             raise
         if blocks is None:
             todo = list(range(-(-size // BLOCK_SIZE)))

@@ -9,6 +9,7 @@ The judge is a naive bit-by-bit reference written here, not either implementatio
 import array
 import ast
 import inspect
+import mmap
 import os
 import pathlib
 import subprocess
@@ -668,6 +669,47 @@ def test_non_contiguous_raises_valueerror(impl, call):
 def test_wrong_types_raise_typeerror(impl, call):
     with pytest.raises(TypeError):
         call(impl)
+
+
+def test_other_buffer_types(impl):
+    """mmap (how files are often read), array('B') as a writable mask, bool arguments."""
+    with mmap.mmap(-1, 1 << 16) as m:
+        assert impl.is_zero(m) is True
+        m[5000] = 1
+        assert impl.is_zero(m) is False
+        assert impl.zero_runs(m, 4096) == [
+            (0, 4096, True),
+            (4096, 4096, False),
+            (8192, 57344, True),
+        ]
+        m[0:2] = b"\x0f\xf0"
+        assert impl.bitmap_runs(m, 0, 16) == [(0, 4, False), (4, 8, True), (12, 4, False)]
+        assert impl.block_runs([None, m], 2, 4) == [(2, 2, -1), (4, 2, 1)]
+        mask = array.array("B", [0xFF, 0])
+        assert impl.bitmap_claim(m, mask) == b"\x00\xf0"
+        assert mask.tobytes() == b"\xff\xf0"
+        with memoryview(m) as whole:
+            with whole[:2] as head:  # a writable slice of an mmap as the mask
+                assert impl.bitmap_claim(b"\x80\x01", head) == b"\x80\x01"
+        assert m[0:3] == b"\x8f\xf1\x00"
+    assert impl.bitmap_runs(b"\x80", True, True) == [(1, 1, False)]
+    assert impl.bitmap_count(b"\xc0", False, 2) == 2
+
+
+def test_released_memoryview_raises_valueerror(impl):
+    mv = memoryview(bytearray(16))
+    mv.release()
+    for call in (
+        lambda: impl.is_zero(mv),
+        lambda: impl.zero_runs(mv, 4),
+        lambda: impl.bitmap_runs(mv, 0, 8),
+        lambda: impl.bitmap_count(mv, 0, 8),
+        lambda: impl.bitmap_claim(mv, bytearray(1)),
+        lambda: impl.bitmap_claim(b"\0", mv),
+        lambda: impl.block_runs([mv], 0, 8),
+    ):
+        with pytest.raises(ValueError, match="released"):
+            call()
 
 
 def test_buffer_is_not_held_after_a_call(impl):

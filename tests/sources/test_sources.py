@@ -7,11 +7,9 @@
   SR's own reader and qemu-img.
 """
 
-import hashlib
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -322,9 +320,7 @@ def test_xapi_export_stream_full_and_delta(sim_vdi, xapi_session, tmp_path):
         got = read_all(src)
     expected = pool.sr.read(uuid, 0, plan.size)
     assert assemble(plan, got) == expected
-    assert set(plan.blocks) == {
-        i for i in range(5) if any(expected[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
-    } | set(plan.blocks)
+    assert plan.blocks == sorted(pool.sr.allocated_blocks(uuid))
     snap = x.VDI.snapshot(vdi, {})
     snap_uuid = x.VDI.get_uuid(snap)
     writes = guest.guest_write(pool, vdi, "random", count=2, length=64 << 10, seed=9)
@@ -347,5 +343,4 @@ def test_vhd_file_source_matches_qemu(file_sr, qemu_disk, tmp_path):
         plan = src.open()
         got = read_all(src)
     assert assemble(plan, got) == qemu_raw_bytes(path, tmp_path)
-    assert hashlib.sha256(assemble(plan, got)).digest()
-    assert sys.version_info >= (3, 11)
+    assert plan.blocks == blocks_touched(WRITES, plan.size)

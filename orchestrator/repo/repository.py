@@ -52,7 +52,10 @@ from orchestrator.repo.backends import Backend, open_backend
 from orchestrator.repo.codec import (
     DIGEST_SIZE,
     FLAG_COMPRESSED,
+    FLAG_ENCRYPTED,
     HEADER,
+    NONCE_SIZE,
+    TAG_SIZE,
     ZERO_DIGEST,
     ChunkCodec,
     chunk_key,
@@ -261,6 +264,7 @@ class WriterStats:
     new_plain_bytes: int = 0  # plaintext bytes of new chunks
     bytes_written: int = 0  # object bytes stored (after compression/encryption)
     compressed_chunks: int = 0
+    compressed_bytes: int = 0  # payload bytes of new chunks after compression (no crypto overhead)
 
     def add(self, other: WriterStats) -> None:
         for name, value in asdict(other).items():
@@ -587,7 +591,17 @@ class BackupSession:
     def vanished_digests(self, index: Index) -> set[bytes]:
         """Digests of ``index`` deleted (or being deleted) by a GC run. See jobs/gc.py."""
         backend = self.repo.backend
-        lists = [i for i in backend.list(DELETIONS_PREFIX) if i.key.endswith(".list")]
+        entries = {i.key: i for i in backend.list(DELETIONS_PREFIX)}
+        lists = []
+        for key, info in entries.items():
+            if not key.endswith(".list"):
+                continue
+            done = entries.get(key[: -len(".list")] + ".done")
+            if done is not None and done.mtime < self.lease.started:
+                # that run had finished deleting before this session took its lease, so before
+                # it read anything: every index it read was validated against that run
+                continue
+            lists.append(info)
         if not lists:
             return set()
         ours = np.unique(records(index.entries))
@@ -757,8 +771,12 @@ class DiskWriter:
                         stats.chunks_new = 1
                         stats.new_plain_bytes = len(data)
                         stats.bytes_written = len(obj)
-                        if HEADER.unpack_from(obj)[2] & FLAG_COMPRESSED:
+                        flags, payload = HEADER.unpack_from(obj)[2], HEADER.unpack_from(obj)[5]
+                        if flags & FLAG_COMPRESSED:
                             stats.compressed_chunks = 1
+                        if flags & FLAG_ENCRYPTED:
+                            payload -= NONCE_SIZE + TAG_SIZE
+                        stats.compressed_bytes = payload
                         self._vanished.discard(digest)
                     with self.session.lock:
                         self.session.written.add(digest)

@@ -302,3 +302,23 @@ def test_backups_prune_and_gc_racing(tmp_path, seed):
     print("vanished during the race:", dict(VANISHED))
     report = run_verify(repo)
     assert report["ok"], {k: v for k, v in report.items() if k != "repo"}
+
+
+def test_writers_ignore_lists_of_runs_finished_before_they_started(repo):
+    vm = vm_id(7)
+    disk = DiskModel(chunks=1, seed=7)
+    disk.write_chunk(0, seed=70)
+    backup(repo, vm, [disk])
+    disk.write_chunk(0, seed=71)
+    backup(repo, vm, [disk])
+    run_prune(repo, RetentionPolicy(keep_last=1))
+    holder = repo.begin_backup(vm_id(8))  # keeps the run's list alive (started before it)
+    assert run_gc(repo, margin=0)["chunks_deleted"] == 1
+    assert any(i.key.endswith(".list") for i in repo.backend.list("locks/gc-deleted/"))
+    repo.backend.reset()
+    disk.write_chunk(0, seed=72)
+    backup(repo, vm, [disk])  # started after the run ended: does not need its list
+    assert not [k for v, k in repo.backend.log if v == "get" and "gc-deleted" in k]
+    holder.abort()
+    run_gc(repo, margin=0)  # now no writer predates the old run: its list is removed
+    assert not any(i.key.endswith(".list") for i in repo.backend.list("locks/gc-deleted/"))

@@ -3,6 +3,7 @@ commit order, errors."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -239,3 +240,24 @@ def test_session_commit_requires_every_disk_committed(repo):
         s.disk_writer(disk.vdi, disk.vdi, disk.size)
         with pytest.raises(RepoError, match="not committed"):
             s.commit()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_compression_stats(tmp_path, encrypted):
+    repo = Repository.init(
+        tmp_path / "r", encrypt=encrypted, passphrase=PASSPHRASE if encrypted else None
+    )
+    disk = DiskModel(chunks=2, seed=13)
+    disk.write_chunk(0, seed=1)  # half repetitive text: compresses
+    disk.write_chunk(1, os.urandom(CHUNK_SIZE))  # incompressible: stored raw
+    with repo.begin_backup(VM) as s:
+        w = s.disk_writer(disk.vdi, disk.vdi, disk.size)
+        w.put_chunk(0, disk.chunk(0))
+        w.put_chunk(1, disk.chunk(1))
+        w.commit()
+        s.commit()
+    st = w.stats
+    assert st.compressed_chunks == 1 and st.new_plain_bytes == 2 * CHUNK_SIZE
+    assert CHUNK_SIZE < st.compressed_bytes < 1.6 * CHUNK_SIZE
+    overhead = 16 + (12 + 16 if encrypted else 0)  # header (+ nonce and tag)
+    assert st.bytes_written == st.compressed_bytes + 2 * overhead

@@ -718,13 +718,15 @@ class _Connection(object):
             handler.dispatch()
         except hp.HttpError as exc:
             if resp.head_sent:
-                log.info("http %s: %s failed mid-stream: %s", _peer(self.peer), req.path, exc)
+                log.info(
+                    "http %s: %s failed mid-stream: %s", _peer(self.peer), _safe_path(req), exc
+                )
                 self.server.metrics.add("errors", "stream")
                 return False
             resp.send_error(exc)
         except ClientGone as exc:
             self.server.metrics.add("errors", "client_disconnect")
-            log.info("http %s: client gone during %s: %s", _peer(self.peer), req.path, exc)
+            log.info("http %s: client gone during %s: %s", _peer(self.peer), _safe_path(req), exc)
             return False
         except (OSError, ssl.SSLError) as exc:
             if resp.head_sent:

@@ -145,3 +145,22 @@ def test_tls_client_with_wrong_pin_fails_handshake(make_server, tmp_path):
         tls_get(env, other_client, "/healthz")
     # ... and the server still serves a client that trusts its certificate.
     assert tls_get(env, good_client, "/healthz")[0] == 200
+
+
+def test_tickets_never_reach_the_log(env, caplog):
+    import logging
+    import socket
+
+    caplog.set_level(logging.INFO, logger="fastpath.http")
+    t = env.ticket()
+    request(env, "/v1/exports/%s/raw" % t, [("Range", "bytes=0-9")])
+    request(env, "/v1/exports/%s/nope" % t)
+    s = env.connect()
+    s.sendall(("GET /v1/exports/%s/raw HTTP/1.1\r\nHost: x\r\n\r\n" % t).encode())
+    s.recv(10)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.close()
+    wait_for(lambda: env.server.metrics.connections_open == 0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("/v1/exports/" in m for m in messages)
+    assert not any(t in m for m in messages)

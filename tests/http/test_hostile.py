@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from agent import httpproto as hp
-from tests.http.conftest import SIZE, fd_count, request, wait_for
+from tests.http.conftest import SIZE, fd_count, read_response, request, wait_for
 
 
 def healthy(env):
@@ -250,3 +250,66 @@ def test_no_fd_leak_after_a_mixed_workload(env):
     wait_for(lambda: env.server.metrics.connections_open == 0)
     wait_for(lambda: env.tickets.get(t).connections == 0)
     assert fd_count() == before
+
+
+def test_a_client_that_stops_reading_is_dropped(make_server):
+    env = make_server(limits=hp.Limits(header_timeout=2.0, send_timeout=0.5, max_connections=4))
+    t = env.tickets.create(
+        "0b3c1f55-6a0e-4a57-9b64-2f8e6f1d1a11", "5d7a3b2c-1e0f-4a9b-8c7d-6e5f4a3b2c1d"
+    ).id
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect((env.host, env.port))
+    try:
+        s.sendall(("GET /v1/exports/%s/raw HTTP/1.1\r\nHost: x\r\n\r\n" % t).encode())
+        # Never read: the server's send stalls, and it gives up after send_timeout.
+        wait_for(lambda: env.server.metrics.errors.get("client_disconnect", 0) == 1, timeout=30)
+        wait_for(lambda: env.server.metrics.connections_open == 0)
+        # The server closed its side: what the client can still read ends early (EOF or reset).
+        received = 0
+        try:
+            while True:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        assert received < SIZE
+    finally:
+        s.close()
+    wait_for(lambda: env.tickets.get(t).connections == 0)
+    healthy(env)
+
+
+def test_tls_port_drops_silent_and_garbage_clients(make_server, tmp_path):
+    from tests.http.conftest import make_tls
+
+    server_ctx, client_ctx, _ = make_tls(tmp_path)
+    env = make_server(
+        tls_context=server_ctx,
+        tls_mode="require",
+        limits=hp.Limits(header_timeout=0.5, max_connections=8),
+    )
+    silent = env.connect()  # connects and never speaks
+    garbage = env.connect()
+    garbage.sendall(b"\x16\x03\x01\x00\x05hello-not-tls" * 10)  # looks like TLS, is not
+    for s in (silent, garbage):
+        s.settimeout(10)
+        try:
+            while s.recv(65536):
+                pass
+        except (ConnectionResetError, socket.timeout):
+            pass
+        s.close()
+    wait_for(lambda: env.server.metrics.connections_open == 0)
+    assert env.server.metrics.errors["timeout"] >= 1
+    assert env.server.metrics.errors["tls_handshake"] >= 1
+    raw = socket.create_connection((env.host, env.port), timeout=10)
+    tls = client_ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+    try:
+        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(tls)[0] == 200
+    finally:
+        tls.close()

@@ -30,6 +30,7 @@ log = logging.getLogger("fastpath.nbd")
 
 DEFAULT_PORT = 10810
 _ZEROS = bytes(1024 * 1024)
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 
 class ConnectionClosed(Exception):
@@ -279,11 +280,14 @@ class Connection(object):
 
     # -- I/O primitives --------------------------------------------------------------------------
 
-    def _send(self, data):
-        """Send everything (callers in transmission hold send_lock)."""
+    def _send(self, data, more=False):
+        """Send everything (callers in transmission hold send_lock). more=True: a payload follows
+        at once (MSG_MORE keeps a chunk header and its sendfile payload in the same packets)."""
         try:
             if self.tls:
                 self._tls_send(data)
+            elif more:
+                self.sock.sendall(data, _MSG_MORE)
             else:
                 self.sock.sendall(data)
         except (OSError, ValueError) as exc:
@@ -460,7 +464,7 @@ class Connection(object):
     # -- transmission ----------------------------------------------------------------------------
 
     def _transmission(self):
-        self._pool = ThreadPoolExecutor(max_workers=self.server.workers)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, self.server.workers))
         idle = self.server.idle_timeout
         while True:
             ev = self.proto.next_event()
@@ -491,7 +495,10 @@ class Connection(object):
             while not self._inflight.acquire(timeout=1.0):
                 if self.broken:
                     raise ConnectionClosed(self.broken)
-            self._pool.submit(self._serve_request, ev)
+            if self.server.workers == 0:
+                self._serve_request(ev)
+            else:
+                self._pool.submit(self._serve_request, ev)
 
     def _busy(self):
         # All permits back means nothing is in flight.
@@ -566,7 +573,7 @@ class Connection(object):
             return
         with self.send_lock:
             if not self.proto.structured:
-                self._send(p.simple_reply(req.handle, 0))
+                self._send(p.simple_reply(req.handle, 0), more=True)
                 try:
                     for piece in pieces:
                         self._send_piece(piece)
@@ -582,7 +589,7 @@ class Connection(object):
             error = None
             if req.flags & p.CMD_FLAG_DF:
                 # One content chunk: holes are sent as explicit zeroes.
-                self._send(p.offset_data_header(req.handle, req.offset, req.length))
+                self._send(p.offset_data_header(req.handle, req.offset, req.length), more=True)
                 for piece in pieces:
                     try:
                         self._send_piece(piece)
@@ -605,7 +612,7 @@ class Connection(object):
                     else:
                         # Not final: an error can still show up while the file streams.
                         n = piece[3]
-                        self._send(p.offset_data_header(req.handle, pos, n))
+                        self._send(p.offset_data_header(req.handle, pos, n), more=True)
                         try:
                             self._send_piece(piece)
                         except _ShortFile as exc:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import uuid
+
+import pytest
 
 from orchestrator.jobs.gc import run_gc
 from orchestrator.jobs.prune import RetentionPolicy, run_prune
 from orchestrator.jobs.verify import run_verify
 from orchestrator.repo.backends import open_backend
+from orchestrator.repo.codec import CHUNK_SIZE
 from orchestrator.repo.repository import Repository
 from tests.fixtures.s3 import fast_retry
-from tests.repo_ops.helpers import CountingBackend, DiskModel, backup, restore
+from tests.repo_ops.helpers import CountingBackend, DiskModel, backup, chunk_bytes, restore
 
 
 def test_backup_through_faulty_s3_restores_and_verifies(s3_faulty_backend):
@@ -68,3 +72,31 @@ def test_prune_and_gc_on_s3_never_copy_or_write_chunks(s3_env, fault_proxy):
     assert sum(1 for m, p, _ in http if m == "DELETE" and "/chunks/" in p) == 0
     assert run_verify(repo)["ok"]
     backend.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("FASTPATH_BIG_TESTS") != "1",
+    reason="1 GiB through the fault proxy takes minutes: set FASTPATH_BIG_TESTS=1",
+)
+def test_one_gib_backup_through_faulty_s3(s3_faulty_backend):
+    """The issue's full-size variant: 1 GiB with >= 20 % faults, restored chunk by chunk
+    (streaming, no 1 GiB buffers) and verified."""
+    proxy = s3_faulty_backend.fault_proxy
+    proxy.configure(rate=0.3)
+    repo = Repository.init(s3_faulty_backend)
+    vm = str(uuid.uuid4())
+    count = 512
+    size = count * CHUNK_SIZE
+    with repo.begin_backup(vm) as s:
+        w = s.disk_writer(vm, vm, size, concurrency=8)
+        for i in range(count):
+            if i % 16 != 15:
+                w.put_chunk(i, chunk_bytes(i))
+        key = w.commit()
+        s.commit()
+    index = repo.read_index(key)
+    for i, data in enumerate(repo.iter_disk(index)):
+        assert data == (chunk_bytes(i) if i % 16 != 15 else bytes(CHUNK_SIZE)), i
+    assert run_verify(repo, concurrency=8)["ok"]
+    assert proxy.count("faulted") / proxy.count("requests") >= 0.2

@@ -35,6 +35,8 @@ def export_raw(chain, out, sparse=True):
         sparse = sparse and seekable
         if seekable:
             start = os.lseek(fd, 0, os.SEEK_CUR)
+            if sparse:
+                os.ftruncate(fd, start)  # holes are skipped, so old bytes there must not survive
         buf = bytearray(CHUNK)
         zeros = bytes(CHUNK)
         pos = 0

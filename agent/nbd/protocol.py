@@ -16,6 +16,21 @@ Two kinds of failure, as in ovirt-imageio's nbd.py:
 - RequestError: one transmission request is invalid (out of range, bad flags, write on a read-only
   export, ...). It is answered with an error and the connection goes on.
 
+What this server offers (proto.md asks servers to document their metadata contexts):
+
+- Export names are ticket ids. Exports are read-only; transmission flags HAS_FLAGS, READ_ONLY,
+  CAN_MULTI_CONN, and SEND_DF once structured replies are negotiated.
+- NBD_INFO_BLOCK_SIZE: minimum 1 (any alignment is served), preferred 2 MiB (one VHD block),
+  maximum 32 MiB (larger READ/CACHE requests fail with EINVAL; a larger WRITE payload closes).
+- `base:allocation`: HOLE|ZERO where no file of the chain holds the sectors, 0 elsewhere.
+- `fastpath:changed`: bit 0 set on the 2 MiB blocks that differ from the ticket's base VDI (blocks
+  allocated in the chain above the base); without a base, on every allocated block. Queries:
+  `fastpath:changed`, or `fastpath:` (all fastpath contexts) in LIST_META_CONTEXT.
+- WRITE, TRIM, WRITE_ZEROES, RESIZE -> EPERM; FLUSH and CACHE succeed and do nothing; unknown
+  commands and flags -> EINVAL.
+- TLS modes: off (STARTTLS -> ERR_POLICY), optional (SELECTIVETLS with no TLS-only export), require
+  (FORCEDTLS: everything but STARTTLS and ABORT -> ERR_TLS_REQD; EXPORT_NAME closes).
+
 References: NetworkBlockDevice/nbd doc/proto.md (option haggling, structured replies, block status,
 TLS modes, block size constraints).
 """

@@ -144,7 +144,9 @@ class XapiHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         return "%s://%s:%d/" % (scheme, host, port)
 
     def start(self):
-        self.thread = threading.Thread(target=self.serve_forever, name="xapi-http", daemon=True)
+        self.thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="xapi-http", daemon=True
+        )
         self.thread.start()
         return self
 

@@ -297,3 +297,27 @@ def test_guest_write_through_the_api(hostsim_pool, xapi_session):
     assert guest.data_for("zeros", rng, 4096) == bytes(4096)
     with pytest.raises(ValueError):
         guest.data_for("nope", rng, 10)
+
+
+def test_periodic_gc_collects_after_a_snapshot_is_destroyed(tmp_path):
+    import time
+
+    from hostsim.host import Pool
+
+    pool = Pool(tmp_path / "gcpool", gc_interval=0.05)
+    try:
+        vm = pool.create_vm("alpha", [4 * MiB])
+        vdi = pool.vm_vdis(vm)[0]
+        uuid = pool.api.store.field("VDI", vdi, "uuid")
+        guest.guest_write(pool, vdi, "text", count=4, length=64 * KiB, seed=50)
+        snap = pool.api.vdi__snapshot(vdi, {})
+        want = content_agent(pool, uuid)
+        pool.api.vdi__destroy(snap)  # kicks the GC thread
+        deadline = time.monotonic() + 30
+        while len(pool.sr.chain(uuid)) > 1:
+            assert time.monotonic() < deadline, "the periodic GC did not collect"
+            time.sleep(0.02)
+        assert content_agent(pool, uuid) == want
+        assert pool.sr.gc_runs >= 1
+    finally:
+        pool.sr.close()

@@ -232,3 +232,29 @@ def test_export_raw_over_an_existing_file_object(tmp_path):
     with vhd.open_chain(paths[0]) as c, open(str(out), "r+b") as f:
         vhd.export_raw(c, f)
     assert out.read_bytes() == bytes(models[0])
+
+
+def test_our_child_on_a_qemu_parent_judged_by_libvhdi(tmp_path, qemu_tools, pyvhdi_module):
+    """Mixed producers: a qemu-written dynamic parent (creator qemu, CHS-rounded size) under our child."""
+    parent = tmp_path / "parent.vhd"
+    run(["qemu-img", "create", "-f", "vpc", "-o", "subformat=dynamic", str(parent), "12M"])
+    qemu_io(parent, "write -P 0x41 0 3M", "write -P 0x42 8M 64k")
+    base = qemu_raw(parent, tmp_path)
+    child = tmp_path / "child.vhd"
+    model = bytearray(base)
+    with vhd.create_differencing(str(child), str(parent)) as w:
+        assert w.size == len(base)
+        for off, ln in ((4096, 8192), (2 * MiB, 2 * MiB), (8 * MiB + 32768, 65536)):
+            data = pattern(off, ln)
+            w.write(off, data)
+            model[off : off + ln] = data
+    files = _pyvhdi_chain(pyvhdi_module, [str(parent), str(child)])
+    try:
+        theirs = files[1].read_buffer_at_offset(len(model), 0)
+    finally:
+        for f in files:
+            f.close()
+    with vhd.open_chain(str(child)) as c:
+        assert c.files[1].footer.creator_app == b"qemu"
+        assert c.read(0, c.size) == theirs == bytes(model)
+        assert c.changed_blocks(str(parent)) == [0, 1, 4]

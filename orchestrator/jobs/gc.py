@@ -5,8 +5,10 @@ Algorithm (one run)
 G1. Take the exclusive ``gc`` lease (locks.acquire_exclusive; heartbeat; every delete batch
     first checks that enough lease lifetime remains).
 G2. Close the deletion lists of crashed runs (their lease is gone: they delete nothing more).
-G3. Writer leases: live ones are running backups; the pending indexes of writers whose lease is
-    gone or expired are deleted (those sessions can never commit, see the writer's lease check).
+G3. Scan ``backups/``, then list writer leases: live ones are running backups; the pending
+    indexes of writers whose lease is gone or expired are deleted (those sessions can never
+    commit, see the writer's lease check). The order matters: a writer that starts after the
+    listing cannot have a pending index in the earlier scan.
 G4. Mark: read every final index and every pending index of a live writer; a damaged index
     stops GC (its chunks are unknown, so nothing may be swept) unless ``force``.
 G5. List ``chunks/``. Candidates = unmarked chunks whose mtime is older than
@@ -156,14 +158,16 @@ def run_gc(
             if key.endswith(".list") and key[:-5] + ".done" not in lists and not dry_run:
                 backend.put(key[:-5] + ".done", b"closed by a later run\n")
 
-        # G3: writers
+        # G3: writers. Scan first, list leases second: a pending index seen in the scan was
+        # written under a lease that existed then, so a writer missing from the later listing
+        # is dead (or finished, and then it already replaced its pending index itself).
+        cat = scan_backups(backend)
         writers = locks.list_writer_leases(backend)
         live = [w for w in writers if not w.expired()]
         live_sessions = {
             (str((w.body.get("info") or {}).get("vm")), str((w.body.get("info") or {}).get("time")))
             for w in live
         }
-        cat = scan_backups(backend)
         stale_pending = [k for k, vm, t in cat.pending if (vm, t) not in live_sessions]
         live_pending = [k for k, vm, t in cat.pending if (vm, t) in live_sessions]
         if not dry_run:

@@ -251,3 +251,37 @@ def test_ensure_cert_generates_once_with_openssl(installed, tmp_path):
     assert r.returncode == 1 and "missing" in r.stderr
     conf.write_text("[tls]\nmode = off\ncert = /nonexistent.pem\n")
     assert run([PY, "-I", "-S", tool, str(conf)], env=env).returncode == 0
+
+
+def test_prebuilt_speedups_are_optional_and_named_for_their_python(tmp_path):
+    so = tmp_path / "_speedups.cpython-36m-x86_64-linux-gnu.so"
+    so.write_bytes(b"\x7fELF stand-in")
+    path = bundle.build(str(tmp_path / "out"), version="1", speedups=str(so))
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+    assert "xcp-fastpath-agent-1/lib/agent/_speedups.cpython-36m-x86_64-linux-gnu.so" in names
+    bad = tmp_path / "speedups.so"
+    bad.write_bytes(b"x")
+    with pytest.raises(ValueError):
+        bundle.build(str(tmp_path / "out2"), version="1", speedups=str(bad))
+    r = run(
+        [sys.executable, "-m", "agent.bundle", "-o", str(tmp_path / "o3"), "--speedups", str(bad)],
+        cwd=ROOT,
+        env=None,
+    )
+    assert r.returncode == 1 and "speedups" in r.stderr
+
+
+def test_install_prefix_is_followed_by_the_unit(built, tmp_path):
+    _, top = built
+    root = str(tmp_path / "root")
+    r = run(
+        ["sh", os.path.join(top, "install.sh"), "--root", root, "--prefix", "/usr/local/fastpath"]
+    )
+    assert r.returncode == 0, r.stderr
+    unit = open(os.path.join(root, "etc/systemd/system/fastpath-agent.service")).read()
+    assert "ExecStart=/usr/local/fastpath/bin/fastpath-agent serve" in unit
+    assert "/opt/fastpath" not in unit
+    assert os.access(os.path.join(root, "usr/local/fastpath/bin/fastpath-agent"), os.X_OK)
+    r = run(["sh", os.path.join(top, "install.sh"), "--prefix", "relative"])
+    assert r.returncode == 2

@@ -1,0 +1,17 @@
+"""hostsim: a simulated XCP-ng host for tests, demos and benchmarks.
+
+    store.py     in-memory object database with XAPI's event generations (event.from semantics)
+    api.py       XAPI methods: sessions, generic getters/setters, VM/VDI/VBD ops, CBT, tasks, event.from
+    server.py    XML-RPC over HTTP(S) (the XenAPI SDK works unmodified) + routes for the data paths
+    sm.py        file SR with SM's VHD semantics: snapshot/clone, CBT logs, GC (coalesce, leaf-coalesce)
+    vhdfile.py   in-place VHD writes, hidden flag, relink (on agent.vhd.format's structures)
+    datapath.py  /export_raw_vdi and /import_raw_vdi done the XAPI way
+    xapinbd.py   an NBD endpoint behaving like xapi-nbd
+    plugins.py   host.call_plugin running plugin files with a XenAPIPlugin shim (plugin_shim/)
+    guest.py     guest activity (text, binary, random, zeros, copies between VMs)
+    host.py      Pool: pool + host + SR + PBD records, GC -> database glue, serving
+    cli.py       `hostsim serve|write|gc|info`
+
+Quick use in tests: `Pool(tmp_path).start()` returns the XAPI URL (user root, password hostsim);
+see tests/fixtures/hostsim.py.
+"""

@@ -140,6 +140,8 @@ class XapiHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     @property
     def url(self):
         host, port = self.server_address[:2]
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
         scheme = "https" if self.ssl_context is not None else "http"
         return "%s://%s:%d/" % (scheme, host, port)
 

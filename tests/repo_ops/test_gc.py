@@ -14,7 +14,7 @@ from orchestrator.jobs.prune import RetentionPolicy, run_prune
 from orchestrator.jobs.verify import run_check, run_verify
 from orchestrator.repo import locks
 from orchestrator.repo.codec import chunk_key
-from orchestrator.repo.errors import NotFound
+from orchestrator.repo.errors import NotFound, RepoError
 from orchestrator.repo.repository import BackupSession, ChunksVanished
 from tests.repo_ops.helpers import VANISHED, DiskModel, backup, commit_with_retry, restore
 
@@ -322,3 +322,32 @@ def test_writers_ignore_lists_of_runs_finished_before_they_started(repo):
     holder.abort()
     run_gc(repo, margin=0)  # now no writer predates the old run: its list is removed
     assert not any(i.key.endswith(".list") for i in repo.backend.list("locks/gc-deleted/"))
+
+
+def test_a_damaged_deletion_list_stops_commits_clearly(repo):
+    vm = vm_id(9)
+    disk = DiskModel(chunks=1, seed=9)
+    disk.write_chunk(0, seed=90)
+    session = repo.begin_backup(vm)
+    repo.backend.put("locks/gc-deleted/x.list", b"garbage")
+    w = session.disk_writer(disk.vdi, disk.vdi, disk.size)
+    w.put_chunk(0, disk.chunk(0))
+    with pytest.raises(RepoError, match="x.list: not a GC deletion list"):
+        w.commit()  # never half-trusted: without the list, safety cannot be argued
+    assert not list(repo.backend.list("backups/"))  # the pending index was removed
+    session.abort()
+
+
+def test_foreign_objects_are_ignored_by_gc_and_listing(repo):
+    vm = vm_id(10)
+    disk = DiskModel(chunks=1, seed=10)
+    disk.write_chunk(0, seed=100)
+    _, keys = backup(repo, vm, [disk])
+    repo.backend.put("chunks/zz/not-a-digest", b"x")
+    repo.backend.put("backups/README", b"x")
+    repo.backend.put(f"backups/{vm}/notes.txt", b"x")
+    report = run_gc(repo, margin=0)
+    assert report["chunks_deleted"] == 0 and report["chunks_total"] == 1
+    assert repo.backend.exists("chunks/zz/not-a-digest")  # not ours to delete
+    assert [p.id for p in repo.list_restore_points()] == [repo.resolve("latest").id]
+    assert restore(repo, keys[disk.vdi]) == bytes(disk.data)

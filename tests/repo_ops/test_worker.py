@@ -147,3 +147,49 @@ def test_worker_resumes_after_kill_9(tmp_path):
     assert result["ran"] == result["units"] - len(done_before)
     assert not set(result["results"]) & done_before  # done units were not run again
     check_pruned(repo_path, newest)
+
+
+def test_worker_job_file_via_cli(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    newest_a = make_repo(a, vms=2, points=3, seed=3)
+    make_repo(b, vms=2, points=3, seed=4)
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(
+        json.dumps(
+            [
+                {"repo": str(a), "keep_last": 1, "gc_margin": 0},
+                {"repo": str(b), "keep_last": 2, "tasks": ["prune", "check"]},
+            ]
+        )
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "worker",
+            "--jobs",
+            str(jobs),
+            "--json",
+            "--journal",
+            str(tmp_path / "j.json"),
+            "--concurrency",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["ok"] and result["units"] == (2 + 1 + 1) + (2 + 1)
+    check_pruned(a, newest_a)
+    with Repository.open(b) as repo:
+        assert len(repo.list_restore_points()) == 4  # keep 2 of 3 per VM, no GC asked
+    bad = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "worker", "--jobs", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "job file" in bad.stderr

@@ -185,3 +185,34 @@ def test_thread_safety_under_concurrency():
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         assert all(pool.map(roundtrip, datas))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ_CODECS = [CODECS[name]() for name in sorted(CODECS)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    flags=st.integers(0, 255),
+    size=st.integers(0, 2**32 - 1),
+    payload=st.binary(max_size=200),
+    declared=st.one_of(st.none(), st.integers(0, 2**32 - 1)),
+)
+def test_hostile_objects_only_raise_corrupt_chunk(flags, size, payload, declared):
+    """A crafted header over any payload: CorruptChunk, never another exception or a result."""
+    length = len(payload) if declared is None else declared
+    obj = codec_mod.HEADER.pack(codec_mod.MAGIC, 1, flags, 0, size, length) + payload
+    digest = bytes(range(1, 33))
+    for c in FUZZ_CODECS:
+        with pytest.raises(CorruptChunk):
+            c.decode(obj, digest)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=100))
+def test_garbage_only_raises_corrupt_chunk(data):
+    for c in FUZZ_CODECS:
+        with pytest.raises(CorruptChunk):
+            c.decode(data, bytes(range(32)))

@@ -106,3 +106,34 @@ def test_bad_arguments():
         Index(DISK, 10, CHUNK_SIZE, None, b"\0" * 31)
     with pytest.raises(ValueError):
         Index(DISK, 10, 1000)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from orchestrator.repo.index import FIXED, MAGIC  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.tuples(
+        st.integers(0, 3),
+        st.integers(0, 3),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**64 - 1),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**64 - 1),
+        st.integers(0, 2**16 - 1),
+    ),
+    tail=st.binary(max_size=300),
+)
+def test_hostile_headers_only_raise_corrupt_index(fields, tail):
+    version, flags, header_size, vsize, csize, count, base_len = fields
+    data = (
+        FIXED.pack(
+            MAGIC, version, flags, header_size, bytes(16), vsize, csize, count, bytes(32), base_len
+        )
+        + tail
+    )
+    with pytest.raises(CorruptIndex):
+        decode_index(data)

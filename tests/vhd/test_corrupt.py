@@ -396,7 +396,7 @@ def _fuzz_target(tmp_path_factory):
         ),
     ]
     paths, models = build_chain(d, levels)
-    return paths, open(paths[1], "rb").read(), models[1]
+    return paths, [open(p, "rb").read() for p in paths], models[1]
 
 
 @pytest.fixture(scope="module")
@@ -414,13 +414,17 @@ def _hot_offsets(size):
 
 
 @settings(
-    max_examples=150,
+    max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(data=st.data())
-def test_fuzz_mutated_leaf(tmp_path, fuzz_target, data):
-    paths, pristine, model = fuzz_target
+def test_fuzz_mutated_chain(tmp_path, fuzz_target, data):
+    """Mutate bytes of the leaf or of its parent (metadata-heavy offsets, sometimes re-sealing the
+    checksums): every outcome is consistent data or a VhdError, never another exception or a hang."""
+    paths, originals, model = fuzz_target
+    which = data.draw(st.sampled_from([1, 1, 0]))  # mostly the leaf
+    pristine = originals[which]
     buf = bytearray(pristine)
     n = data.draw(st.integers(1, 8))
     for _ in range(n):
@@ -436,13 +440,14 @@ def test_fuzz_mutated_leaf(tmp_path, fuzz_target, data):
         header = fmt.Header.parse(bytes(buf[512:1536]))
         if header.cookie == fmt.HEADER_COOKIE:
             buf[512:1536] = header.build()
-    leaf = os.path.join(os.path.dirname(paths[1]), "mutant-%d.vhd" % os.getpid())
-    with open(leaf, "wb") as f:
-        f.write(bytes(buf))
+    d = os.path.dirname(paths[1])
+    leaf = os.path.join(d, "mutant-leaf-%d.vhd" % os.getpid())
+    root = os.path.join(d, "mutant-root-%d.vhd" % os.getpid())
+    for path, content in ((root, originals[0]), (leaf, originals[1])):
+        with open(path, "wb") as f:
+            f.write(bytes(buf) if path == (leaf if which == 1 else root) else content)
     try:
-        with vhd.open_chain(
-            leaf, allow_raw=False, resolve_parent=lambda child, locs: paths[0]
-        ) as c:
+        with vhd.open_chain(leaf, allow_raw=False, resolve_parent=lambda child, locs: root) as c:
             if c.size > 64 * MiB:  # a mutated size: sample instead of allocating gigabytes here
                 c.read(c.size - 4096, 4096)
                 c.extents()
@@ -463,6 +468,7 @@ def test_fuzz_mutated_leaf(tmp_path, fuzz_target, data):
         pass
     finally:
         os.unlink(leaf)
+        os.unlink(root)
 
 
 @pytest.mark.timeout(60)

@@ -321,3 +321,31 @@ def test_periodic_gc_collects_after_a_snapshot_is_destroyed(tmp_path):
         assert pool.sr.gc_runs >= 1
     finally:
         pool.sr.close()
+
+
+def test_cbt_survives_destroying_a_snapshot_in_the_middle(hostsim_pool, xapi_session):
+    pool, x = hostsim_pool, xapi_session.xenapi
+    size = 4 * MiB
+    vm = pool.create_vm("alpha", [size])
+    vdi = vdi_of(x, vm)
+    x.VDI.enable_cbt(vdi)
+    s1 = x.VDI.snapshot(vdi, {})
+    w1 = guest.guest_write(pool, vdi, "text", count=3, length=64 * KiB, seed=60)
+    s2 = x.VDI.snapshot(vdi, {})
+    w2 = guest.guest_write(pool, vdi, "text", count=3, length=64 * KiB, seed=61)
+    s3 = x.VDI.snapshot(vdi, {})
+    x.VDI.destroy(s2)  # its log is folded into the next one, as SM does
+    assert base64.b64decode(x.VDI.list_changed_blocks(s1, s3)) == expected_bitmap(size, w1 + w2)
+    x.VDI.data_destroy(s1)
+    assert base64.b64decode(x.VDI.list_changed_blocks(s1, s3)) == expected_bitmap(size, w1 + w2)
+    x.VDI.destroy(s1)  # a cbt_metadata VDI can be destroyed too
+    with pytest.raises(XenAPI.Failure):
+        x.VDI.get_record(s1)
+    # an unrelated VDI is not a CBT ancestor
+    other = pool.create_vm("other", [size])
+    ovdi = vdi_of(x, other)
+    x.VDI.enable_cbt(ovdi)
+    os1 = x.VDI.snapshot(ovdi, {})
+    with pytest.raises(XenAPI.Failure) as err:
+        x.VDI.list_changed_blocks(os1, s3)
+    assert err.value.details[0] == "SR_BACKEND_FAILURE_460"

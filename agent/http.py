@@ -556,6 +556,7 @@ class HttpServer(object):
                 raw.close()
             with self._conns_lock:
                 self._conns.discard(raw)
+                self._conns.discard(conn)
             self.metrics.gauge("connections_open", -1)
             self._slots.release()
 
@@ -580,8 +581,9 @@ class HttpServer(object):
                 self.metrics.add("errors", "tls_handshake")
                 log.info("http %s: TLS handshake failed: %s", _peer(peer), exc)
                 return None
-            with self._conns_lock:
-                self._conns.add(raw)
+            with self._conns_lock:  # stop() must shut down the TLS socket (raw is detached)
+                self._conns.discard(raw)
+                self._conns.add(tls)
             return tls
         if self.tls_mode == "optional":
             return raw
@@ -613,9 +615,14 @@ class HttpServer(object):
 
 
 def _drain(sock, seconds):
-    sock.settimeout(seconds)
+    """Read and discard until EOF, for at most `seconds` in total."""
+    deadline = time.time() + seconds
     try:
-        for _ in range(64):
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                break
+            sock.settimeout(left)
             if not sock.recv(65536):
                 break
     except OSError:

@@ -6,6 +6,7 @@ import ssl
 
 import pytest
 
+from agent import httpproto as hp
 from tests.http.conftest import (
     BASE_VDI,
     VDI,
@@ -164,3 +165,20 @@ def test_tickets_never_reach_the_log(env, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any("/v1/exports/" in m for m in messages)
     assert not any(t in m for m in messages)
+
+
+def test_stop_closes_idle_tls_connections(make_server, tmp_path):
+    server_ctx, client_ctx, _ = make_tls(tmp_path)
+    env = make_server(
+        tls_context=server_ctx, tls_mode="require", limits=hp.Limits(idle_timeout=600)
+    )
+    raw = socket.create_connection((env.host, env.port), timeout=30)
+    s = client_ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(s)[0] == 200  # keep-alive: the server now waits for the next request
+        env.server.stop()
+        assert env.server.metrics.connections_open == 0
+        assert s.recv(100) == b""
+    finally:
+        s.close()

@@ -342,7 +342,7 @@ class S3Backend(Backend):
                     failed.append(err["Key"])
                 if failed:
                     pending = failed
-                    raise _PartialDelete(
+                    raise PartialBatchDelete(
                         f"{len(failed)} of the batch not deleted (e.g. {failed[0]})"
                     )
 
@@ -359,5 +359,5 @@ class S3Backend(Backend):
         self._client.close()
 
 
-class _PartialDelete(Exception):
+class PartialBatchDelete(Exception):
     """Some keys of a batch delete failed with a retryable per-key error."""

@@ -297,3 +297,78 @@ def test_no_fd_leak_after_clients(file_sr, qemu_disk, agent_proc, tmp_path):
     assert agent.wait_fds(baseline) <= baseline
     assert agent.stats()["open_exports"] == 0
     assert os.path.exists(agent.admin_socket)
+
+
+def test_several_orchestrators_at_once(file_sr, agent_proc, tmp_path):
+    """Three VDIs, three tickets, three nbdcopy processes with four connections each, at once."""
+    import subprocess
+
+    disks = [
+        file_sr.qemu_vdi(6 * MiB, [(i * MiB, MiB, 0x30 + i), (4 * MiB, 4096, 0x50 + i)])
+        for i in range(3)
+    ]
+    agent = agent_proc([file_sr.root])
+    procs = []
+    for i, vdi in enumerate(disks):
+        out = str(tmp_path / ("o%d.raw" % i))
+        cmd = ["nbdcopy", "--connections=4", agent.uri(agent.ticket(vdi)), out]
+        procs.append((vdi, out, subprocess.Popen(cmd)))
+    for vdi, out, proc in procs:
+        assert proc.wait(120) == 0
+        with open(out, "rb") as f:
+            assert f.read() == qemu_raw_bytes(file_sr.path(vdi), tmp_path)
+    assert agent.wait_idle()
+    assert agent.stats()["connections"] >= len(disks)  # nbdcopy may open fewer on small disks
+
+
+def test_serve_from_a_config_file(file_sr, qemu_disk, tmp_path):
+    """The INI contract: [agent] sr_roots/admin_socket, [nbd] listen, [http] listen, [tls] mode."""
+    import subprocess
+    import sys
+    import time
+
+    from agent.tickets import admin_call
+    from tests.fixtures.nbd import ROOT
+
+    ini = tmp_path / "agent.ini"
+    sock = str(tmp_path / "cfg.sock")
+    ready = str(tmp_path / "cfg-ready.json")
+    ini.write_text(
+        "[agent]\nsr_roots = %s\nadmin_socket = %s\n[nbd]\nlisten = 127.0.0.1:0\n"
+        "[http]\nlisten = 127.0.0.1:0\n[tls]\nmode = off\n" % (file_sr.root, sock)
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent.daemon",
+            "serve",
+            "--config",
+            str(ini),
+            "--ready-file",
+            ready,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 30
+        while not os.path.exists(ready):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        with open(ready) as f:
+            info = json.load(f)
+        assert (
+            info["tls"] == "off"
+            and info["admin_socket"] == sock
+            and info["http"] == ["127.0.0.1", 0]
+        )
+        resp = admin_call(sock, {"op": "create_ticket", "vdi": qemu_disk})
+        assert resp["ok"] and resp["nbd"]["uri"].startswith("nbd://127.0.0.1:")
+        out = json.loads(run(["nbdinfo", "--json", resp["nbd"]["uri"]]).stdout)
+        assert out["exports"][0]["export-name"] == resp["export_name"]
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0  # SIGTERM: clean stop
+    assert not os.path.exists(sock)

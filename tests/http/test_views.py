@@ -44,7 +44,7 @@ class MemoryView(fhttp.ExportView):
     def block_pieces(self, index):
         if index not in self._allocated:
             return [("zero", self.block_length(index))]
-        start = index * BS
+        start = index * self.block_size
         return [("bytes", self.data[start : start + self.block_length(index)])]
 
     def read_pieces(self, offset, length):
@@ -166,3 +166,39 @@ def test_open_failures_map_to_json_errors(serve, exc, status, code):
     assert "Traceback" not in doc["message"]
     # The failed open did not hold the ticket's connection slot.
     wait_for(lambda: env.tickets.get(t).connections == 0)
+
+
+class BigBlockView(MemoryView):
+    """2 MiB blocks, the disk's last block short and allocated: the VHD pads it."""
+
+    def vhd_layout(self, block_indexes, delta=False):
+        from agent.vhd import VhdStreamLayout
+
+        return VhdStreamLayout(self.size, block_indexes, self.block_size)
+
+
+def test_vhd_stream_pads_a_short_last_block(serve, tmp_path, qemu_tools):
+    import random
+    import subprocess
+
+    mib2 = 2 << 20
+    data = random.Random(5).randbytes(2 * mib2 + 4096)
+    view = BigBlockView(data, allocated=[0, 2])
+    view.block_size = mib2
+    env = serve(lambda ticket: view)
+    t = env.tickets.create("mem").id
+    status, headers, body = request(env, "/v1/exports/%s/vhd" % t)
+    assert status == 200 and len(body) == int(headers["content-length"])
+    out = tmp_path / "short.vhd"
+    out.write_bytes(body)
+    model = bytearray(data)
+    model[mib2 : 2 * mib2] = bytes(mib2)  # block 1 is not allocated: it reads as zeros
+    raw = tmp_path / "model.raw"
+    raw.write_bytes(bytes(model))
+    r = subprocess.run(
+        ["qemu-img", "compare", "-f", "vpc", "-F", "raw", str(out), str(raw)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr

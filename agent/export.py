@@ -80,9 +80,8 @@ class Export(object):
         self.block_size = chain.block_size
         self.block_count = chain.block_count
         self.counters = counters if counters is not None else Counters()
-        # Chain objects are not documented as thread-safe: serialize calls into them. The
-        # sendfile path only needs block_source() (metadata, cached below), so the lock is held
-        # for assembly only.
+        # Chain reads are positional (pread/preadv) and a VhdFile's bitmap cache has its own lock,
+        # so reads run in parallel; this lock only guards the lazy changed-block map.
         self._lock = threading.Lock()
         self._sources = {}
         self._changed = None  # bytearray, one byte per block: 1 = changed
@@ -121,8 +120,7 @@ class Export(object):
     def _source(self, index):
         src = self._sources.get(index)
         if src is None:
-            with self._lock:
-                src = self.chain.block_source(index)
+            src = self.chain.block_source(index)
             if len(self._sources) > 65536:
                 self._sources.clear()
             self._sources[index] = src
@@ -137,8 +135,7 @@ class Export(object):
         self._check_range(offset, length)
         if length == 0:
             return []
-        with self._lock:
-            raw = self.chain.extents(offset, length)
+        raw = self.chain.extents(offset, length)
         runs = []
         for e in raw:
             start = max(e.offset, offset)
@@ -233,11 +230,10 @@ class Export(object):
                 else:
                     pieces.append((SENDFILE, fd, foff, n))
             else:
-                with self._lock:
-                    if n == bs and pos == block_start:
-                        data = self.chain.read_block(i)
-                    else:
-                        data = self.chain.read(pos, n)
+                if n == bs and pos == block_start:
+                    data = self.chain.read_block(i)
+                else:
+                    data = self.chain.read(pos, n)
                 if len(data) != n:
                     raise ExportError("block %d assembled to %d bytes, need %d" % (i, len(data), n))
                 pieces.append((BYTES, data))

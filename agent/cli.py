@@ -10,6 +10,7 @@ on stderr. The daemon's commands (`serve`, `ticket`) are added by agent.daemon w
 
 import argparse
 import json
+import os
 import sys
 
 from agent import vhd
@@ -171,6 +172,11 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("fastpath-agent: interrupted\n")
+        return 1
+    except Exception as exc:  # a bug: still one line, the traceback with FASTPATH_DEBUG=1
+        if os.environ.get("FASTPATH_DEBUG") == "1":
+            raise
+        sys.stderr.write("fastpath-agent: internal error: %s: %s\n" % (type(exc).__name__, exc))
         return 1
 
 

@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml setup.py scripts/setup-system.sh scripts/link-debian-mo
 
 # The compiled speedups (optional at run time, required in CI: FASTPATH_REQUIRE_SPEEDUPS=1).
 ext: $(STAMP)
-	$(PY) setup.py -q build_ext --inplace 2>&1 | grep -v -e '^Compiling' -e '^\[' || true
+	$(PY) setup.py -q build_ext --inplace
 	$(PY) -c 'import agent.speedups as s; print("speedups:", "compiled" if s.COMPILED else "pure Python")'
 
 lint: setup

@@ -260,7 +260,10 @@ class RealExportView(ExportView):
         return self.export.changed(offset, length)
 
     def extents(self, offset, length):
-        return [(s, n, k == "hole", k == "hole") for s, n, k in self.export.extents(offset, length)]
+        return [
+            (s, n, k in ("hole", "zero"), k == "hole")
+            for s, n, k in self.export.extents(offset, length)
+        ]
 
     def read_pieces(self, offset, length):
         out = []

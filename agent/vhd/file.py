@@ -23,7 +23,8 @@ from agent.vhd import format as fmt
 from agent.vhd.errors import CorruptVhd, UnsupportedVhd
 
 BEYOND = -1
-BITMAP_CACHE_ENTRIES = 4096
+BITMAP_CACHE_ENTRIES = 8192  # per file, and at most BITMAP_CACHE_BYTES of bitmaps
+BITMAP_CACHE_BYTES = 4 << 20
 SECTOR = fmt.SECTOR
 
 
@@ -558,7 +559,8 @@ class VhdFile(Level):
         bm = _pread(self._fd, self.bitmap_used, e * SECTOR, self.path, "bitmap of block %d" % index)
         with self._lock:
             self._cache[index] = bm
-            if len(self._cache) > BITMAP_CACHE_ENTRIES:
+            limit = min(BITMAP_CACHE_ENTRIES, max(16, BITMAP_CACHE_BYTES // self.bitmap_used))
+            if len(self._cache) > limit:
                 self._cache.popitem(last=False)
         return bm
 

@@ -96,6 +96,9 @@ def _tuning_arguments(p) -> None:
     p.add_argument("--store-threads", type=int, default=4, help="chunk store threads per disk")
     p.add_argument("--parallel-disks", type=int, default=4)
     p.add_argument("--retries", type=int, default=3, help="reconnects per connection")
+    p.add_argument(
+        "--io-timeout", type=float, default=60.0, help="seconds without an answer = failure"
+    )
 
 
 def _render(result: dict[str, Any]) -> str:
@@ -169,13 +172,21 @@ class XapiContext:
             raise SourceUnavailable(f"agent plugin: {' '.join(map(str, exc.details))}") from None
         return json.loads(text)
 
-    def close_export(self, ticket: str | None) -> None:
+    def close_export(self, ticket: str | None, wait: float = 10.0) -> None:
+        """Revoke a ticket (best effort; a hung agent cannot hold the job: tickets expire)."""
         if not ticket:
             return
-        try:
-            self.x.host.call_plugin(self.host_ref(), "fastpath", "close_export", {"ticket": ticket})
-        except Exception:
-            pass
+        host = self.host_ref()
+
+        def call():
+            try:
+                self.x.host.call_plugin(host, "fastpath", "close_export", {"ticket": ticket})
+            except Exception:
+                pass
+
+        t = threading.Thread(target=call, name="close-export", daemon=True)
+        t.start()
+        t.join(wait)
 
 
 class BaseRefused(SourceError):
@@ -183,7 +194,7 @@ class BaseRefused(SourceError):
 
 
 def _source_kw(args) -> dict[str, Any]:
-    return {"retries": args.retries}
+    return {"retries": args.retries, "io_timeout": args.io_timeout}
 
 
 def open_disk_source(ctx: XapiContext, disk: Disk, transport: str) -> tuple[Source, Any]:
@@ -612,11 +623,16 @@ def run_backup_vdi(args: argparse.Namespace, ui: Progress):
             connections=args.connections,
             depth=args.depth,
             retries=args.retries,
+            io_timeout=args.io_timeout,
         )
         default_vdi = str(uuid_mod.uuid5(uuid_mod.NAMESPACE_URL, spec))
     elif spec.startswith(("http://", "https://")):
         src = AgentHttpSource(
-            spec, fingerprint=args.fingerprint, streams=args.connections, retries=args.retries
+            spec,
+            fingerprint=args.fingerprint,
+            streams=args.connections,
+            retries=args.retries,
+            io_timeout=args.io_timeout,
         )
         default_vdi = None
     else:

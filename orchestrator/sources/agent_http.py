@@ -42,8 +42,10 @@ class AgentHttpSource(Source):
         retries: int = 3,
         backoff: float = 0.5,
         max_in_flight: int = 16,
+        io_timeout: float = 60.0,
     ):
         super().__init__(max_in_flight=max_in_flight)
+        self.io_timeout = io_timeout
         u = urlparse(url)
         self.base_url = f"{u.scheme}://{u.netloc}"
         self.path = u.path.rstrip("/")  # /v1/exports/<ticket>
@@ -70,7 +72,9 @@ class AgentHttpSource(Source):
         return f"agent HTTP {self.base_url}"
 
     def _get_json(self, path: str):
-        conn, resp = httpclient.get(self.base_url, path, fingerprint=self.fingerprint)
+        conn, resp = httpclient.get(
+            self.base_url, path, fingerprint=self.fingerprint, timeout=self.io_timeout
+        )
         try:
             return json.loads(resp.read())
         except ValueError as exc:
@@ -139,7 +143,9 @@ class AgentHttpSource(Source):
     def _stream(self, first: int, count: int, wanted: set[int], got: set[int], emit) -> None:
         changed = "1" if self.changed_stream else "0"
         path = f"{self.path}/blocks?changed={changed}&start={first}&count={count}"
-        conn, resp = httpclient.get(self.base_url, path, fingerprint=self.fingerprint)
+        conn, resp = httpclient.get(
+            self.base_url, path, fingerprint=self.fingerprint, timeout=self.io_timeout
+        )
         try:
             dec = hp.BlocksDecoder()
             while True:

@@ -40,8 +40,10 @@ class AgentNbdSource(Source):
         retries: int = 3,
         backoff: float = 0.5,
         max_in_flight: int = 16,
+        io_timeout: float = 60.0,
     ):
         super().__init__(max_in_flight=max_in_flight)
+        self.io_timeout = io_timeout
         self.host, self.port, self.export = host, int(port), export
         self.fingerprint = fingerprint
         self.use_tls = tls
@@ -94,6 +96,7 @@ class AgentNbdSource(Source):
             self.export,
             tls=self._tls,
             contexts=(CONTEXT_ALLOCATION, CONTEXT_CHANGED),
+            timeout=self.io_timeout,
         )
         h = ep.handle()
         try:

@@ -122,6 +122,7 @@ class NbdEndpoint:
         tls: TlsConfig | None = None,
         contexts: tuple[str, ...] = (),
         structured: bool = True,
+        timeout: float = 60.0,
     ):
         self.host = host
         self.port = int(port)
@@ -129,6 +130,7 @@ class NbdEndpoint:
         self.tls = tls
         self.contexts = contexts
         self.structured = structured
+        self.timeout = timeout
 
     @property
     def url(self) -> str:
@@ -148,11 +150,25 @@ class NbdEndpoint:
             h.set_tls(nbd.TLS_REQUIRE)
             h.set_tls_certificates(self.tls.dir)
             h.set_tls_verify_peer(True)
+        # aio connect + poll with a deadline: a hung server cannot hang the handshake.
+        deadline = time.monotonic() + self.timeout
         try:
-            h.connect_tcp(self.host, str(self.port))
+            h.aio_connect_tcp(self.host, str(self.port))
+            while not h.aio_is_ready():
+                if h.aio_is_dead() or h.aio_is_closed():
+                    raise SourceUnavailable(f"{self.url}: connection failed")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SourceUnavailable(
+                        f"{self.url}: no NBD handshake within {self.timeout:g} s"
+                    )
+                h.poll(max(1, int(min(left, 1.0) * 1000)))
         except nbd.Error as exc:
-            del h  # libnbd 1.14's Python handles close when collected
+            _close_handle(h)
             raise SourceUnavailable(f"{self.url}: {exc}") from exc
+        except BaseException:
+            _close_handle(h)
+            raise
         return h
 
 
@@ -293,10 +309,19 @@ class NbdBlockReader:
                     raise
                 inflight[i] = buf
 
+        timeout = self.endpoint.timeout
         try:
             issue()
+            last = time.monotonic()
             while inflight:
-                h.poll(-1)
+                if h.poll(1000) == 0 and not done:
+                    if time.monotonic() - last > timeout:
+                        raise SourceError(
+                            f"{self.endpoint.url}: no answer for {timeout:g} s "
+                            f"({len(inflight)} reads in flight)"
+                        )
+                    continue
+                last = time.monotonic()
                 if failed:
                     raise SourceError(f"{self.endpoint.url}: {failed[0]}")
                 batch, done[:] = list(done), []

@@ -40,8 +40,10 @@ class XapiNbdSource(Source):
         retries: int = 3,
         backoff: float = 0.5,
         max_in_flight: int = 16,
+        io_timeout: float = 60.0,
     ):
         super().__init__(max_in_flight=max_in_flight)
+        self.io_timeout = io_timeout
         self.xenapi = xenapi
         self.vdi_ref = vdi_ref
         self.connections = connections
@@ -64,7 +66,12 @@ class XapiNbdSource(Source):
         if info.get("cert"):
             self._tls = TlsConfig(info["cert"])
         ep = NbdEndpoint(
-            info["address"], int(info["port"]), info["exportname"], tls=self._tls, structured=False
+            info["address"],
+            int(info["port"]),
+            info["exportname"],
+            tls=self._tls,
+            structured=False,
+            timeout=self.io_timeout,
         )
         h = ep.handle()
         try:

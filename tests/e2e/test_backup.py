@@ -1,0 +1,146 @@
+"""Backups of hostsim VMs through every transport, judged by XAPI's own export and qemu-img.
+
+Each scenario: full backup -> restore equals the snapshot (export_raw_vdi of the snapshot VDI,
+and the restored VHD read by qemu-img) -> guest writes -> incremental -> restore equals the new
+snapshot -> SM's GC coalesces the chain -> guest writes -> incremental again -> the first restore
+point still restores to its own content. Repositories: local and S3 (moto), plain and encrypted
+(parametrized across scenarios, not the full cross product).
+"""
+
+import pytest
+
+from tests.e2e.conftest import MiB, fastpath, qemu_raw
+
+SCENARIOS = [
+    # transport, repository, encrypted, extra flags, VM position
+    ("nbd", "local", False, [], 0),
+    ("nbd", "s3", True, [], 1),
+    ("xapi-nbd", "local", True, ["--cbt"], 2),
+    ("xapi-export", "s3", False, [], 3),
+]
+
+
+def check_restore(sim, repo, rp_id, vdi, snap_vdi, tmp_path, name, expected=None, raw=True):
+    """Restore `vdi` of `rp_id` as VHD (read back by qemu-img) and raw: both equal the snapshot
+    as XAPI exports it."""
+    if expected is None:
+        expected = sim.export_raw(snap_vdi)
+    vhd = tmp_path / f"{name}.vhd"
+    fastpath("restore", repo, rp_id, "--disk", vdi, "-o", vhd)
+    assert qemu_raw(vhd, tmp_path)[: len(expected)] == expected
+    if raw:
+        out = tmp_path / f"{name}.raw"
+        fastpath("restore", repo, rp_id, "--disk", vdi, "-o", out)
+        assert out.read_bytes() == expected
+    return expected
+
+
+@pytest.mark.parametrize(
+    "transport,kind,encrypted,flags,vm_pos",
+    SCENARIOS,
+    ids=[f"{t}-{k}-{'enc' if e else 'plain'}" for t, k, e, _f, _v in SCENARIOS],
+)
+def test_full_incremental_coalesce_restore(
+    sim, repo_factory, tmp_path, transport, kind, encrypted, flags, vm_pos
+):
+    repo = repo_factory(kind, encrypted)
+    vm = sim.vm(vm_pos)
+    vdi = sim.vm_disk(vm_pos)
+    base = ["backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", transport]
+
+    r1 = fastpath(*base, *flags)
+    (d1,) = r1["disks"]
+    assert d1["transport"] == transport and not d1["incremental"]
+    first = check_restore(sim, repo, r1["id"], vdi, d1["snapshot_vdi"], tmp_path, "full")
+    assert sim.fastpath_snapshots(vm) == [r1["snapshot"]]
+
+    sim.write(vm, pattern="mixed", count=6, length=96 << 10, seed=11 + vm_pos)
+    r2 = fastpath(*base, *flags)
+    (d2,) = r2["disks"]
+    assert d2["incremental"], d2
+    # Only what changed was read: far less than the allocated disk.
+    assert d2["bytes_read"] < d1["bytes_read"] or d1["bytes_read"] <= 6 * 2 * MiB
+    check_restore(sim, repo, r2["id"], vdi, d2["snapshot_vdi"], tmp_path, "incr", raw=not encrypted)
+    # Rotation: the previous snapshot is gone, the new one is the next base.
+    assert sim.fastpath_snapshots(vm) == [r2["snapshot"]]
+
+    actions = sim.gc()
+    assert any(a[0] == "coalesce" for a in actions), actions
+    sim.write(vm, pattern="text", count=4, length=64 << 10, seed=21 + vm_pos)
+    r3 = fastpath(*base, *flags)
+    (d3,) = r3["disks"]
+    assert d3["incremental"], d3
+    check_restore(sim, repo, r3["id"], vdi, d3["snapshot_vdi"], tmp_path, "coalesced")
+    # Restore points are self-contained: the first still restores to its own content.
+    check_restore(sim, repo, r1["id"], vdi, None, tmp_path, "again", expected=first, raw=False)
+    fastpath("verify", repo)
+
+
+@pytest.mark.parametrize("transport", ["nbd", "xapi-nbd"])
+def test_cbt_purge_keeps_only_cbt_metadata(sim, repo_factory, tmp_path, transport):
+    repo = repo_factory("local")
+    vm_pos = 0 if transport == "nbd" else 1
+    vm, vdi = sim.vm(vm_pos), sim.vm_disk(vm_pos)
+    base = ["backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", transport]
+    r1 = fastpath(*base, "--cbt", "--cbt-purge")
+    live = sim.export_raw(vdi)  # no writes since the snapshot: same content
+    snap = sim.x.VDI.get_by_uuid(r1["disks"][0]["snapshot_vdi"])
+    assert sim.x.VDI.get_type(snap) == "cbt_metadata"
+    check_restore(sim, repo, r1["id"], vdi, None, tmp_path, "p1", expected=live)
+
+    sim.write(vm, pattern="random", count=3, length=64 << 10, seed=5)
+    r2 = fastpath(*base, "--cbt", "--cbt-purge")
+    (d2,) = r2["disks"]
+    assert d2["incremental"] and d2["base_mode"] == "cbt", d2
+    assert d2["blocks_read"] <= 3
+    live = sim.export_raw(vdi)
+    check_restore(sim, repo, r2["id"], vdi, None, tmp_path, "p2", expected=live)
+    # the older CBT-only snapshot was removed, the newest stays as the next base
+    assert sim.fastpath_snapshots(vm) == [r2["snapshot"]]
+
+
+def test_auto_prefers_the_agent_and_says_so(sim, repo_factory):
+    repo = repo_factory("local")
+    r = fastpath("backup", "vm", sim.vm(2), "--hostsim", sim.root, "--repo", repo)
+    (d,) = r["disks"]
+    assert d["transport"] in ("nbd", "http")
+    assert any("auto" in n for n in d["notes"]), d["notes"]
+
+
+def test_missing_base_falls_back_to_full_and_says_so(sim, repo_factory):
+    repo = repo_factory("local")
+    vm = sim.vm(3)
+    base = ["backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", "nbd"]
+    r1 = fastpath(*base)
+    # Someone deletes our snapshot (the base) between two backups.
+    snap = sim.x.VM.get_by_uuid(r1["snapshot"])
+    vdis = [sim.x.VBD.get_VDI(v) for v in sim.x.VM.get_VBDs(snap)]
+    sim.x.VM.destroy(snap)
+    for v in vdis:
+        sim.x.VDI.destroy(v)
+    r2 = fastpath(*base)
+    (d,) = r2["disks"]
+    assert not d["incremental"]
+    assert any("is gone: full" in n for n in d["notes"]), d["notes"]
+
+
+def test_backup_vdi_from_a_vhd_file(repo_factory, tmp_path):
+    import subprocess
+
+    vhd = tmp_path / "disk.vhd"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic", str(vhd), "12M"],
+        check=True,
+    )
+    subprocess.run(
+        ["qemu-io", "-f", "vpc", "-c", "write -P 0x61 1M 3M", "-c", "write -P 0 5M 1M", str(vhd)],
+        check=True,
+        capture_output=True,
+    )
+    repo = repo_factory("local")
+    r = fastpath("backup", "vdi", "--source", vhd, "--repo", repo)
+    (d,) = r["disks"]
+    out = tmp_path / "out.raw"
+    fastpath("restore", repo, r["id"], "-o", out)
+    assert out.read_bytes() == qemu_raw(vhd, tmp_path)
+    assert d["stats"]["chunks_zero"] >= 1  # the written zero block is not stored

@@ -285,3 +285,22 @@ def test_install_prefix_is_followed_by_the_unit(built, tmp_path):
     assert os.access(os.path.join(root, "usr/local/fastpath/bin/fastpath-agent"), os.X_OK)
     r = run(["sh", os.path.join(top, "install.sh"), "--prefix", "relative"])
     assert r.returncode == 2
+
+
+def test_unit_exposure_stays_medium_or_better(installed, tmp_path):
+    """systemd's own hardening score for the unit (offline): a weakened unit fails here."""
+    import re
+
+    tool = shutil.which("systemd-analyze")
+    assert tool, "systemd-analyze is missing: `make setup` installs the systemd package"
+    unit = open(os.path.join(installed, "etc/systemd/system/fastpath-agent.service")).read()
+    checked = tmp_path / "fastpath-agent.service"
+    checked.write_text(unit.replace("/opt/fastpath", os.path.join(installed, "opt/fastpath")))
+    r = run([tool, "security", "--offline=true", "--no-pager", str(checked)])
+    m = re.search(r"Overall exposure level for fastpath-agent.service: ([0-9.]+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= 6.0, r.stdout
+    # The promises the docs make are what systemd sees.
+    for line in ("ProtectSystem=", "ProtectHome=", "PrivateTmp=", "NoNewPrivileges="):
+        row = [x for x in r.stdout.splitlines() if line in x]
+        assert row and row[0].lstrip().startswith("✓"), (line, row)

@@ -114,10 +114,14 @@ def check_chain(chain, model, flags):
     assert data == bytes(model)
     assert chain.extents() == expected_extents(flags, size)
     bs = chain.block_size
+    reused = bytearray(b"\xaa" * bs)  # a dirty, reused buffer: holes must be zeroed by read_into
     for i in range(chain.block_count):
         start = i * bs
         block = bytes(model[start : start + bs])
         assert chain.read_block(i) == block
+        view = memoryview(reused)[: len(block)]
+        chain.read_into(start, view)
+        assert view == block
         src = chain.block_source(i)
         assert src.length == len(block)
         nsec_flags = flags[start // SECTOR : (start + len(block) + SECTOR - 1) // SECTOR]

@@ -147,6 +147,24 @@ class HttpMetrics(object):
         return text
 
 
+_METRIC_NAME = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def prometheus_lines(prefix, values, kind="gauge"):
+    """Prometheus text for a flat dict of numbers (e.g. NBDServer.stats(), Counters.snapshot()),
+    one untyped-help metric per key: <prefix>_<key>. Non-numeric values are skipped. For
+    HttpServer(metrics_extra=lambda: prometheus_lines("fastpath_nbd", nbd.stats()) + ...)."""
+    lines = []
+    for key in sorted(values):
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        name = "%s_%s" % (prefix, _METRIC_NAME.sub("_", str(key)))
+        lines.append("# TYPE %s %s" % (name, kind))
+        lines.append("%s %s" % (name, repr(value) if isinstance(value, float) else value))
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 # ------------------------------------------------------------------------------- export views
 
 

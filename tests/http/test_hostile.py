@@ -313,3 +313,24 @@ def test_tls_port_drops_silent_and_garbage_clients(make_server, tmp_path):
         assert read_response(tls)[0] == 200
     finally:
         tls.close()
+
+
+def test_metrics_extra_hook_appends_other_counters(make_server):
+    from agent import http as fhttp
+
+    env = make_server()
+    env.server.metrics_extra = lambda: fhttp.prometheus_lines(
+        "fastpath_nbd", {"open_connections": 3, "bytes-sent": 1.5, "mode": "x", "flag": True}
+    )
+    status, _, body = request(env, "/metrics")
+    text = body.decode()
+    assert "fastpath_nbd_open_connections 3\n" in text
+    assert "fastpath_nbd_bytes_sent 1.5\n" in text
+    assert "fastpath_nbd_mode" not in text and "fastpath_nbd_flag" not in text
+
+    def broken():
+        raise RuntimeError("hook failed")
+
+    env.server.metrics_extra = broken
+    status, _, body = request(env, "/metrics")
+    assert status == 200 and b"fastpath_http_requests_total" in body

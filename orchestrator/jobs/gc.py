@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -198,8 +199,8 @@ def run_gc(
         # G5: candidates
         oldest = min([lease.started] + [w.started for w in live])
         cutoff = oldest - margin
-        listed: list[bytes] = []
-        sizes: dict[bytes, int] = {}
+        listed = bytearray()  # 32 bytes per old chunk, sizes alongside (compact at TB scale)
+        sizes = array("q")
         total_chunks = 0
         total_bytes = 0
         with ui.task("gc list chunks", unit="chunks") as t:
@@ -211,21 +212,27 @@ def run_gc(
                 total_chunks += 1
                 total_bytes += info.size
                 if info.mtime < cutoff:
-                    listed.append(digest)
-                    sizes[digest] = info.size
+                    listed += digest
+                    sizes.append(info.size)
                 t.advance()
             t.done(f"{total_chunks} chunks")
-        old = np.frombuffer(b"".join(listed), dtype=_REC) if listed else np.empty(0, _REC)
-        candidates = np.setdiff1d(old, marked) if len(old) else old
+        old = np.frombuffer(bytes(listed), dtype=_REC)
+        keep = ~np.isin(old, marked) if len(old) else np.zeros(0, dtype=bool)
+        candidates = old[keep]
+        cand_sizes = (
+            np.frombuffer(sizes, dtype=np.int64)[keep] if len(old) else np.zeros(0, np.int64)
+        )
+        old_count = len(old)
+        del listed, sizes, old
         report["chunks_total"] = total_chunks
         report["bytes_total"] = total_bytes
         report["candidates"] = int(len(candidates))
-        report["spared_recent"] = total_chunks - len(old)
+        report["spared_recent"] = total_chunks - old_count
         if dry_run:
             report["chunks_deleted"] = 0
             report["bytes_freed"] = 0
             report["would_delete"] = int(len(candidates))
-            report["would_free"] = int(sum(sizes[c.tobytes()] for c in candidates))
+            report["would_free"] = int(cand_sizes.sum())
             report["seconds"] = round(time.monotonic() - started, 3)
             return report
 
@@ -262,7 +269,8 @@ def run_gc(
                     )
             late = marker2.finish()
             if len(late):
-                candidates = np.setdiff1d(candidates, late)
+                still = ~np.isin(candidates, late)
+                candidates, cand_sizes = candidates[still], cand_sizes[still]
             report["rescued_by_new_indexes"] = int(report["candidates"] - len(candidates))
             if "before_delete" in hooks:
                 hooks["before_delete"]()
@@ -274,7 +282,7 @@ def run_gc(
                     lease.check(margin=max(margin, ttl / 3))
                     backend.delete_many([chunk_key(d) for d in group])
                     deleted += len(group)
-                    freed += sum(sizes[d] for d in group)
+                    freed += int(cand_sizes[start : start + batch].sum())
                     t.advance(len(group))
                 t.done(f"{deleted} chunks deleted")
             backend.put(f"{DELETIONS_PREFIX}{run}.done", b"done\n")

@@ -47,8 +47,11 @@ def test_gc_deletes_exactly_the_unreferenced_chunks(any_repo):
     assert run_gc(repo, margin=0)["chunks_deleted"] == 0  # both points still there
     run_prune(repo, RetentionPolicy(keep_last=1))
     settle(repo)
+    size = repo.backend.stat(old_chunk).size
+    assert run_gc(repo, margin=0, dry_run=True)["would_free"] == size
     report = run_gc(repo, margin=0)
     assert report["chunks_deleted"] == 1 and old_chunk not in chunk_set(repo)
+    assert report["bytes_freed"] == size
     assert restore(repo, k2[disk.vdi]) == bytes(disk.data)
     assert run_verify(repo)["ok"]
     # the dedup cache written by GC covers the surviving index

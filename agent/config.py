@@ -7,7 +7,7 @@ admin_socket = /run/fastpath/agent.sock
 listen = 0.0.0.0:10810                  ; 10809 belongs to xapi-nbd in the same dom0
 max_connections = 256
 max_inflight = 32
-workers = 4
+workers = 4                             ; per connection; 0 = serve in the reader thread
 handshake_timeout = 10
 idle_timeout = 300
 list_exports = no

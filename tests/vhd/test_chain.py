@@ -386,3 +386,34 @@ def test_chain_of_vhds_inside_larger_devices(tmp_path):
     for pfd in opened:
         with pytest.raises(OSError):
             os.fstat(pfd)
+
+
+def test_parent_in_another_directory(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "snap").mkdir()
+    root = str(tmp_path / "base" / "root.vhd")
+    with vhd.create_dynamic(root, 2 * MiB) as w:
+        w.write(0, b"r" * 4096)
+    leaf = str(tmp_path / "snap" / "leaf.vhd")
+    with vhd.create_differencing(leaf, root) as w:
+        w.write(512, b"l" * 512)
+    with vhd.VhdFile.open(leaf) as f:
+        # like blktap, W2ru/W2ku paths are written ".\\<relative path>"
+        assert os.path.normpath(dict(f.parent_locators())["W2ru"]) == "../base/root.vhd"
+    with vhd.open_chain(leaf) as c:
+        assert c.read(0, 1536) == b"r" * 512 + b"l" * 512 + b"r" * 512
+
+
+def test_differencing_stream_over_a_raw_parent(tmp_path):
+    raw = tmp_path / "LV-base"
+    raw.write_bytes(pattern(5, 4 * MiB))
+    layout = vhd.VhdStreamLayout(4 * MiB, [1], parent=(None, "LV-base"))
+    out = tmp_path / "delta.vhd"
+    block = pattern(6, 2 * MiB)
+    with open(str(out), "wb") as f:
+        for piece in layout.chunks(lambda i: block):
+            f.write(piece)
+    assert out.stat().st_size == layout.total_length
+    with vhd.open_chain(str(out)) as c:
+        assert c.files[0].parent_uuid.int == 0 and c.files[1].kind == "raw"
+        assert c.read(0, c.size) == pattern(5, 4 * MiB)[: 2 * MiB] + block

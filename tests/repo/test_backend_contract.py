@@ -150,3 +150,20 @@ def test_open_backend_accepts_s3_options_for_local_paths(tmp_path):
     b = open_backend(f"file://{tmp_path}/r", concurrency=4, retry=RetryPolicy(), read_timeout=5)
     b.put("k", b"v")
     assert (tmp_path / "r" / "k").read_bytes() == b"v"
+
+
+def test_opening_a_local_path_creates_nothing_until_a_write(tmp_path):
+    from orchestrator.repo.config import load_repo
+    from orchestrator.repo.errors import RepoNotFound
+
+    path = tmp_path / "typo" / "repo"
+    b = open_backend(path)
+    assert list(b.list()) == [] and not b.exists("config")
+    with pytest.raises(RepoNotFound):
+        load_repo(b)
+    assert not (tmp_path / "typo").exists()
+    b.put("config", b"x")
+    assert (path / "config").read_bytes() == b"x"
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(Exception, match="not a directory"):
+        open_backend(tmp_path / "file")

@@ -37,7 +37,7 @@ def open_backend(url: str | os.PathLike[str], *, concurrency: int = 16, **option
     S3 options (keyword, all optional): ``endpoint_url``, ``region``, ``addressing`` ("path" or
     "virtual"), ``retry`` (a :class:`~orchestrator.repo.retry.RetryPolicy`), ``connect_timeout``,
     ``read_timeout``, ``check_bucket`` (default True: a missing bucket or bad credentials fail at
-    once). Local options: ``create`` (default True: create the directory).
+    once). Local options: ``create`` (default False: the first write makes the directories).
     """
     text = os.fspath(url)
     if is_s3_url(text):

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from orchestrator.repo.backends.base import Backend, ObjectInfo, check_key, check_prefix
-from orchestrator.repo.errors import BackendError, NotFound, RepoNotFound
+from orchestrator.repo.errors import BackendError, NotFound
 
 TMP_PREFIX = ".tmp-"
 _LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
@@ -32,18 +32,18 @@ def _fsync_dir(path: str) -> None:
 
 
 class LocalBackend(Backend):
-    def __init__(self, root: str | os.PathLike[str], *, create: bool = True):
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = False):
+        """Directories are made by the first write, so opening a mistyped path creates nothing
+        (reads find nothing: NotFound, empty listings). ``create=True`` makes the root now."""
         self.root = os.path.abspath(os.fspath(root))
         self.url = self.root
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise BackendError(f"repository path {self.root} exists and is not a directory")
         if create:
             try:
                 os.makedirs(self.root, exist_ok=True)
             except OSError as exc:
-                raise BackendError(
-                    f"cannot create repository directory {self.root}: {exc}"
-                ) from exc
-        elif not os.path.isdir(self.root):
-            raise RepoNotFound(f"no repository directory at {self.root}")
+                raise BackendError(f"cannot create directory {self.root}: {exc.strerror}") from exc
         self._link_works = True
 
     # -- helpers -----------------------------------------------------------------------------

@@ -172,3 +172,58 @@ def test_blocks_truncation_and_corruption_detected():
     # A block outside the announced range.
     with pytest.raises(hp.BlocksFormatError):
         hp.BlocksDecoder().feed(_stream([(9, b"a")], first=0, count=8))
+
+
+# --------------------------------------------------------------------- properties (hypothesis)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=200), max_size=8))
+def test_parser_only_ever_returns_or_raises_protocol_error(pieces):
+    p = hp.RequestParser(hp.Limits(max_request_line=256, max_header_bytes=512, max_headers=8))
+    try:
+        for piece in pieces:
+            req = p.feed(piece)
+            if req is not None:
+                assert req.method and req.target.startswith("/")
+                req.keep_alive  # noqa: B018 - must not raise either
+    except hp.ProtocolError as exc:
+        assert 400 <= exc.status < 600
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=40),
+        st.builds(
+            "bytes={}-{}".format,
+            st.one_of(st.just(""), st.integers(0, 3000).map(str)),
+            st.one_of(st.just(""), st.integers(0, 3000).map(str)),
+        ),
+    ),
+    st.integers(0, 2000),
+)
+def test_parse_range_is_total(value, size):
+    try:
+        got = hp.parse_range(value, size)
+    except hp.RequestError as exc:
+        assert exc.status in (400, 416)
+        return
+    start, end = got
+    assert 0 <= start < end <= size
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400), st.integers(1, 50))
+def test_blocks_decoder_rejects_garbage_cleanly(data, cut):
+    dec = hp.BlocksDecoder()
+    try:
+        for i in range(0, len(data), cut):
+            dec.feed(data[i : i + cut])
+        dec.finish()
+    except hp.BlocksFormatError:
+        return
+    raise AssertionError("garbage accepted as a complete blocks stream")

@@ -70,10 +70,13 @@ def test_extents_allocation_and_changed(env, disk):
 
 
 def test_raw_whole_and_ranges(env, disk):
+    from agent.vhd import open_chain
+
+    chain = open_chain(disk.leaf)
     t = env.ticket()
     status, headers, body = request(env, "/v1/exports/%s/raw" % t)
     assert status == 200 and headers["accept-ranges"] == "bytes"
-    assert body == disk.model
+    assert body == disk.model == chain.read(0, SIZE)
     for first, last in [
         (0, 0),
         (2 * MiB - 10, 2 * MiB + 10),
@@ -85,9 +88,10 @@ def test_raw_whole_and_ranges(env, disk):
         )
         assert status == 206
         assert headers["content-range"] == "bytes %d-%d/%d" % (first, last, SIZE)
-        assert body == disk.model[first : last + 1]
+        assert body == disk.model[first : last + 1] == chain.read(first, last + 1 - first)
     status, headers, body = request(env, "/v1/exports/%s/raw" % t, [("Range", "bytes=-100")])
     assert status == 206 and body == disk.model[-100:]
+    chain.close()
     status, headers, body = request(env, "/v1/exports/%s/raw" % t, method="HEAD")
     assert status == 200 and int(headers["content-length"]) == SIZE
 

@@ -354,3 +354,32 @@ def test_foreign_objects_are_ignored_by_gc_and_listing(repo):
     assert repo.backend.exists("chunks/zz/not-a-digest")  # not ours to delete
     assert [p.id for p in repo.list_restore_points()] == [repo.resolve("latest").id]
     assert restore(repo, keys[disk.vdi]) == bytes(disk.data)
+
+
+def test_gc_that_cannot_keep_its_lease_deletes_nothing(repo, monkeypatch):
+    """A GC whose heartbeat fails (backend unreachable for it, process stalled) stops before
+    its delete batch once its lease lifetime is used up; the next run cleans up after it."""
+    vm = vm_id(11)
+    disk = DiskModel(chunks=1, seed=11)
+    disk.write_chunk(0, seed=110)
+    backup(repo, vm, [disk])
+    disk.write_chunk(0, seed=111)
+    backup(repo, vm, [disk])
+    run_prune(repo, RetentionPolicy(keep_last=1))
+    before = chunk_set(repo)
+
+    def stall():
+        def broken(self):
+            raise RepoError("injected: lease refresh failed")
+
+        monkeypatch.setattr(locks.Lease, "refresh", broken)
+        time.sleep(0.7)  # longer than the lease's ttl: the heartbeat never got through
+
+    with pytest.raises(locks.LeaseLost):
+        run_gc(repo, margin=0, ttl=0.6, hooks={"before_delete": stall})
+    assert chunk_set(repo) == before
+    monkeypatch.undo()
+    time.sleep(0.7)  # its lease expires for everyone else too
+    report = run_gc(repo, margin=0)
+    assert report["chunks_deleted"] == 1
+    assert run_verify(repo)["ok"]

@@ -119,11 +119,15 @@ def open_chain(
                 raise ChainError(path, "chain deeper than %d files" % max_depth, "depth")
             parent = _open_parent(cur, resolve_parent, raw_parent)
             ident = parent.identity
-            if ident in seen:
+            repeated = parent.uuid is not None and any(f.uuid == parent.uuid for f in files)
+            if ident in seen or repeated:
                 where = parent.path
                 parent.close()
                 raise ChainError(
-                    cur.path, "parent %s is already in the chain (loop)" % where, "parent locator"
+                    cur.path,
+                    "parent %s is already in the chain (loop%s)"
+                    % (where, ", same uuid as a file above it" if repeated else ""),
+                    "parent locator",
                 )
             seen[ident] = parent.path
             files.append(parent)

@@ -481,3 +481,29 @@ def test_locator_naming_a_fifo_does_not_hang(tmp_path):
         vhd.VhdFile.open(paths[0])
     with pytest.raises(vhd.UnsupportedVhd):
         vhd.open_chain("/dev/zero")
+
+
+def test_uuid_loop_through_copies(tmp_path):
+    """A loop made of copies (distinct files, repeating uuids) is caught by uuid, not only by inode."""
+    levels = [
+        Level(2 * MiB, name="p.vhd"),
+        Level(2 * MiB, name="a.vhd"),
+        Level(2 * MiB, name="b.vhd"),
+    ]
+    paths, _ = build_chain(tmp_path, levels)
+    a, b = paths[1], paths[2]
+    with vhd.VhdFile.open(b) as fb:
+        b_uuid = fb.uuid
+    h = read_header(a)
+    h.parent_uuid = b_uuid
+    write_header(a, h)
+    copy = str(tmp_path / "copy-of-b.vhd")
+    with open(b, "rb") as src, open(copy, "wb") as dst:
+        dst.write(src.read())
+    order = {"b.vhd": a, "a.vhd": copy, "copy-of-b.vhd": a}
+
+    def resolve(child, locators):
+        return order[os.path.basename(child.path)]
+
+    with pytest.raises(vhd.ChainError, match="same uuid"):
+        vhd.open_chain(b, resolve_parent=resolve)

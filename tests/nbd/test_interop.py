@@ -322,7 +322,8 @@ def test_several_orchestrators_at_once(file_sr, agent_proc, tmp_path):
 
 
 def test_serve_from_a_config_file(file_sr, qemu_disk, tmp_path):
-    """The INI contract: [agent] sr_roots/admin_socket, [nbd] listen, [http] listen, [tls] mode."""
+    """The INI contract: [agent] sr_roots/admin_socket, [nbd] listen (+ workers), [http] listen,
+    [tls] mode."""
     import subprocess
     import sys
     import time
@@ -334,7 +335,7 @@ def test_serve_from_a_config_file(file_sr, qemu_disk, tmp_path):
     sock = str(tmp_path / "cfg.sock")
     ready = str(tmp_path / "cfg-ready.json")
     ini.write_text(
-        "[agent]\nsr_roots = %s\nadmin_socket = %s\n[nbd]\nlisten = 127.0.0.1:0\n"
+        "[agent]\nsr_roots = %s\nadmin_socket = %s\n[nbd]\nlisten = 127.0.0.1:0\nworkers = 0\n"
         "[http]\nlisten = 127.0.0.1:0\n[tls]\nmode = off\n" % (file_sr.root, sock)
     )
     proc = subprocess.Popen(
@@ -368,6 +369,10 @@ def test_serve_from_a_config_file(file_sr, qemu_disk, tmp_path):
         assert resp["ok"] and resp["nbd"]["uri"].startswith("nbd://127.0.0.1:")
         out = json.loads(run(["nbdinfo", "--json", resp["nbd"]["uri"]]).stdout)
         assert out["exports"][0]["export-name"] == resp["export_name"]
+        # workers = 0: requests are served inline by each connection's reader thread
+        copy = str(tmp_path / "inline.raw")
+        run(["nbdcopy", "--connections=2", resp["nbd"]["uri"], copy])
+        assert open(copy, "rb").read() == qemu_raw_bytes(file_sr.path(qemu_disk), tmp_path)
     finally:
         proc.terminate()
         assert proc.wait(15) == 0  # SIGTERM: clean stop

@@ -14,7 +14,7 @@ import time
 import uuid
 
 from orchestrator.repo.codec import CHUNK_SIZE
-from orchestrator.repo.errors import NotFound
+from orchestrator.repo.errors import NotFound, RepoError
 from orchestrator.repo.locks import LeaseBusy
 from orchestrator.repo.repository import ChunksVanished, Repository
 from tests.repo_ops.helpers import chunk_bytes
@@ -23,7 +23,7 @@ VMS = 3
 CHUNKS = 3  # two full chunks and a short tail
 TAIL = 8192
 SIZE = (CHUNKS - 1) * CHUNK_SIZE + TAIL
-LEASE_TTL = 2.0
+LEASE_TTL = 3.0
 
 
 def vm_uuid(n: int) -> str:
@@ -93,14 +93,19 @@ def main() -> None:
 
     print("ready", flush=True)
     while True:
-        if mode == "backup":
-            backup_once(repo, rng)
-        else:
-            run_prune(repo, RetentionPolicy(keep_last=rng.randint(1, 2)))
-            try:
-                run_gc(repo, margin=0, ttl=LEASE_TTL)
-            except LeaseBusy:
-                time.sleep(0.1)
+        try:
+            if mode == "backup":
+                backup_once(repo, rng)
+            else:
+                run_prune(repo, RetentionPolicy(keep_last=rng.randint(1, 2)))
+                try:
+                    run_gc(repo, margin=0, ttl=LEASE_TTL)
+                except LeaseBusy:
+                    time.sleep(0.1)
+        except RepoError as exc:
+            # an operational failure (e.g. a lease lapsed on a starved machine) is a refusal,
+            # not damage; the test checks the repository afterwards. Bugs still print tracebacks.
+            print(f"error: {exc}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -94,9 +94,9 @@ def test_only_one_of_many_racing_acquirers_wins(tmp_path):
 
 def test_heartbeat_keeps_a_lease_alive(tmp_path):
     backend = open_backend(tmp_path / "r")
-    lease = locks.acquire_writer_lease(backend, "vm.t", ttl=0.6)
+    lease = locks.acquire_writer_lease(backend, "vm.t", ttl=3.0)
     try:
-        time.sleep(1.5)  # more than twice the ttl: only the heartbeat keeps it alive
+        time.sleep(6.5)  # more than twice the ttl: only the heartbeat keeps it alive
         lease.check(margin=0)
         (info,) = locks.list_writer_leases(backend)
         assert not info.expired()

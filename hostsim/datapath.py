@@ -22,8 +22,35 @@ BLOCK = 2 << 20
 
 
 def install(server, pool):
-    server.get_routes["/export_raw_vdi"] = lambda h, q: export_raw_vdi(pool, h, q)
-    server.put_routes["/import_raw_vdi"] = lambda h, q: import_raw_vdi(pool, h, q)
+    server.get_routes["/export_raw_vdi"] = lambda h, q: _with_task(pool, export_raw_vdi, h, q)
+    server.put_routes["/import_raw_vdi"] = lambda h, q: _with_task(pool, import_raw_vdi, h, q)
+
+
+def _with_task(pool, fn, handler, query):
+    """Run a data path; with task_id= (as XO passes it) the task ends in success or failure."""
+    from hostsim.store import xapi_time
+
+    task = query.get("task_id")
+    st = pool.api.store
+    if task and not st.exists("task", task):
+        task = None
+    ok = False
+    error = ["INTERNAL_ERROR", "the transfer did not complete"]
+    try:
+        ok = bool(fn(pool, handler, query))
+    except XapiError as e:
+        error = e.description
+        if not handler.wfile.closed:
+            _error(handler, 500, " ".join(e.description))
+    except OSError as e:
+        error = ["INTERNAL_ERROR", "connection: %s" % e]
+        raise
+    finally:
+        if task:
+            if ok:
+                st.update("task", task, status="success", progress=1.0, finished=xapi_time())
+            else:
+                st.update("task", task, status="failure", error_info=error, finished=xapi_time())
 
 
 def _error(handler, code, text):
@@ -107,7 +134,7 @@ def export_raw_vdi(pool, handler, query):
         handler.end_headers()
         for off in range(0, size, BLOCK):
             handler.wfile.write(sr.read(uuid, off, min(BLOCK, size - off)))
-        return
+        return True
     if form != "vhd":
         return _error(handler, 400, "unknown format %r" % form)
     stop = ()
@@ -116,7 +143,10 @@ def export_raw_vdi(pool, handler, query):
             base = _find_vdi(api, query["base"])
         except XapiError as e:
             return _error(handler, 404, " ".join(e.description))
-        stop = {vf.uuid for vf in sr.chain(api.store.field("VDI", base, "uuid"))}
+        try:
+            stop = {vf.uuid for vf in sr.chain(api.store.field("VDI", base, "uuid"))}
+        except XapiError as e:
+            return _error(handler, 400, "base has no data: " + " ".join(e.description))
     blocks = sr.allocated_blocks(uuid, stop_at=stop)
     prefix, footer, total, bitmap_size = vhd_stream_layout(size, blocks)
     handler.send_response(200)
@@ -132,6 +162,7 @@ def export_raw_vdi(pool, handler, query):
         handler.wfile.write(bitmap)  # ... and re-encoded as a full block
         handler.wfile.write(data + bytes(BLOCK - n))
     handler.wfile.write(footer)
+    return True
 
 
 def _read_body(handler, length, sink):
@@ -178,6 +209,7 @@ def import_raw_vdi(pool, handler, query):
     handler.send_response(200)
     handler.send_header("Content-Length", "0")
     handler.end_headers()
+    return True
 
 
 def _import_raw(handler, sr, uuid, length):

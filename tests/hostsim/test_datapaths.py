@@ -213,3 +213,26 @@ def test_nbd_info_is_empty_without_an_endpoint(hostsim_pool, xapi_session, disk_
     assert x.VDI.get_nbd_info(vdi) == []
     with pytest.raises(XenAPI.Failure):
         x.VDI.get_nbd_info("OpaqueRef:nope")
+
+
+def test_task_id_follows_the_transfer(hostsim_pool, xapi_session, disk_vm):
+    pool, x = hostsim_pool, xapi_session.xenapi
+    vm, vdi, snap = disk_vm
+    task = pool.api.new_task("export")
+    http_get(pool, xapi_session.handle, vdi=snap, format="vhd", task_id=task)
+    assert x.task.get_status(task) == "success"
+    # an import into a disk in use fails, and so does its task
+    x.VM.start(vm, False, False)
+    task = pool.api.new_task("import")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        http_put(pool, xapi_session.handle, b"\0" * 512, vdi=vdi, format="raw", task_id=task)
+    assert err.value.code == 409
+    assert x.task.get_status(task) == "failure"
+    # base= naming a VDI without data (cbt_metadata) is a client error
+    x.VM.hard_shutdown(vm)
+    x.VDI.enable_cbt(vdi)
+    s1 = x.VDI.snapshot(vdi, {})
+    x.VDI.data_destroy(s1)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        http_get(pool, xapi_session.handle, vdi=vdi, format="vhd", base=s1)
+    assert err.value.code == 400

@@ -865,7 +865,7 @@ class _Response(object):
             return
         if self.conn.tls:
             while length > 0:
-                n = min(length, 1 << 20)
+                n = min(length, 2 << 20)  # a whole block per pread + SSL write
                 data = os.pread(fd, n, offset)
                 if len(data) != n:
                     raise hp.HttpError(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pkgutil
 import sys
 from collections.abc import Callable
@@ -182,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(outcome, tuple):
         result, code = outcome
     render = getattr(args, "_render", None)
-    _emit(args, result, render)
+    try:
+        _emit(args, result, render)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `fastpath show ... | head`: the reader left, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
     return code
 
 

@@ -95,6 +95,9 @@ def _tuning_arguments(p) -> None:
     p.add_argument("--depth", type=int, default=8, help="NBD requests in flight per connection")
     p.add_argument("--store-threads", type=int, default=4, help="chunk store threads per disk")
     p.add_argument("--parallel-disks", type=int, default=4)
+    p.add_argument(
+        "--read-ahead", type=int, default=16, help="blocks read ahead of the store, per disk"
+    )
     p.add_argument("--retries", type=int, default=3, help="reconnects per connection")
     p.add_argument(
         "--io-timeout", type=float, default=60.0, help="seconds without an answer = failure"
@@ -438,6 +441,7 @@ def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
         for disk in disks:
             src, plan, why = open_with_fallback(ctx, disk, args.transport)
             disk.source = src
+            src.max_in_flight = max(1, args.read_ahead)
             kind = "incremental" if plan.incremental else "full"
             ui.log(
                 f"disk {disk.vdi_uuid}: {why}; {kind}, {len(plan.blocks)} of "
@@ -640,6 +644,7 @@ def run_backup_vdi(args: argparse.Namespace, ui: Progress):
             raise UsageError(f"{spec}: no such file (and not an nbd:// or https:// URL)")
         src = VhdFileSource(spec)
         default_vdi = None
+    src.max_in_flight = max(1, args.read_ahead)
     with src, open_repo(args) as repo:
         plan = src.open(None)
         vdi = args.vdi or default_vdi

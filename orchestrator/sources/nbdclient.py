@@ -268,9 +268,10 @@ class NbdBlockReader:
                         h = None
                     attempt += 1
                     if attempt > self.retries:
-                        raise SourceError(
-                            f"{self.endpoint.url}: {exc} (gave up after {self.retries} retries)"
-                        ) from exc
+                        text = str(exc)
+                        if not text.startswith(self.endpoint.url):
+                            text = f"{self.endpoint.url}: {text}"
+                        raise SourceError(f"{text} (gave up after {self.retries} retries)") from exc
                     self.retry_count += 1
                     time.sleep(self.backoff * (2 ** (attempt - 1)))
                     continue
@@ -336,8 +337,11 @@ class NbdBlockReader:
 
 
 def _close_handle(h) -> None:
+    """Disconnect politely when the connection is idle and healthy; otherwise just drop it
+    (``shutdown`` would wait for the in-flight commands of a hung server)."""
     try:
-        h.shutdown()
+        if h.aio_is_ready() and h.aio_in_flight() == 0:
+            h.shutdown()
     except Exception:
         pass
     close = getattr(h, "close", None)  # libnbd >= 1.16; 1.14 closes when collected

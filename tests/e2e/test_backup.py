@@ -144,3 +144,43 @@ def test_backup_vdi_from_a_vhd_file(repo_factory, tmp_path):
     fastpath("restore", repo, r["id"], "-o", out)
     assert out.read_bytes() == qemu_raw(vhd, tmp_path)
     assert d["stats"]["chunks_zero"] >= 1  # the written zero block is not stored
+
+
+def test_http_transport_full_and_incremental(sim, repo_factory, tmp_path):
+    http = (sim.info.get("agent") or {}).get("http") or [None, 0]
+    if not http[1]:
+        pytest.skip(
+            "agent.daemon does not serve HTTP in this build (port 0 in its ready file): "
+            "the HTTP source is tested against agent.http.HttpServer in tests/sources"
+        )
+    repo = repo_factory("local")
+    vm, vdi = sim.vm(1), sim.vm_disk(1)
+    base = ["backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", "http"]
+    r1 = fastpath(*base)
+    assert r1["disks"][0]["transport"] == "http"
+    check_restore(sim, repo, r1["id"], vdi, r1["disks"][0]["snapshot_vdi"], tmp_path, "h1")
+    sim.write(vm, pattern="binary", count=3, length=128 << 10, seed=7)
+    r2 = fastpath(*base)
+    assert r2["disks"][0]["incremental"]
+    check_restore(sim, repo, r2["id"], vdi, r2["disks"][0]["snapshot_vdi"], tmp_path, "h2")
+
+
+def test_restore_to_xapi_creates_a_vdi_with_the_content(sim, repo_factory):
+    repo = repo_factory("local")
+    vm, vdi = sim.vm(2), sim.vm_disk(2)
+    r = fastpath("backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", "nbd")
+    expected = sim.export_raw(r["disks"][0]["snapshot_vdi"])
+    out = fastpath(
+        "restore",
+        repo,
+        r["id"],
+        "--to-xapi",
+        sim.url,
+        "--hostsim",
+        sim.root,
+        "--sr",
+        sim.info["sr"]["uuid"],
+    )
+    (d,) = out["disks"]
+    assert d["vdi"] == vdi and d["new_vdi"] != vdi
+    assert sim.export_raw(d["new_vdi"]) == expected

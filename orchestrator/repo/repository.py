@@ -672,9 +672,18 @@ class DiskWriter:
             self.index = base.derive(base=base_key, virtual_size=virtual_size)
             self.index.disk_uuid = Index(disk_uuid, 0).disk_uuid
             self.known = KnownDigests(self.index.entries)
+            # A resize changes the length of the chunk that was, or becomes, the partial last
+            # one: its base entry no longer fits, so the caller must put it again.
+            self.must_put: set[int] = set()
+            if base.virtual_size != virtual_size:
+                for size in (base.virtual_size, virtual_size):
+                    i = size // cs
+                    if size % cs and i < len(self.index) and self.index.get(i) != ZERO_DIGEST:
+                        self.must_put.add(i)  # a zero entry fits any length
         else:
             self.index = Index(disk_uuid, virtual_size, cs, None)
             self.known = KnownDigests()
+            self.must_put = set()
         self.stats = WriterStats()
         self.committed_key: str | None = None
         self._pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix=f"put {vdi[:8]}")
@@ -701,6 +710,7 @@ class DiskWriter:
                 f"chunk {i} of disk {self.vdi}: {len(data)} bytes, expected {expected}"
             )
         self._raise_error()
+        self.must_put.discard(i)
         self._slots.acquire()
         try:
             self._raise_error()
@@ -802,6 +812,11 @@ class DiskWriter:
         """Make the disk's index the commit point; returns its key. See the module docstring."""
         if self.committed_key is not None:
             return self.committed_key
+        if self.must_put:
+            raise RepoError(
+                f"disk {self.vdi}: resized from its base; put chunk(s) {sorted(self.must_put)} "
+                f"again (their length changed)"
+            )
         self.wait()
         session = self.session
         backend = self.repo.backend

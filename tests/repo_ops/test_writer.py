@@ -261,3 +261,29 @@ def test_compression_stats(tmp_path, encrypted):
     assert CHUNK_SIZE < st.compressed_bytes < 1.6 * CHUNK_SIZE
     overhead = 16 + (12 + 16 if encrypted else 0)  # header (+ nonce and tag)
     assert st.bytes_written == st.compressed_bytes + 2 * overhead
+
+
+def test_a_resized_incremental_must_put_the_chunks_whose_length_changed(repo):
+    disk = DiskModel(chunks=2, tail=4096, seed=14)
+    for i in range(3):
+        disk.write_chunk(i, seed=140 + i)
+    _, keys = backup(repo, VM, [disk])
+    grown = 3 * CHUNK_SIZE + 512  # the old 4 KiB tail becomes a full chunk, a new tail appears
+    with repo.begin_backup(VM) as s:
+        w = s.disk_writer(disk.vdi, disk.vdi, grown, base=keys[disk.vdi])
+        assert w.must_put == {2}
+        with pytest.raises(RepoError, match=r"resized .* put chunk\(s\) \[2\]"):
+            w.commit()
+        model = bytearray(disk.data) + bytearray(grown - disk.size)
+        model[2 * CHUNK_SIZE : 3 * CHUNK_SIZE] = chunk_bytes(150)
+        w.put_chunk(2, bytes(model[2 * CHUNK_SIZE : 3 * CHUNK_SIZE]))
+        key = w.commit()
+        s.commit()
+    assert restore(repo, key) == bytes(model)
+    with repo.begin_backup(VM) as s:  # shrink into the middle of chunk 1
+        w = s.disk_writer(disk.vdi, disk.vdi, CHUNK_SIZE + 1024, base=key)
+        assert w.must_put == {1}
+        w.put_chunk(1, bytes(model[CHUNK_SIZE : CHUNK_SIZE + 1024]))
+        small = w.commit()
+        s.commit()
+    assert restore(repo, small) == bytes(model[: CHUNK_SIZE + 1024])

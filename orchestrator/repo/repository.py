@@ -22,6 +22,16 @@ Writer API (driven by the backup job)::
         key = w.commit()                                  # may raise ChunksVanished: re-put
         session.commit({"name": ...})                     # writes <vm>/<time>.json
 
+What the backup job must handle:
+- ``disk_writer(base=key)`` raises NotFound if the base restore point was pruned meanwhile: fall
+  back to a full backup of that disk.
+- ``commit`` raises ChunksVanished with chunk positions to put again; they may include chunks
+  that did not change (taken from the base index), so the job must be able to re-read any chunk
+  from its source until the disk is committed.
+- An incremental whose virtual size differs from its base must put again the chunk(s) whose
+  length changed (``writer.must_put``); ``commit`` refuses otherwise.
+- Chunks never put are zero in a full backup and the base's in an incremental.
+
 Commit protocol of one disk index (why it is safe against prune + GC is argued in
 :mod:`orchestrator.jobs.gc`): wait until every chunk is durable; write the index as
 ``.pending`` (GC marks from pending indexes of live writers); read the GC deletion lists and, for

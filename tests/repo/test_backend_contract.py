@@ -167,3 +167,52 @@ def test_opening_a_local_path_creates_nothing_until_a_write(tmp_path):
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(Exception, match="not a directory"):
         open_backend(tmp_path / "file")
+
+
+ODD_KEYS = [
+    "backups/vm é/2026-11-27T08:00:00Z.index",
+    "backups/a+b=c&d/x y.json",
+    "backups/100%/~tilde",
+    "backups/quote'\"/semi;colon",
+]
+
+
+def test_odd_characters_in_keys(backend):
+    for i, key in enumerate(ODD_KEYS):
+        backend.put(key, b"v%d" % i)
+    assert keys_of(backend.list("backups/")) == sorted(ODD_KEYS)
+    for i, key in enumerate(ODD_KEYS):
+        assert backend.get(key) == b"v%d" % i
+        assert backend.exists(key) and backend.stat(key).key == key
+    assert keys_of(backend.list("backups/a+b")) == [ODD_KEYS[1]]
+    backend.delete_many(ODD_KEYS[:2])
+    backend.delete(ODD_KEYS[2])
+    assert keys_of(backend.list()) == [ODD_KEYS[3]]
+
+
+def test_concurrent_overwrites_are_never_mixed(backend):
+    import hashlib
+
+    def payload(n):
+        body = bytes([n]) * (300_000 + n * 1000)
+        return hashlib.sha256(body).digest() + body
+
+    def check(data):
+        return hashlib.sha256(data[32:]).digest() == data[:32]
+
+    backend.put("hot", payload(0))
+
+    def writer(n):
+        backend.put("hot", payload(n))
+        return True
+
+    def reader(_):
+        return check(backend.get("hot"))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(writer, n) for n in range(1, 9)] + [
+            pool.submit(reader, i) for i in range(16)
+        ]
+        assert all(f.result() for f in futures)
+    final = backend.get("hot")
+    assert check(final) and final[32] in range(1, 9)

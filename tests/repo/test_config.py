@@ -164,3 +164,36 @@ def test_get_passphrase_sources(monkeypatch, tmp_path):
     answers = iter(["typed", "typed"])
     monkeypatch.setattr(config_mod.getpass, "getpass", lambda prompt: next(answers))
     assert get_passphrase(confirm=True) == "typed"
+
+
+def test_concurrent_inits_have_one_winner_whose_key_works(tmp_path):
+    import concurrent.futures
+
+    backend = open_backend(tmp_path / "race")
+
+    def attempt(n):
+        try:
+            init_repo(backend, encrypt=True, passphrase=f"pass {n}", scrypt_n=FAST_N)
+            return n
+        except RepoExists:
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(attempt, range(6)))
+    winners = [n for n in results if n is not None]
+    assert len(winners) == 1
+    config, _codec = load_repo(backend, f"pass {winners[0]}")
+    for n in set(range(6)) - set(winners):
+        with pytest.raises(WrongPassphrase):
+            load_repo(backend, f"pass {n}")
+    assert [i.key for i in backend.list("keys/")] == [config.encryption["key"]]  # losers cleaned up
+
+
+def test_encrypted_repo_on_s3(s3_backend):
+    init_repo(s3_backend, encrypt=True, passphrase="pw", scrypt_n=FAST_N)
+    config, codec = load_repo(s3_backend, "pw")
+    assert config.encrypted and codec.encrypted
+    with pytest.raises(WrongPassphrase, match=s3_backend.url):
+        load_repo(s3_backend, "nope")
+    with pytest.raises(RepoExists):
+        init_repo(s3_backend)

@@ -23,6 +23,8 @@ from tests.fixtures.nbd import qemu_raw_bytes
 from tests.fixtures.vhd import Level, pattern
 
 MiB = 1 << 20
+# The daemon may also serve HTTP (default port 8843): keep parallel agents off fixed ports.
+HTTP_EPHEMERAL = ["--http-listen", "127.0.0.1:0"]
 
 
 def read_all(source, blocks=None):
@@ -85,7 +87,7 @@ def test_agent_nbd_full_reads_allocated_blocks_like_qemu(
     file_sr, qemu_disk, agent_proc, tmp_path, connections
 ):
     vdi, path = qemu_disk
-    agent = agent_proc([file_sr.root])
+    agent = agent_proc([file_sr.root], extra=HTTP_EPHEMERAL)
     src = AgentNbdSource.from_url(agent.uri(agent.ticket(vdi)), connections=connections, depth=3)
     with src:
         plan = src.open()
@@ -106,7 +108,7 @@ def test_agent_nbd_changed_context_lists_child_blocks(file_sr, agent_proc, tmp_p
             Level(size, writes=[(2 * MiB + 512, pattern(3, 4096)), (10 * MiB, pattern(4, MiB))]),
         ]
     )
-    agent = agent_proc([file_sr.root])
+    agent = agent_proc([file_sr.root], extra=HTTP_EPHEMERAL)
     src = AgentNbdSource.from_url(agent.uri(agent.ticket(leaf, base=root)))
     src.incremental = True
     with src:
@@ -132,7 +134,7 @@ def test_agent_nbd_tls_is_pinned_by_fingerprint(
     agent = agent_proc(
         [file_sr.root],
         tls="require",
-        extra=["--tls-cert", tls_files["cert"], "--tls-key", tls_files["key"]],
+        extra=["--tls-cert", tls_files["cert"], "--tls-key", tls_files["key"], *HTTP_EPHEMERAL],
     )
     der = fetch_peer_certificate(agent.host, agent.port)
     with open(tls_files["cert"]) as f:
@@ -154,7 +156,7 @@ def test_agent_nbd_tls_is_pinned_by_fingerprint(
 
 def test_agent_nbd_agent_killed_mid_read_fails_after_retries(file_sr, agent_proc):
     vdi = file_sr.qemu_vdi(24 * MiB, [(0, 24 * MiB, 0x5A)])
-    agent = agent_proc([file_sr.root])
+    agent = agent_proc([file_sr.root], extra=HTTP_EPHEMERAL)
     src = AgentNbdSource.from_url(
         agent.uri(agent.ticket(vdi)), connections=2, depth=1, retries=2, backoff=0.05
     )

@@ -38,7 +38,7 @@ ZERO_CHUNK = bytes(1 << 20)
 _ZERO_VIEW = memoryview(ZERO_CHUNK)
 JSON_TYPE = "application/json"
 STREAM_TYPE = "application/octet-stream"
-MAX_EXTENTS_RANGE = None  # whole disk by default
+EXPORT_LINGER = 2.0  # seconds a keep-alive connection keeps its export open while idle
 
 
 class ClientGone(Exception):
@@ -667,17 +667,61 @@ class _Connection(object):
         self.limits = server.limits
         self.parser = hp.RequestParser(self.limits)
         self.tls = isinstance(sock, ssl.SSLSocket)
+        self._export = None  # (ticket id, export, view) kept between keep-alive requests
+
+    def cached_export(self, ticket):
+        """(export, view) kept from the previous request on this ticket, or (None, None)."""
+        kept = self._export
+        if kept is not None and kept[0] == _attr(ticket, "id", None):
+            return kept[1], kept[2]
+        self.drop_export()
+        return None, None
+
+    def keep_export(self, ticket, export, view, reuse):
+        if reuse and getattr(self.server.exports_opener, "release", None) is None:
+            self._export = (_attr(ticket, "id", None), export, view)
+        else:
+            self._export = (None, export, view)
+            self.drop_export()
+
+    def _readable(self, timeout):
+        pending = getattr(self.sock, "pending", None)
+        if pending is not None and pending():
+            return True
+        try:
+            r, _, _ = select.select([self.sock], [], [], timeout)
+        except (OSError, ValueError):
+            return True  # let recv() report what happened
+        return bool(r)
+
+    def drop_export(self):
+        kept, self._export = self._export, None
+        if kept is None:
+            return
+        export = kept[1]
+        self.server.metrics.gauge("open_exports", -1)
+        release = getattr(self.server.exports_opener, "release", None)
+        try:
+            if release is not None:
+                release(export)  # the opener shares exports between connections
+            elif getattr(export, "close", None) is not None:
+                export.close()
+        except Exception:
+            log.exception("http: closing an export failed")
 
     def run(self):
-        served = 0
-        while not self.server._stopping.is_set():
-            req = self._read_request(first=(served == 0))
-            if req is None:
-                return
-            served += 1
-            keep = self._handle(req)
-            if not keep or served >= self.limits.max_requests_per_connection:
-                return
+        try:
+            served = 0
+            while not self.server._stopping.is_set():
+                req = self._read_request(first=(served == 0))
+                if req is None:
+                    return
+                served += 1
+                keep = self._handle(req)
+                if not keep or served >= self.limits.max_requests_per_connection:
+                    return
+        finally:
+            self.drop_export()
 
     def _read_request(self, first):
         """The next request head, or None when the client went away or timed out."""
@@ -696,6 +740,8 @@ class _Connection(object):
         if first or self.parser.buffered:
             deadline = time.time() + limits.header_timeout
         else:
+            if self._export is not None and not self._readable(EXPORT_LINGER):
+                self.drop_export()  # an idle client must not keep chain files (and locks) held
             self.sock.settimeout(limits.idle_timeout)
         while True:
             if deadline is not None:
@@ -1036,33 +1082,33 @@ class _Handler(object):
                 release(ticket_id)
 
     def open_and_run(self, ticket, action):
+        # A keep-alive connection keeps its last export open for the next request on the same
+        # ticket (clients doing many Range reads would otherwise reopen the chain every time).
+        export, view = self.conn.cached_export(ticket)
+        if export is None:
+            try:
+                export = self.server.exports_opener(ticket)
+            except hp.HttpError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "http: opening the export of ticket %s failed: %s",
+                    _attr(ticket, "id", "?")[:4],
+                    exc,
+                )
+                raise _export_error(exc) from exc
+            view = export_view(export, ticket)
+            if view.vdi is None:
+                view.vdi = _attr(ticket, "vdi", None)
+            self.server.metrics.gauge("open_exports", 1)
+        self.ticket = ticket
+        self.view = view
+        ok = False
         try:
-            export = self.server.exports_opener(ticket)
-        except hp.HttpError:
-            raise
-        except Exception as exc:
-            log.warning(
-                "http: opening the export of ticket %s failed: %s",
-                _attr(ticket, "id", "?")[:4],
-                exc,
-            )
-            raise _export_error(exc) from exc
-        view = export_view(export, ticket)
-        if view.vdi is None:
-            view.vdi = _attr(ticket, "vdi", None)
-        metrics = self.server.metrics
-        metrics.gauge("open_exports", 1)
-        try:
-            self.ticket = ticket
-            self.view = view
             action()
+            ok = True
         finally:
-            metrics.gauge("open_exports", -1)
-            release = getattr(self.server.exports_opener, "release", None)
-            if release is not None:
-                release(export)  # the opener shares exports between connections
-            elif getattr(export, "close", None) is not None:
-                export.close()
+            self.conn.keep_export(ticket, export, view, reuse=ok and self.resp.keep_alive)
 
     def record(self, method, nbytes):
         record = getattr(self.view, "record", None)

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from agent import httpproto as hp
-from tests.http.conftest import BASE_VDI, SIZE, VDI, MiB, request
+from tests.http.conftest import BASE_VDI, SIZE, VDI, MiB, request, wait_for
 
 TIMEOUT = 60
 
@@ -239,3 +239,39 @@ def test_head_announces_the_length_get_sends(env, path):
     g_status, g_headers, body = request(env, "/v1/exports/%s%s%s" % (t, sep, path))
     assert h_status == g_status == 200
     assert int(h_headers["content-length"]) == int(g_headers["content-length"]) == len(body)
+
+
+def test_keep_alive_reuses_the_export_then_drops_it_when_idle(env, disk):
+    calls = []
+    opener = env.server.exports_opener
+
+    def counting(ticket):
+        calls.append(ticket.id)
+        return opener(ticket)
+
+    env.server.exports_opener = counting
+    t = env.ticket()
+    s = env.connect()
+    try:
+        for first in (0, 4096, 3 * MiB):
+            status, _, body = request(
+                env,
+                "/v1/exports/%s/raw" % t,
+                [("Range", "bytes=%d-%d" % (first, first + 99))],
+                sock=s,
+            )
+            assert status == 206 and body == disk.model[first : first + 100]
+        assert calls == [t]  # one chain open for three requests
+        assert env.server.metrics.open_exports == 1
+        # Idle: after a short linger the connection lets go of the export, but stays usable.
+        wait_for(lambda: env.server.metrics.open_exports == 0)
+        status, _, body = request(env, "/v1/exports/%s/raw" % t, [("Range", "bytes=0-9")], sock=s)
+        assert status == 206 and body == disk.model[:10]
+        assert calls == [t, t]
+        # Another ticket on the same connection gets its own export.
+        t2 = env.ticket()
+        assert request(env, "/v1/exports/%s/raw" % t2, [("Range", "bytes=0-9")], sock=s)[0] == 206
+        assert calls == [t, t, t2]
+    finally:
+        s.close()
+    wait_for(lambda: env.server.metrics.open_exports == 0)

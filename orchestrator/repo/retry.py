@@ -20,6 +20,7 @@ AttributeError...) too. Everything else is translated here, at the boundary.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import random
 import threading
@@ -38,6 +39,7 @@ from orchestrator.repo.errors import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 DEADLINE_ENV = "FASTPATH_S3_RETRY_DEADLINE"
 DEFAULT_DEADLINE = 300.0
@@ -192,12 +194,19 @@ class RetryPolicy:
                 if verdict.permanent:
                     with self._lock:
                         self._permanent[verdict.cause] += 1
+                    log.warning("%s: giving up (cannot heal): %s", where, verdict.detail)
                     raise PermanentBackendError(f"{where}: {verdict.detail}") from exc
                 elapsed = self._clock() - start
                 remaining = self.deadline - elapsed
                 if remaining <= 0:
                     with self._lock:
                         self._deadlines += 1
+                    log.warning(
+                        "%s: deadline exceeded after %d attempts: %s",
+                        where,
+                        attempt,
+                        verdict.detail,
+                    )
                     raise RetryDeadlineExceeded(
                         f"{where}: still failing after {attempt} attempts in {elapsed:.1f}s "
                         f"(deadline {self.deadline:g}s); last error: {verdict.detail}"
@@ -205,6 +214,13 @@ class RetryPolicy:
                 delay = self._rng.uniform(0, min(self.cap, self.base * 2 ** min(attempt - 1, 60)))
                 with self._lock:
                     self._retries[verdict.cause] += 1
+                log.debug(
+                    "%s: attempt %d failed (%s), retrying in %.3fs",
+                    where,
+                    attempt,
+                    verdict.detail,
+                    delay,
+                )
                 self._sleep(min(delay, remaining))
 
     def stats(self) -> dict[str, Any]:

@@ -216,3 +216,41 @@ def test_concurrent_overwrites_are_never_mixed(backend):
         assert all(f.result() for f in futures)
     final = backend.get("hot")
     assert check(final) and final[32] in range(1, 9)
+
+
+def test_local_put_if_absent_without_hard_links(tmp_path, monkeypatch):
+    """Filesystems without hard links (some FUSE/SMB mounts): fall back to check-then-rename."""
+    import errno
+
+    from orchestrator.repo.backends import local as local_mod
+
+    calls = []
+
+    def no_link(src, dst):
+        calls.append(dst)
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(local_mod.os, "link", no_link)
+    b = open_backend(tmp_path / "r")
+    assert b.put_if_absent("a/k", b"1") is True
+    assert b.put_if_absent("a/k", b"2") is False
+    assert b.put_if_absent("a/j", b"3") is True
+    assert b.get("a/k") == b"1" and b.get("a/j") == b"3"
+    assert len(calls) == 1  # remembered after the first refusal
+    assert sorted(p.name for p in (tmp_path / "r" / "a").iterdir()) == ["j", "k"]  # no temp left
+
+
+def test_local_new_directories_are_fsynced(tmp_path, monkeypatch):
+    from orchestrator.repo.backends import local as local_mod
+
+    synced = []
+    real = local_mod._fsync_dir
+    monkeypatch.setattr(local_mod, "_fsync_dir", lambda d: (synced.append(d), real(d)))
+    b = open_backend(tmp_path / "r")
+    b.put("x/y/z", b"1")
+    root = str(tmp_path / "r")
+    # each new directory's parent, then the object's directory after the rename
+    assert synced == [str(tmp_path), root, f"{root}/x", f"{root}/x/y"]
+    synced.clear()
+    b.put("x/y/w", b"2")
+    assert synced == [f"{root}/x/y"]

@@ -54,9 +54,23 @@ class LocalBackend(Backend):
     def _error(self, what: str, key: str, exc: OSError) -> BackendError:
         return BackendError(f"{what} {os.path.join(self.root, key)}: {exc.strerror or exc}")
 
+    def _ensure_dir(self, directory: str) -> None:
+        """Create ``directory`` and missing parents, fsyncing each parent that gained an entry,
+        so a new object's directory chain survives a power loss along with the object."""
+        if os.path.isdir(directory):
+            return
+        parent = os.path.dirname(directory)
+        if parent != directory:
+            self._ensure_dir(parent)
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            return  # another writer made it (and fsyncs its parent)
+        _fsync_dir(parent)
+
     def _write_temp(self, path: str, data: bytes) -> str:
         directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
+        self._ensure_dir(directory)
         tmp = os.path.join(
             directory, f"{TMP_PREFIX}{secrets.token_hex(8)}-{os.path.basename(path)}"
         )

@@ -668,6 +668,7 @@ class _Connection(object):
         self.parser = hp.RequestParser(self.limits)
         self.tls = isinstance(sock, ssl.SSLSocket)
         self._export = None  # (ticket id, export, view) kept between keep-alive requests
+        self.last_request = False  # the per-connection request cap is reached: announce the close
 
     def cached_export(self, ticket):
         """(export, view) kept from the previous request on this ticket, or (None, None)."""
@@ -717,6 +718,7 @@ class _Connection(object):
                 if req is None:
                     return
                 served += 1
+                self.last_request = served >= self.limits.max_requests_per_connection
                 keep = self._handle(req)
                 if not keep or served >= self.limits.max_requests_per_connection:
                     return
@@ -851,7 +853,7 @@ class _Response(object):
         self.status = None
         self.body_sent = 0
         self.transport = "json"
-        self.keep_alive = req.keep_alive if req is not None else False
+        self.keep_alive = req is not None and req.keep_alive and not conn.last_request
         self.close_after = False
         self.head_only = req is not None and req.method == "HEAD"
         self.metrics = conn.server.metrics

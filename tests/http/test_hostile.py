@@ -334,3 +334,27 @@ def test_metrics_extra_hook_appends_other_counters(make_server):
     env.server.metrics_extra = broken
     status, _, body = request(env, "/metrics")
     assert status == 200 and b"fastpath_http_requests_total" in body
+
+
+def test_thousands_of_pipelined_requests_and_the_per_connection_cap(make_server):
+    env = make_server(limits=hp.Limits(max_requests_per_connection=1500, header_timeout=5))
+    s = env.connect(timeout=30)
+    try:
+        # Exactly as many as the cap: the server answers them all and then closes (announced
+        # with Connection: close) instead of waiting for more (recv would time out otherwise).
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 1500)
+        buf = b""
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    answers = split_responses(buf)
+    assert len(answers) == 1500 and all(a == (200, b'{"status": "ok"}\n') for a in answers)
+    last_head = buf[buf.rindex(b"HTTP/1.1 200") :].split(b"\r\n\r\n")[0]
+    assert b"Connection: close" in last_head
+    assert buf.count(b"Connection: close") == 1
+    wait_for(lambda: env.server.metrics.connections_open == 0)
+    healthy(env)

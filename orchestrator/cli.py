@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import pkgutil
 import sys
@@ -131,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastpath",
         description="xcp-fastpath orchestrator: deduplicated backups of XCP-ng disks",
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log warnings (-v: retries given up, ...) or everything (-vv) on stderr",
+    )
     registry = Registry(parser)
     _register_builtin(registry)
     import orchestrator.jobs as jobs
@@ -153,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("fastpath: error: a command is required", file=sys.stderr)
         return EXIT_USAGE
+    _setup_logging(args.verbose)
     ui = Progress.create(args.progress, json_output=args.json)
     name = args._name
     try:
@@ -190,6 +199,17 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
     return code
+
+
+def _setup_logging(verbose: int) -> None:
+    """Library warnings (e.g. the S3 retry policy giving up) stay quiet unless asked for: the
+    command's own error line says what failed, once. FASTPATH_LOG=debug|info|warning also works."""
+    level = {0: logging.ERROR, 1: logging.WARNING}.get(verbose, logging.DEBUG)
+    env = os.environ.get("FASTPATH_LOG", "").upper()
+    if env in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        level = min(level, getattr(logging, env))
+    logging.basicConfig(level=level, format="fastpath: %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
 
 
 def _emit(args: argparse.Namespace, result: Any, render: Callable[[Any], str] | None) -> None:

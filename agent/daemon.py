@@ -28,6 +28,7 @@ from agent import config as config_mod
 from agent import sr as sr_mod
 from agent import tickets as tickets_mod
 from agent.export import Counters
+from agent.http import HttpServer, prometheus_lines
 from agent.nbd.server import NBDServer
 
 log = logging.getLogger("fastpath.agent")
@@ -61,7 +62,7 @@ def cert_fingerprint(path):
 
 
 class Agent(object):
-    """Everything `serve` runs: SR resolver, tickets + reaper, NBD server, admin API."""
+    """Everything `serve` runs: SR resolver, tickets + reaper, NBD and HTTP servers, admin API."""
 
     def __init__(self, cfg, reaper_interval=1.0):
         self.cfg = cfg
@@ -86,6 +87,15 @@ class Agent(object):
             idle_timeout=cfg.idle_timeout,
             list_exports=cfg.list_exports,
         )
+        # Same tickets, exports, counters and TLS settings as NBD; /metrics also shows NBD's.
+        self.http = HttpServer(
+            cfg.http_listen,
+            self.tickets,
+            self._open_export,
+            tls_context=self.ssl_context,
+            tls_mode=cfg.tls_mode,
+            metrics_extra=lambda: prometheus_lines("fastpath_nbd", self.nbd.stats()),
+        )
         self.admin = tickets_mod.AdminServer(cfg.admin_socket, self.handle_admin)
         self._stopped = threading.Event()
 
@@ -95,11 +105,14 @@ class Agent(object):
         )
 
     def start(self):
-        self.nbd.start()
+        started = []
         try:
-            self.admin.start()
+            for server in (self.nbd, self.http, self.admin):
+                server.start()
+                started.append(server)
         except BaseException:
-            self.nbd.stop()
+            for server in reversed(started):
+                server.stop()
             raise
         self.reaper.start()
         return self
@@ -110,6 +123,7 @@ class Agent(object):
         self._stopped.set()
         self.reaper.stop()
         self.admin.stop()
+        self.http.stop()
         self.nbd.stop()
 
     def addresses(self):
@@ -117,7 +131,7 @@ class Agent(object):
         return {
             "pid": os.getpid(),
             "nbd": [host, port],
-            "http": list(self.cfg.http_listen),
+            "http": list(self.http.address),
             "admin_socket": self.cfg.admin_socket,
             "tls": self.cfg.tls_mode,
             "fingerprint": self.fingerprint,
@@ -165,6 +179,7 @@ class Agent(object):
             max_connections=req.get("max_connections", tickets_mod.DEFAULT_MAX_CONNECTIONS),
         )
         host, port = self.nbd.address
+        http_host, http_port = self.http.address
         scheme = "nbd" if self.cfg.tls_mode == "off" else "nbds"
         log.info("ticket %s created for VDI %s (base %s)", ticket.id[:8], vdi, base or "-")
         return {
@@ -175,6 +190,17 @@ class Agent(object):
                 "host": host,
                 "port": port,
                 "uri": "%s://%s:%d/%s" % (scheme, host, port, ticket.id),
+            },
+            "http": {
+                "host": http_host,
+                "port": http_port,
+                "url": "%s://%s:%d/v1/exports/%s"
+                % (
+                    "http" if self.cfg.tls_mode == "off" else "https",
+                    http_host,
+                    http_port,
+                    ticket.id,
+                ),
             },
             "tls": self.cfg.tls_mode,
             "fingerprint": self.fingerprint,

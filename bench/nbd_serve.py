@@ -137,6 +137,8 @@ class Agent(object):
                 sr_root,
                 "--nbd-listen",
                 "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
                 "--admin-socket",
                 self.sock,
                 "--tls",

@@ -195,11 +195,6 @@ def test_without_xenapiplugin_the_builtin_dispatcher_speaks_the_same_protocol(tm
     assert json.loads(call_plugin("status", {}, config, shim=False))["running"] is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/daemon.py does not start the HTTP server yet: the lead wires HttpServer into "
-    "Agent (see the HTTP helper's report), then removes this marker",
-)
 def test_open_then_read_over_https_pinned_by_fingerprint(tmp_path, file_sr, agent_proc, tls_files):
     """The orchestrator's HTTP path end to end: plugin -> ticket -> HTTPS with the pinned certificate."""
     import hashlib as _hashlib

@@ -182,3 +182,45 @@ def test_stop_closes_idle_tls_connections(make_server, tmp_path):
         assert s.recv(100) == b""
     finally:
         s.close()
+
+
+def test_client_certificates_when_the_agent_requires_them(make_server, tls_files):
+    """[tls] client_ca: the HTTP port, like NBD, only serves clients with a certificate of that CA."""
+    import os
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tls_files["cert"], tls_files["key"])
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    server_ctx.load_verify_locations(cafile=tls_files["ca"])
+    env = make_server(tls_context=server_ctx, tls_mode="require")
+    anonymous = ssl.create_default_context(cafile=tls_files["ca"])
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError, EOFError)):
+        tls_get(env, anonymous, "/healthz")
+    with_cert = ssl.create_default_context(cafile=tls_files["ca"])
+    cdir = tls_files["client_dir"]
+    with_cert.load_cert_chain(
+        os.path.join(cdir, "client-cert.pem"), os.path.join(cdir, "client-key.pem")
+    )
+    assert tls_get(env, with_cert, "/healthz")[0] == 200
+
+
+def test_ipv6_listener(disk):
+    from agent import http as fhttp
+    from agent.tickets import TicketStore
+
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError as exc:
+        pytest.skip("no IPv6 loopback on this machine: %s" % exc)
+    server = fhttp.HttpServer("[::1]:0", TicketStore(), lambda t: None).start()
+    try:
+        s = socket.create_connection(("::1", server.address[1]), timeout=10)
+        s.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")  # HTTP/1.0: no Host needed, closed after
+        status, headers, body = read_response(s)
+        assert status == 200 and headers["connection"] == "close"
+        assert s.recv(10) == b""
+        s.close()
+    finally:
+        server.stop()

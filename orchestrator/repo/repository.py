@@ -637,9 +637,9 @@ class BackupSession:
         done_key = list_key[: -len(".list")] + ".done"
         lease_key = str(meta.get("lease", ""))
         token = meta.get("token")
-        limit = self.gc_wait
-        if limit is None:
-            limit = float(meta.get("ttl", locks.DEFAULT_TTL)) * 2 + 60
+        # By default wait as long as the run holds its lease (it is making progress: a sweep of
+        # millions of chunks takes minutes); ``gc_wait`` bounds it for callers that prefer to fail.
+        limit = float("inf") if self.gc_wait is None else self.gc_wait
         deadline = time.monotonic() + limit
         delay = 0.05
         while True:

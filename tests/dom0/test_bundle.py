@@ -180,6 +180,18 @@ def test_installed_agent_serves_and_the_installed_plugin_reaches_it(installed, t
             time.sleep(0.05)
         info = json.load(open(ready))
         socket.create_connection(tuple(info["nbd"]), timeout=10).close()
+        h = socket.create_connection(tuple(info["http"]), timeout=10)
+        try:
+            h.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            answer = b""
+            while True:
+                chunk = h.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        finally:
+            h.close()
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"status": "ok"}\n')
         r = run(agent_cmd(root, "ticket", "list", "--admin-socket", sock, "--json"))
         assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
         conf = tmp_path / "agent.conf"

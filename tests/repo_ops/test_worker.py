@@ -193,3 +193,21 @@ def test_worker_job_file_via_cli(tmp_path):
         timeout=60,
     )
     assert bad.returncode == 2 and "job file" in bad.stderr
+
+
+def test_journal_rules(tmp_path):
+    from orchestrator.jobs.worker import Journal
+
+    path = tmp_path / "j.json"
+    j = Journal(str(path), "fp1")
+    j.record("unit a", "done", {"x": 1})
+    j.record("unit b", "failed", {"error": "boom"})
+    again = Journal(str(path), "fp1")
+    assert again.resumed and again.done("unit a") and not again.done("unit b")
+    assert not Journal(str(path), "fp2").resumed  # other jobs or policy: a new run
+    Journal(str(path), "fp1").finish()
+    assert not Journal(str(path), "fp1").resumed  # finished: a new run
+    path.write_text("{ torn")
+    broken = Journal(str(path), "fp1")  # unreadable: start over (every unit is idempotent)
+    assert not broken.resumed and json.loads(path.read_text())["units"] == {}
+    assert not Journal(str(path), "fp1", restart=True).resumed

@@ -79,6 +79,7 @@ BACKUPS = "backups/"
 DELETIONS_PREFIX = "locks/gc-deleted/"
 DELETION_MAGIC = b"FPGCDEL1"
 RP_FORMAT = "xcp-fastpath-restore-point"
+CACHE_REFRESH_AFTER = 64  # a writer that read this many uncached indexes rewrites the cache
 _TIME_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z$")
 _UUIDISH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -436,6 +437,13 @@ class Repository:
                         except CorruptIndex:
                             continue  # verify reports it; never dedup against it
                     self._lookup.add_many(decoded)
+                if len(parts) >= CACHE_REFRESH_AFTER:
+                    # save the next writer (another process) from reading them all again; a
+                    # stale or racing cache is harmless (hits are confirmed, GC rewrites it)
+                    try:
+                        self.backend.put(CACHE_KEY, self._lookup.encode())
+                    except RepoError:
+                        pass
             return self._lookup
 
     # -- writing -------------------------------------------------------------------------------

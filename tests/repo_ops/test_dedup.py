@@ -100,3 +100,17 @@ def test_writer_uses_the_cache_and_reads_only_newer_indexes(repo):
     assert len(index_reads) == 1  # only the index committed after the cache
     for d in disks + [late]:
         assert lookup.may_contain(repo.codec.digest(d.chunk(0)))
+
+
+def test_a_writer_that_read_many_uncached_indexes_saves_the_cache(repo, monkeypatch):
+    import orchestrator.repo.repository as repository
+
+    monkeypatch.setattr(repository, "CACHE_REFRESH_AFTER", 2)
+    for n in range(3):
+        d = DiskModel(chunks=1, seed=20 + n)
+        d.write_chunk(0, seed=20 + n)
+        backup(repo, str(uuid.UUID(int=20 + n)), [d])
+    repo._lookup = None
+    repo.dedup_lookup()
+    cached = DigestLookup.decode(repo.backend.get(CACHE_KEY))
+    assert len(cached.index_keys) == 3 and len(cached) == 3

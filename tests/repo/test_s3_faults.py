@@ -82,6 +82,7 @@ def test_every_fault_kind_heals_on_every_operation(s3_env, fault_proxy, kind, op
     data = os.urandom(200_000)
     if op not in ("put", "put_if_absent"):
         backend.put("obj", data)
+    backend._probe_conditional_writes()  # so that the forced fault hits the operation itself
     backend.retry.reset_stats()
     fault_proxy.force(kind, 1)
     if op == "put":
@@ -159,6 +160,24 @@ def test_conditional_put_falls_back_when_the_provider_refuses_it(s3_env, fault_p
         h for m, _p, h in fault_proxy.headers_seen if m == "PUT" and h.get("If-None-Match")
     ]
     assert len(conditional) == 1  # remembered: asked once only
+
+
+def test_provider_that_ignores_if_none_match_is_detected(s3_env, fault_proxy):
+    fault_proxy.drop_headers = {"If-None-Match"}  # writes succeed, the condition is ignored
+    backend = proxied(s3_env, fault_proxy)
+    assert backend.put_if_absent("a", b"1") is True
+    assert backend.put_if_absent("a", b"2") is False
+    assert direct_objects(s3_env) == {"a": b"1"}  # the probe object is gone too
+    assert backend._conditional_put is False
+
+
+def test_conditional_probe_runs_once(s3_env, fault_proxy):
+    backend = proxied(s3_env, fault_proxy)
+    for i in range(3):
+        assert backend.put_if_absent(f"k{i}", b"x") is True
+    probes = [p for m, p, _h in fault_proxy.headers_seen if m == "PUT" and "probes/" in p]
+    assert len(probes) == 2 and backend._conditional_put is True
+    assert direct_objects(s3_env) == {f"k{i}": b"x" for i in range(3)}
 
 
 def test_batch_delete_falls_back_to_single_deletes(s3_env, fault_proxy):

@@ -6,9 +6,10 @@ S3-compatible provider works unchanged. Specific to this backend:
 
 - ``FASTPATH_S3_ADDRESSING=path|virtual`` (default: path when a custom endpoint is configured,
   else virtual-hosted as AWS prefers).
-- ``FASTPATH_S3_CONDITIONAL_WRITES=auto|off``: ``put_if_absent`` uses ``If-None-Match: *``; when
-  a provider answers 501/NotImplemented the backend remembers it and falls back to HEAD-then-PUT
-  (racy; ``off`` forces that fallback for providers that silently ignore the header).
+- ``FASTPATH_S3_CONDITIONAL_WRITES=auto|off``: ``put_if_absent`` uses ``If-None-Match: *``. Before
+  the first one, a probe object is written twice (the second write must be refused) and deleted:
+  a provider that refuses the header (501) or silently ignores it makes the backend fall back to
+  HEAD-then-PUT (racy) from then on; ``off`` forces that fallback.
 - Checksums only when an operation requires them (``when_required``): some providers reject the
   ``x-amz-checksum-*`` headers that botocore sends by default since 1.36.
 - boto3's own retries are off; every call goes through one :class:`RetryPolicy`, and the body of
@@ -19,7 +20,9 @@ S3-compatible provider works unchanged. Specific to this backend:
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -33,9 +36,12 @@ from orchestrator.repo.backends.base import Backend, ObjectInfo, check_key, chec
 from orchestrator.repo.errors import NotFound, PermanentBackendError, RepoError
 from orchestrator.repo.retry import RetryPolicy, TruncatedBody
 
+log = logging.getLogger(__name__)
+
 ADDRESSING_ENV = "FASTPATH_S3_ADDRESSING"
 CONDITIONAL_ENV = "FASTPATH_S3_CONDITIONAL_WRITES"
 DELETE_BATCH = 1000
+PROBE_PREFIX = "probes/conditional-write-"  # a top-level name no repository job lists
 # Answers to a batch delete that mean "this provider does not do batch deletes like that".
 BATCH_DELETE_UNSUPPORTED = {
     "MalformedXML",
@@ -47,6 +53,10 @@ BATCH_DELETE_UNSUPPORTED = {
     "InvalidArgument",
     "XAmzContentSHA256Mismatch",
 }
+
+
+class ObjectVanished(Exception):
+    """A create-only write was refused (412) but the object is gone when read back: retried."""
 
 
 class _Unsupported(RepoError):
@@ -146,6 +156,7 @@ class S3Backend(Backend):
         self._conditional_put: bool | None = None if mode == "auto" else False
         self._batch_delete = True
         self._flag_lock = threading.Lock()
+        self._probe_lock = threading.Lock()
         if check_bucket:
             self._check_bucket()
 
@@ -205,7 +216,9 @@ class S3Backend(Backend):
     def put_if_absent(self, key: str, data: bytes) -> bool:
         full, where = self._full(key), self._where(key)
         body = bytes(data)
-        if self._conditional_put is not False:
+        if self._conditional_put is None:
+            self._probe_conditional_writes()
+        if self._conditional_put:
             attempts = 0
 
             def attempt() -> bool:
@@ -225,7 +238,7 @@ class S3Backend(Backend):
                         try:
                             return self._get_full(full, where) == body
                         except NotFound:
-                            raise TruncatedBody("object vanished after 412; retrying") from None
+                            raise ObjectVanished("412, then no object; retrying") from None
                     if status == 501 or code == "NotImplemented":
                         raise _Unsupported(f"conditional PUT not supported at {self.url}") from None
                     raise
@@ -236,13 +249,50 @@ class S3Backend(Backend):
                 with self._flag_lock:
                     self._conditional_put = False
             else:
-                self._conditional_put = True
                 return created
         # Fallback for providers without conditional writes: HEAD then PUT (racy).
         if self.exists(key):
             return False
         self.put(key, body)
         return True
+
+    def _probe_conditional_writes(self) -> None:
+        """Once per backend: does the provider honour ``If-None-Match: *``? Some refuse it (501:
+        fall back), and some silently ignore it, which would make every create-only write
+        succeed — so write a probe object twice and expect the second write to be refused."""
+        with self._probe_lock:
+            if self._conditional_put is not None:
+                return
+            probe = f"{PROBE_PREFIX}{secrets.token_hex(8)}"
+            full = self._full(probe)
+
+            def create() -> bool:
+                try:
+                    self._client.put_object(
+                        Bucket=self.bucket, Key=full, Body=b"probe", IfNoneMatch="*"
+                    )
+                    return True
+                except ClientError as exc:
+                    status, code = _status(exc), _code(exc)
+                    if status == 412 or code == "PreconditionFailed":
+                        return False
+                    if status == 501 or code == "NotImplemented":
+                        raise _Unsupported("conditional PUT refused") from None
+                    raise
+
+            try:
+                self._call(create, op="PutObjectIfAbsent", key=probe)
+                honoured = not self._call(create, op="PutObjectIfAbsent", key=probe)
+            except _Unsupported:
+                honoured = False
+            finally:
+                self.delete(probe)
+            if not honoured:
+                log.warning(
+                    "%s: conditional writes not supported; create-only writes fall back to HEAD then PUT",
+                    self.url,
+                )
+            self._conditional_put = honoured
 
     def _head(self, key: str) -> dict[str, Any] | None:
         full = self._full(key)

@@ -107,10 +107,15 @@ def add_repo_argument(p: argparse.ArgumentParser, *, nargs: str | None = None) -
     )
 
 
-def open_repo(args: argparse.Namespace, url: str | None = None):
-    """Open ``args.repo`` (or ``url``), asking for the passphrase only when it is encrypted."""
+def open_repo(args: argparse.Namespace, url: str | None = None, *, need_key: bool = True):
+    """Open ``args.repo`` (or ``url``), asking for the passphrase only when it is encrypted.
+
+    ``need_key=False`` (list, show, stats, prune, gc, check: metadata only) opens an encrypted
+    repository without its data key when no passphrase is at hand (no prompt); a passphrase
+    from FASTPATH_PASSPHRASE or --passphrase-file is still checked when given.
+    """
     from orchestrator.repo.backends import open_backend
-    from orchestrator.repo.config import get_passphrase, read_config
+    from orchestrator.repo.config import PASSPHRASE_ENV, get_passphrase, read_config
     from orchestrator.repo.repository import Repository
 
     target = url or args.repo
@@ -119,9 +124,11 @@ def open_repo(args: argparse.Namespace, url: str | None = None):
     try:
         config = read_config(backend)
         passphrase = None
+        pfile = getattr(args, "passphrase_file", None)
         if config.encrypted:
-            passphrase = get_passphrase(getattr(args, "passphrase_file", None))
-        return Repository.open(backend, passphrase=passphrase)
+            if need_key or pfile or os.environ.get(PASSPHRASE_ENV):
+                passphrase = get_passphrase(pfile)
+        return Repository.open(backend, passphrase=passphrase, need_key=need_key)
     except BaseException:
         backend.close()
         raise
@@ -295,7 +302,7 @@ def cmd_repo_init(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
-    with open_repo(args) as repo:
+    with open_repo(args, need_key=False) as repo:
         cat = repo.scan()
         points = cat.restore_points(args.vm, None if args.all else True)
         return {
@@ -325,7 +332,7 @@ def _render_list(result: dict[str, Any]) -> str:
 
 
 def cmd_show(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
-    with open_repo(args) as repo:
+    with open_repo(args, need_key=False) as repo:
         point = repo.resolve(args.id)
         doc = repo.read_metadata(point)
         return {"ok": True, "id": point.id, "vm": point.vm, "time": point.time, **doc}
@@ -334,7 +341,7 @@ def cmd_show(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
 def cmd_stats(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
     from orchestrator.jobs.verify import repository_stats
 
-    with open_repo(args) as repo:
+    with open_repo(args, need_key=False) as repo:
         return {"ok": True, "repo": repo.url, **repository_stats(repo, ui)}
 
 

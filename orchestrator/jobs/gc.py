@@ -341,7 +341,7 @@ def register(registry) -> None:
 def cmd_gc(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
     from orchestrator.cli import open_repo
 
-    with open_repo(args) as repo:
+    with open_repo(args, need_key=False) as repo:
         return run_gc(repo, dry_run=args.dry_run, force=args.force, ui=ui, margin=args.margin)
 
 

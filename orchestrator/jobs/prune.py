@@ -241,7 +241,7 @@ def cmd_prune(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
     from orchestrator.cli import open_repo
 
     policy = policy_from_args(args)
-    with open_repo(args) as repo:
+    with open_repo(args, need_key=False) as repo:
         return run_prune(repo, policy, vm=args.vm, dry_run=args.dry_run, ui=ui)
 
 

@@ -321,7 +321,7 @@ def cmd_verify(args: argparse.Namespace, ui: Progress):
 def cmd_check(args: argparse.Namespace, ui: Progress):
     from orchestrator.cli import open_repo
 
-    with open_repo(args) as repo:
+    with open_repo(args, need_key=False) as repo:
         result = run_check(repo, ui=ui)
     return result, 0 if result["ok"] else 1
 

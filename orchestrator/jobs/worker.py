@@ -372,7 +372,10 @@ def cmd_worker(args: argparse.Namespace, ui: Progress):
         journal_path=args.journal,
         restart=args.restart,
         ui=ui,
-        open_repo=lambda url: open_repo(args, url),
+        # prune and GC read metadata only: an encrypted repository needs its key for verify
+        open_repo=lambda url: open_repo(
+            args, url, need_key=any(t in ("verify",) for j in jobs for t in j.tasks)
+        ),
         pause=args.pause_between_units,
     )
     return result, 0 if result["ok"] else 1

@@ -70,9 +70,9 @@ from orchestrator.repo.codec import (
     ChunkCodec,
     chunk_key,
 )
-from orchestrator.repo.config import RepoConfig, init_repo, load_repo
+from orchestrator.repo.config import RepoConfig, init_repo, load_repo, read_config
 from orchestrator.repo.dedup import CACHE_KEY, DigestLookup, KnownDigests, records
-from orchestrator.repo.errors import CorruptIndex, NotFound, RepoError
+from orchestrator.repo.errors import CorruptIndex, NotFound, PassphraseRequired, RepoError
 from orchestrator.repo.index import Index
 
 BACKUPS = "backups/"
@@ -97,6 +97,21 @@ class ChunksVanished(RepoError):
 
 class RestorePointNotFound(NotFound):
     pass
+
+
+class MissingKeyCodec:
+    """Stands for the codec of an encrypted repository opened without its passphrase."""
+
+    encrypted = True
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __getattr__(self, name: str):
+        raise PassphraseRequired(
+            f"the repository at {self.url} is encrypted: this needs its passphrase "
+            f"(FASTPATH_PASSPHRASE or --passphrase-file)"
+        )
 
 
 # -- time and keys -----------------------------------------------------------------------------
@@ -309,14 +324,21 @@ class Repository:
         *,
         passphrase: str | None = None,
         concurrency: int = 16,
+        need_key: bool = True,
         **backend_options: Any,
     ) -> Repository:
+        """Open a repository. ``need_key=False``: an encrypted one opens without its data key
+        when no passphrase is given (metadata only: list, prune, GC, check; reading or writing
+        a chunk then raises PassphraseRequired)."""
         backend = (
             url
             if isinstance(url, Backend)
             else open_backend(url, concurrency=concurrency, **backend_options)
         )
         try:
+            config = read_config(backend)
+            if config.encrypted and passphrase is None and not need_key:
+                return cls(backend, config, MissingKeyCodec(backend.url))
             config, codec = load_repo(backend, passphrase)
         except BaseException:
             if not isinstance(url, Backend):
@@ -458,6 +480,8 @@ class Repository:
     ) -> BackupSession:
         """Start a backup session of one VM (takes a writer lease, then loads the lookup)."""
         check_name("VM uuid", vm_uuid)
+        if isinstance(self.codec, MissingKeyCodec):
+            self.codec.encode  # noqa: B018 - raises PassphraseRequired, before any lease
         when = format_time(time.time())
         lease = locks.acquire_writer_lease(
             self.backend, f"{vm_uuid}.{when}", ttl=lease_ttl, info={"vm": vm_uuid, "time": when}

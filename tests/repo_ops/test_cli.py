@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from orchestrator.repo.codec import chunk_key
+from orchestrator.repo.errors import RepoError
 from orchestrator.repo.repository import Repository
 from tests.repo_ops.conftest import PASSPHRASE
 from tests.repo_ops.helpers import DiskModel, backup
@@ -155,7 +156,7 @@ def test_encrypted_repository_passphrase_sources(tmp_path):
     assert fastpath("list", url, "--passphrase-file", pfile, "--json").returncode == 0
     wrong = fastpath("list", url, "--json", env={"FASTPATH_PASSPHRASE": "nope"})
     assert wrong.returncode == 1 and "passphrase" in one_line_error(wrong).lower()
-    none = fastpath("list", url, "--json", input="")
+    none = fastpath("verify", url, "--json", input="")  # needs the key, stdin is no TTY
     assert none.returncode == 1 and "passphrase" in one_line_error(none).lower()
 
 
@@ -187,3 +188,28 @@ def test_cli_on_s3(s3_env):
     assert as_json(fastpath("gc", url, "--json", env=s3_env.env))["chunks_deleted"] == 0
     missing = fastpath("list", "s3://no-such-bucket-fastpath/x", "--json", env=s3_env.env)
     assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_metadata_commands_work_on_an_encrypted_repo_without_passphrase(tmp_path):
+    url = tmp_path / "enc"
+    repo = Repository.init(url, encrypt=True, passphrase=PASSPHRASE)
+    disk = DiskModel(chunks=1, seed=8)
+    vm = str(uuid.UUID(int=8))
+    for gen in range(2):
+        disk.write_chunk(0, seed=80 + gen)
+        rid, _ = backup(repo, vm, [disk])
+    repo.close()
+    assert [p["id"] for p in as_json(fastpath("list", url, "--json"))["restore_points"]][-1] == rid
+    assert as_json(fastpath("stats", url, "--json"))["encrypted"] is True
+    assert as_json(fastpath("prune", url, "--keep-last", "1", "--json"))["objects_deleted"] == 2
+    assert as_json(fastpath("gc", url, "--margin", "0", "--json"))["chunks_deleted"] == 1
+    assert fastpath("check", url, "--json").returncode == 0
+    no_key = fastpath("verify", url, "--json")  # reading chunks needs the key
+    assert no_key.returncode == 1 and "passphrase" in one_line_error(no_key).lower()
+    wrong = fastpath("gc", url, "--json", env={"FASTPATH_PASSPHRASE": "wrong"})
+    assert wrong.returncode == 1  # a passphrase that is given is still checked
+    keyless = Repository.open(url, need_key=False)
+    with pytest.raises(RepoError, match="passphrase"):
+        keyless.begin_backup(vm)
+    assert not list(keyless.backend.list("locks/writers/"))
+    keyless.close()

@@ -504,6 +504,7 @@ class HttpServer(object):
         while not self._stopping.is_set():
             try:
                 conn, peer = self._sock.accept()
+                _nodelay(conn)
             except socket.timeout:
                 continue
             except OSError as exc:
@@ -633,6 +634,14 @@ class HttpServer(object):
         except OSError:
             pass
         return None
+
+
+def _nodelay(sock):
+    """Small writes (JSON answers, the tail of a stream) must not wait for the peer's delayed ACK."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
 
 
 def _drain(sock, seconds):
@@ -790,6 +799,13 @@ class _Connection(object):
         resp = _Response(self, req)
         started = time.time()
         try:
+            return self._handle_in(req, resp, started)
+        finally:
+            if resp.corked:
+                resp.cork(False)
+
+    def _handle_in(self, req, resp, started):
+        try:
             handler = _Handler(self.server, self, req, resp)
             handler.dispatch()
         except hp.HttpError as exc:
@@ -856,9 +872,11 @@ class _Response(object):
         self.keep_alive = req is not None and req.keep_alive and not conn.last_request
         self.close_after = False
         self.head_only = req is not None and req.method == "HEAD"
+        self.corked = False
         self.metrics = conn.server.metrics
 
-    def start(self, status, headers, length=None):
+    def start(self, status, headers, length=None, body=None):
+        """Send the head (and a small body with it, in one segment: the socket has TCP_NODELAY)."""
         headers = list(headers)
         headers.append(("Server", self.conn.server.server_name))
         if length is not None:
@@ -869,8 +887,27 @@ class _Response(object):
             headers.append(("Connection", "close"))
         self.status = status
         self.metrics.add("requests", status)
-        self._send(hp.response_head(status, headers))
+        head = hp.response_head(status, headers)
+        if body and not self.head_only:
+            self._send(head + body)
+            self.body_sent += len(body)
+            self.metrics.add("bytes_sent", self.transport, len(body))
+        else:
+            self._send(head)
         self.head_sent = True
+        if self.transport in ("raw", "vhd", "blocks") and not self.head_only:
+            self.cork(True)  # uncorked by _Connection._handle when the response is done
+            self.corked = True
+
+    def cork(self, on):
+        """TCP_CORK while a stream interleaves small frame headers with sendfile'd blocks, so they
+        leave in full segments; uncorking flushes the tail at once. No-op under TLS."""
+        if self.conn.tls or not hasattr(socket, "TCP_CORK"):
+            return
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
+        except OSError:
+            pass
 
     def send_json(self, obj, status=200, headers=()):
         body = hp.json_body(obj)
@@ -878,8 +915,8 @@ class _Response(object):
             status,
             [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")] + list(headers),
             len(body),
+            body,
         )
-        self.write(body)
 
     def send_error(self, exc, close=False):
         if close:
@@ -891,8 +928,8 @@ class _Response(object):
             exc.status,
             [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")] + exc.headers,
             len(body),
+            body,
         )
-        self.write(body)
 
     def write(self, data):
         if self.head_only or not data:
@@ -1026,9 +1063,8 @@ class _Handler(object):
         text = self.server.metrics.render(self.server.metrics_extra).encode("utf-8")
         self.resp.transport = "metrics"
         self.resp.start(
-            200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], len(text)
+            200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], len(text), text
         )
-        self.resp.write(text)
 
     # -- auth --
 

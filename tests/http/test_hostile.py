@@ -358,3 +358,50 @@ def test_thousands_of_pipelined_requests_and_the_per_connection_cap(make_server)
     assert buf.count(b"Connection: close") == 1
     wait_for(lambda: env.server.metrics.connections_open == 0)
     healthy(env)
+
+
+def test_connections_have_nodelay_and_json_answers_go_out_in_one_send(env):
+    """Small answers split over two sends used to wait ~40 ms for the client's delayed ACK
+    (Nagle): the server sets TCP_NODELAY and sends head and body together."""
+    s = env.connect()
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(s)[0] == 200
+        with env.server._conns_lock:
+            conns = list(env.server._conns)
+        assert len(conns) == 1
+        assert conns[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        s.close()
+    sent = []
+
+    class Spy(object):
+        def __init__(self, sock):
+            self._sock = sock
+
+        def __getattr__(self, name):
+            return getattr(self._sock, name)
+
+        def sendall(self, data):
+            sent.append(bytes(data))
+            return self._sock.sendall(data)
+
+    from agent import http as fhttp
+
+    class Conn(object):
+        tls = False
+        limits = env.server.limits
+        server = env.server
+        last_request = False
+
+    a, b = socket.socketpair()
+    try:
+        conn = Conn()
+        conn.sock = Spy(a)
+        req = hp.RequestParser().feed(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = fhttp._Response(conn, req)
+        resp.send_json({"status": "ok"})
+        assert len(sent) == 1 and sent[0].endswith(b'{"status": "ok"}\n')
+    finally:
+        a.close()
+        b.close()

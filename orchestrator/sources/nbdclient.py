@@ -288,12 +288,20 @@ class NbdBlockReader:
         inflight: dict[int, object] = {}  # block -> buffer (callbacks retire their command)
         done: list[tuple[int, object]] = []
         failed: list[str] = []
+        # libnbd 1.14's Python aio_pread keeps a reference to every nbd.Buffer it is given
+        # (never released): fresh buffers per read would leak the whole disk. So each
+        # connection reuses its own few buffers (one per request in flight, by length).
+        free: dict[int, list] = {}
+
+        def take(n):
+            pool = free.setdefault(n, [])
+            return pool.pop() if pool else nbd.Buffer(n)
 
         def issue():
             while todo and len(inflight) < self.depth:
                 i = todo.pop()
                 n = min(bs, self.size - i * bs)
-                buf = nbd.Buffer(n)
+                buf = take(n)
 
                 def cb(error, _i=i, _buf=buf):
                     code = getattr(error, "value", error)
@@ -307,6 +315,7 @@ class NbdBlockReader:
                     h.aio_pread(buf, i * bs, completion=cb)
                 except BaseException:
                     todo.append(i)
+                    free[n].append(buf)
                     raise
                 inflight[i] = buf
 
@@ -328,7 +337,9 @@ class NbdBlockReader:
                 batch, done[:] = list(done), []
                 for i, buf in batch:
                     inflight.pop(i, None)
-                    emit(i, buf.to_bytearray())
+                    data = buf.to_bytearray()
+                    free.setdefault(len(data), []).append(buf)
+                    emit(i, data)
                 issue()
         except BaseException:
             for i in inflight:

@@ -1,0 +1,474 @@
+"""Backup speed, both questions of DESIGN.md "How speed is compared", in one run.
+
+Data: a disk of --size bytes (default 4 GiB) holding an ext4 file system made with
+``mkfs.ext4 -d`` from hard links to real files of /usr (text, binaries, libraries) up to about
+half the disk, so about half of the 2 MiB blocks are allocated; written as a dynamic VHD by our
+writer (only non-zero blocks allocated) and installed as the disk of a VM of a hostsim pool
+(in-process XAPI, file SR, xapi-nbd, and the real fastpath agent with TLS as in dom0). Everything
+is read once before measuring (warm page cache for every method alike).
+
+1. Host side: the snapshot's disk read by a client that discards the bytes:
+     agent NBD   (orchestrator.sources.agent_nbd: libnbd, 4 connections, aio)
+     agent NBD   (nbdcopy -> null:, an NBD client we did not write)
+     agent HTTP  (/blocks, 4 parallel streams)      agent HTTP (/vhd, one stream)
+     XAPI's way  (hostsim's export_raw_vdi?format=vhd: decode to raw, re-encode, one stream)
+     xapi-nbd    (hostsim's XAPI NBD: nbdcopy, 1 connection; and our xapi-nbd source, 4 conns)
+   Reported: seconds for the whole disk, payload GB/s, and the speed-up over XAPI's way
+   (goal >= 5x for the agent).
+2. End to end, into a local repository on the same file system as --work:
+     copy+fdatasync of the VHD file (the physical limit of this run)
+     full backup (agent NBD), then 1 % and 10 % incremental backups (that share of the disk's
+     blocks rewritten by the guest between backups)
+   Reported: seconds, GB/s of allocated data, peak RSS of each backup process, ratios
+   (goals: full >= 0.8x copy+fdatasync; 1 % incremental <= 3 % of the full backup's time).
+
+    .venv/bin/python -m bench.backup                  # 4 GiB disk
+    .venv/bin/python -m bench.backup --quick          # 256 MiB disk: a smoke run
+    .venv/bin/python -m bench.backup --size 8G --work /var/tmp/fpbench --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid as uuid_mod
+from urllib.parse import urlencode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BS = 2 << 20
+GB = 1e9
+
+MEASURE = r"""
+import contextlib, io, json, resource, sys
+sys.path.insert(0, {root!r})
+from orchestrator.cli import main
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    code = main(sys.argv[1:])
+print(json.dumps({{"code": code, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "result": out.getvalue()}}))
+"""
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().rstrip("B").rstrip("I")
+    return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def stage_files(dest: str, budget: int) -> int:
+    """Hard links (copies across file systems) to files of /usr, about ``budget`` bytes."""
+    total = 0
+    rng = random.Random(1)
+    tops = sorted(os.listdir("/usr"))
+    rng.shuffle(tops)
+    for top in ["share", "lib", *tops]:
+        for dirpath, _dirs, files in os.walk(os.path.join("/usr", top)):
+            for name in files:
+                src = os.path.join(dirpath, name)
+                try:
+                    st = os.lstat(src)
+                except OSError:
+                    continue
+                if not os.path.isfile(src) or os.path.islink(src) or st.st_size == 0:
+                    continue
+                rel = os.path.relpath(src, "/usr")
+                dst = os.path.join(dest, rel)
+                if os.path.exists(dst):
+                    continue
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    try:
+                        shutil.copyfile(src, dst)
+                    except OSError:
+                        continue
+                total += st.st_size
+                if total >= budget:
+                    return total
+    return total
+
+
+def build_disk(work: str, size: int) -> tuple[str, int]:
+    """An ext4 image (raw) filled about half with /usr files -> (raw path, allocated bytes)."""
+    staging = os.path.join(work, "staging")
+    raw = os.path.join(work, "disk.raw")
+    staged = stage_files(staging, int(size * 0.45))
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-b", "4096", "-d", staging, raw, str(size // 1024) + "k"],
+        check=True,
+    )
+    shutil.rmtree(staging, ignore_errors=True)
+    log(f"ext4 image: {size / GB:.2f} GB, {staged / GB:.2f} GB of files from /usr")
+    return raw, staged
+
+
+def install_in_pool(pool, raw: str, size: int):
+    """A VM whose disk holds the raw image's non-zero blocks (our VHD writer, SM's layout)."""
+    from agent.vhd import create_dynamic
+
+    vm = pool.create_vm("bench", [size])
+    vdi = pool.vm_vdis(vm)[0]
+    uuid = pool.api.store.field("VDI", vdi, "uuid")
+    path = pool.sr.vhd_path(uuid)
+    with pool.sr.lock:
+        pool.sr._drop_cache()
+        os.unlink(path)
+        w = create_dynamic(path, size, uuid=uuid_mod.UUID(uuid))
+        allocated = 0
+        with open(raw, "rb") as f:
+            for off in range(0, size, BS):
+                data = f.read(min(BS, size - off))
+                if data.strip(b"\0"):
+                    w.write(off, data)
+                    allocated += len(data)
+        w.close()
+    pool.refresh(vdi)
+    pool.api.vm__start(vm, False, False)
+    return vm, vdi, uuid, path, allocated
+
+
+# -- host side -----------------------------------------------------------------------------------
+
+
+def timed(fn):
+    t = time.perf_counter()
+    n = fn()
+    return time.perf_counter() - t, n
+
+
+def drain_source(src) -> int:
+    src.open()
+    n = 0
+    for _i, data in src.read_blocks():
+        n += len(data)
+    src.close()
+    return n
+
+
+def drain_http(url: str, path: str, fingerprint=None, cafile=None) -> int:
+    from orchestrator.sources import httpclient
+
+    conn, resp = httpclient.get(url, path, fingerprint=fingerprint, cafile=cafile, timeout=600)
+    n = 0
+    try:
+        while True:
+            data = resp.read(1 << 20)
+            if not data:
+                break
+            n += len(data)
+    finally:
+        conn.close()
+    return n
+
+
+def nbdcopy_null(uri: str, connections: int | None = None) -> int:
+    cmd = ["nbdcopy", uri, "null:"]
+    if connections:
+        cmd[1:1] = [f"--connections={connections}"]
+    subprocess.run(cmd, check=True, timeout=3600)
+    return 0
+
+
+def host_side(ctx) -> list[dict]:
+    from orchestrator.sources.agent_http import AgentHttpSource
+    from orchestrator.sources.agent_nbd import AgentNbdSource
+    from orchestrator.sources.xapi_nbd import XapiNbdSource
+
+    x, host, snap_uuid, snap_ref = ctx["x"], ctx["host"], ctx["snap_uuid"], ctx["snap_ref"]
+
+    def export(transports="nbd,http"):
+        args = {"vdi": snap_uuid, "transports": transports}
+        return json.loads(x.host.call_plugin(host, "fastpath", "open_export", args))
+
+    tls_dir = tempfile.mkdtemp(prefix="bench-tls-")
+    shutil.copy(ctx["cafile"], os.path.join(tls_dir, "ca-cert.pem"))
+    session_ref = ctx["session"]._session
+    xapi_url = ctx["url"].rstrip("/")
+
+    def agent_nbd():
+        return drain_source(AgentNbdSource.from_plugin(export(), connections=4, depth=8))
+
+    def agent_nbdcopy():
+        e = export()
+        nbd = e["nbd"]
+        uri = f"nbds://{nbd['host']}:{nbd['port']}/{nbd['export_name']}?tls-certificates={tls_dir}"
+        return nbdcopy_null(uri)
+
+    def agent_blocks():
+        return drain_source(AgentHttpSource.from_plugin(export(), streams=4))
+
+    def agent_vhd():
+        e = export()
+        url = e["http"]["url"]
+        return drain_http(url, "/" + url.split("/", 3)[3] + "/vhd", fingerprint=e["fingerprint"])
+
+    def xapi_export():
+        q = urlencode({"session_id": session_ref, "vdi": snap_uuid, "format": "vhd"})
+        return drain_http(xapi_url, f"/export_raw_vdi?{q}")
+
+    def xapi_nbd_nbdcopy():
+        info = x.VDI.get_nbd_info(snap_ref)[0]
+        uri = (
+            f"nbds://{info['address']}:{info['port']}{info['exportname'].replace('?', '%3F')}"
+            f"?tls-certificates={tls_dir}"
+        )
+        return nbdcopy_null(uri, connections=1)
+
+    def xapi_nbd_source():
+        return drain_source(XapiNbdSource(x, snap_ref, connections=4))
+
+    methods = [
+        ("XAPI export_raw_vdi (vhd)", xapi_export, "xapi"),
+        ("xapi-nbd, nbdcopy 1 conn", xapi_nbd_nbdcopy, "xapi-nbd"),
+        ("xapi-nbd, our source 4 conns", xapi_nbd_source, "xapi-nbd"),
+        ("agent NBD, our source 4x8", agent_nbd, "agent"),
+        ("agent NBD, nbdcopy", agent_nbdcopy, "agent"),
+        ("agent HTTP /blocks 4 streams", agent_blocks, "agent"),
+        ("agent HTTP /vhd 1 stream", agent_vhd, "agent"),
+    ]
+    rows = []
+    for name, fn, kind in methods:
+        try:
+            seconds, n = timed(fn)
+            rows.append({"method": name, "kind": kind, "seconds": seconds, "bytes": n})
+            log(f"  {name}: {seconds:.2f} s")
+        except Exception as exc:  # a method that does not work here is reported, not fatal
+            rows.append({"method": name, "kind": kind, "error": str(exc)[:200]})
+            log(f"  {name}: FAILED {exc}")
+    shutil.rmtree(tls_dir, ignore_errors=True)
+    return rows
+
+
+# -- end to end --------------------------------------------------------------------------------
+
+
+def cli_backup(ctx, repo: str) -> dict:
+    args = [
+        "backup", "vm", ctx["vm_uuid"], "--xapi", ctx["url"], "--user", "root",
+        "--password", "hostsim", "--repo", repo, "--transport", "nbd", "--json",
+    ]  # fmt: skip
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE.format(root=ROOT), *args],
+        capture_output=True,
+        text=True,
+        timeout=7200,
+        cwd=ROOT,
+    )
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"backup failed: {proc.stderr[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(out["result"])
+    return {
+        "seconds": seconds,
+        "data_seconds": max(d["seconds"] for d in result["disks"]),
+        "bytes_read": result["bytes_read"],
+        "bytes_written": result["bytes_written"],
+        "peak_rss": out["maxrss_kib"] * 1024,
+        "incremental": result["disks"][0]["incremental"],
+    }
+
+
+def rewrite_share(pool, vdi_ref, size: int, share: float, seed: int) -> int:
+    """Rewrite ``share`` of the disk's blocks (256 KiB of new text-like data in each)."""
+    from hostsim import guest
+
+    rng = random.Random(seed)
+    count = max(1, int(size // BS * share))
+    blocks = rng.sample(range(size // BS), count)
+    for b in blocks:
+        pool.guest_write(
+            vdi_ref, b * BS + 4096 * rng.randrange(0, 448), guest.text_bytes(rng, 256 << 10)
+        )
+    return count
+
+
+def copy_fdatasync(src: str, dst: str) -> float:
+    t = time.perf_counter()
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while True:
+            data = fi.read(8 << 20)
+            if not data:
+                break
+            fo.write(data)
+        fo.flush()
+        os.fdatasync(fo.fileno())
+    return time.perf_counter() - t
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", default="4G")
+    p.add_argument("--quick", action="store_true", help="256 MiB disk (smoke run)")
+    p.add_argument("--work", help="work directory (default: a temporary one under /var/tmp)")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    args = p.parse_args(argv)
+    size = parse_size("256M" if args.quick else args.size)
+    size -= size % BS
+    work = args.work or tempfile.mkdtemp(prefix="fastpath-bench-", dir="/var/tmp")
+    os.makedirs(work, exist_ok=True)
+    from argparse import Namespace
+
+    import XenAPI
+
+    from hostsim.cli import configure_plugin, start_agent
+    from hostsim.host import Pool
+
+    agent_proc = None
+    pool = None
+    try:
+        raw, _staged = build_disk(work, size)
+        pool = Pool(os.path.join(work, "hostsim"))
+        vm, vdi_ref, vdi_uuid, vhd_path, allocated = install_in_pool(pool, raw, size)
+        os.unlink(raw)
+        url = pool.start(nbd_listen=("127.0.0.1", 0))
+        agent_proc, agent_info = start_agent(
+            pool,
+            pool.root,
+            Namespace(
+                agent_nbd_listen="127.0.0.1:0", agent_http_listen="127.0.0.1:0", agent_tls="require"
+            ),
+        )
+        configure_plugin(pool, pool.root, agent_info)
+        session = XenAPI.Session(url)
+        session.xenapi.login_with_password("root", "hostsim", "2.21", "bench")
+        x = session.xenapi
+        vm_uuid = x.VM.get_uuid(vm)
+        snap = x.VM.snapshot(vm, "bench snapshot")
+        snap_vdi = [x.VBD.get_VDI(v) for v in x.VM.get_VBDs(snap)][0]
+        ctx = {
+            "x": x,
+            "session": session,
+            "url": url,
+            "host": x.host.get_all()[0],
+            "snap_ref": snap_vdi,
+            "snap_uuid": x.VDI.get_uuid(snap_vdi),
+            "cafile": pool.cert_path,
+            "vm_uuid": vm_uuid,
+        }
+        log(f"disk: {size / GB:.2f} GB virtual, {allocated / GB:.2f} GB allocated")
+        with open(vhd_path, "rb") as f:  # warm the page cache
+            while f.read(16 << 20):
+                pass
+        log("host side (warm cache, discarding clients):")
+        host = host_side(ctx)
+        x.VM.destroy(snap)
+        x.VDI.destroy(snap_vdi)
+
+        log("end to end:")
+        repo = os.path.join(work, "repo")
+        from orchestrator.repo.repository import Repository
+
+        Repository.init(repo).close()
+        base_copy = copy_fdatasync(vhd_path, os.path.join(work, "copy.vhd"))
+        os.unlink(os.path.join(work, "copy.vhd"))
+        vhd_bytes = os.path.getsize(vhd_path)
+        log(f"  copy+fdatasync of the VHD ({vhd_bytes / GB:.2f} GB): {base_copy:.2f} s")
+        full = cli_backup(ctx, repo)
+        log(f"  full backup: {full['seconds']:.2f} s")
+        incs = {}
+        for share, seed in ((0.01, 1), (0.10, 2)):
+            n = rewrite_share(pool, vdi_ref, size, share, seed)
+            incs[share] = cli_backup(ctx, repo)
+            incs[share]["blocks_rewritten"] = n
+            log(f"  {share:.0%} incremental: {incs[share]['seconds']:.2f} s")
+        session.xenapi.session.logout()
+    finally:
+        if agent_proc is not None:
+            agent_proc.terminate()
+            agent_proc.wait(30)
+        if pool is not None:
+            pool.stop()
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # -- report --
+    print(
+        f"\nbench/backup.py: {size / GB:.2f} GB disk, {allocated / GB:.2f} GB allocated "
+        "(ext4 of /usr files), warm page cache, 2 cores shared"
+    )
+    print("\n1. host side: the whole disk to a discarding client")
+    xapi = next((r for r in host if r["kind"] == "xapi" and "seconds" in r), None)
+    print(f"  {'method':32} {'seconds':>8} {'payload GB/s':>13} {'vs XAPI':>8}")
+    for r in host:
+        if "error" in r:
+            print(f"  {r['method']:32} failed: {r['error']}")
+            continue
+        gbs = f"{r['bytes'] / r['seconds'] / GB:.2f}" if r["bytes"] else "-"
+        ratio = f"{xapi['seconds'] / r['seconds']:.1f}x" if xapi else "-"
+        print(f"  {r['method']:32} {r['seconds']:8.2f} {gbs:>13} {ratio:>8}")
+    agent_best = min(
+        (r["seconds"] for r in host if r["kind"] == "agent" and "seconds" in r), default=None
+    )
+    goal_host = xapi["seconds"] / agent_best if xapi and agent_best else None
+    print("\n2. end to end (local repository, same file system)")
+    print(f"  {'what':32} {'seconds':>8} {'data GB/s':>10} {'peak RSS MiB':>13}")
+    print(
+        f"  {'copy+fdatasync of the VHD':32} {base_copy:8.2f} "
+        f"{vhd_bytes / base_copy / GB:10.2f} {'-':>13}"
+    )
+    rows = [("full backup", full)] + [
+        (f"{int(s * 100)} % incremental", incs[s]) for s in sorted(incs)
+    ]
+    for name, r in rows:
+        print(
+            f"  {name:32} {r['seconds']:8.2f} {r['bytes_read'] / r['seconds'] / GB:10.2f} "
+            f"{r['peak_rss'] / (1 << 20):13.0f}"
+        )
+    ratio_full = base_copy / full["seconds"]
+    ratio_inc = incs[0.01]["seconds"] / full["seconds"]
+    print("\nratios:")
+    if goal_host:
+        print(f"  host side, best agent method vs XAPI's way: {goal_host:.1f}x (goal >= 5x)")
+    print(f"  full backup vs copy+fdatasync: {ratio_full:.2f}x (goal >= 0.8x)")
+    print(
+        f"  1 % incremental / full: {ratio_inc:.1%} (goal <= 3 %); data phase only "
+        f"{incs[0.01]['data_seconds'] / full['data_seconds']:.1%}"
+    )
+    print(f"  10 % incremental / full: {incs[0.10]['seconds'] / full['seconds']:.1%}")
+    print(
+        f"  stored by the full backup: {full['bytes_written'] / GB:.2f} GB "
+        f"of {full['bytes_read'] / GB:.2f} GB read"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "size": size,
+                    "allocated": allocated,
+                    "host_side": host,
+                    "copy_fdatasync_seconds": base_copy,
+                    "vhd_bytes": vhd_bytes,
+                    "full": full,
+                    "incremental": {str(k): v for k, v in incs.items()},
+                },
+                f,
+                indent=1,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

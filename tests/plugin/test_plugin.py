@@ -126,8 +126,10 @@ def test_open_read_close_end_to_end(tmp_path, file_sr, agent_proc, tls_files):
     assert out["fingerprint"] == der_fingerprint(tls_files["cert"])
     assert out["nbd"]["port"] == agent.port
     assert out["nbd"]["uri"] == "nbds://127.0.0.1:%d/%s" % (agent.port, ticket)
-    assert out["http"]["url"].startswith("https://127.0.0.1:")
-    assert out["http"]["url"].endswith("/v1/exports/%s" % ticket)
+    # The agent reports its bound HTTP port; the plugin prefers it over the config file's.
+    http_port = agent.info["http"][1]
+    assert out["http"]["port"] == http_port != 18843
+    assert out["http"]["url"] == "https://127.0.0.1:%d/v1/exports/%s" % (http_port, ticket)
 
     # The ticket works with the addresses handed out (TLS verified by libnbd against the CA).
     h = nbd.NBD()
@@ -239,3 +241,30 @@ def test_open_then_read_over_https_pinned_by_fingerprint(tmp_path, file_sr, agen
             image[ev[1] * 2 * MiB : ev[1] * 2 * MiB + len(ev[3])] = ev[3]
     dec.finish()
     assert bytes(image) == bytes(models[0])
+
+
+def test_incremental_ticket_and_close_argument_checks(tmp_path, file_sr, agent_proc):
+    vdis, _ = file_sr.chain(
+        [
+            Level(4 * MiB, writes=[(0, pattern(1, MiB))]),
+            Level(4 * MiB, writes=[(2 * MiB, pattern(2, MiB))]),
+        ]
+    )
+    agent = agent_proc([file_sr.root])
+    config = write_config(tmp_path, agent.admin_socket)
+    out = json.loads(
+        call_plugin("open_export", {"vdi": vdis[1], "base": vdis[0], "sr": file_sr.sr}, config)
+    )
+    assert out["base"] == vdis[0] and out["sr"] == file_sr.sr
+    listed = agent.admin(op="list_tickets")["tickets"]
+    assert [(t["id"], t["base"]) for t in listed] == [(out["ticket"], vdis[0])]
+    st = json.loads(call_plugin("status", {}, config))
+    assert st["running"] is True and st["stats"]["tickets"] == 1
+    for bad in ("", "../../x", "a b"):
+        with pytest.raises(XapiFailure) as ei:
+            call_plugin("close_export", {"ticket": bad}, config)
+        assert ei.value.code == "FASTPATH_BAD_ARGUMENT"
+    # A base that is not an ancestor of the VDI: the agent refuses, the plugin says so.
+    with pytest.raises(XapiFailure) as ei:
+        call_plugin("open_export", {"vdi": vdis[0], "base": vdis[1]}, config)
+    assert ei.value.code == "FASTPATH_OPEN_FAILED" and ei.value.params[0] == vdis[0]

@@ -3,6 +3,15 @@
 [agent]
 sr_roots = /var/run/sr-mount            ; several: separated by commas or newlines
 admin_socket = /run/fastpath/agent.sock
+sm_lock_dir = /var/lock/sm              ; SM's locks; GC paused while exports are open (empty: never)
+sm_ipc_dir = /var/run/sm/ipc            ; SM's IPC flags (the GC's abort flag)
+gc_abort_timeout = 60                   ; seconds a running GC gets to abort before an open fails
+sr_lock_timeout = 10                    ; seconds we wait for SM's `sr` lock (held only to open a chain)
+[lvm]
+enabled = auto                          ; LVM SRs (VG_XenStorage-*): yes | no | auto (when lvs exists)
+lvs = lvs
+lvchange = lvchange
+dev_dir = /dev
 [nbd]
 listen = 0.0.0.0:10810                  ; 10809 belongs to xapi-nbd in the same dom0
 max_connections = 256
@@ -37,6 +46,14 @@ DEFAULTS = {
     "handshake_timeout": 10.0,
     "idle_timeout": 300.0,
     "list_exports": False,
+    "sm_lock_dir": "/var/lock/sm",
+    "sm_ipc_dir": "/var/run/sm/ipc",
+    "gc_abort_timeout": 60.0,
+    "sr_lock_timeout": 10.0,
+    "lvm": "auto",
+    "lvm_lvs": "lvs",
+    "lvm_lvchange": "lvchange",
+    "lvm_dev_dir": "/dev",
 }
 
 
@@ -77,6 +94,19 @@ class Config(object):
             raise ConfigError("tls mode must be off, optional or require, got %r" % self.tls_mode)
         if not self.sr_roots:
             raise ConfigError("at least one SR root is needed")
+        if self.lvm not in (True, False, "auto"):
+            raise ConfigError("[lvm] enabled must be yes, no or auto, got %r" % (self.lvm,))
+        for key in ("gc_abort_timeout", "sr_lock_timeout"):
+            if getattr(self, key) < 0:
+                raise ConfigError("%s must not be negative" % key)
+
+    def lvm_enabled(self):
+        """True when LVM SRs are served: enabled = yes, or auto and `lvs` is on PATH."""
+        if self.lvm == "auto":
+            import shutil
+
+            return shutil.which(self.lvm_lvs) is not None
+        return bool(self.lvm)
 
     def to_dict(self):
         return {k: getattr(self, k) for k in DEFAULTS}
@@ -103,6 +133,18 @@ def load(path=None, **overrides):
                 values["sr_roots"] = _split_list(cp.get("agent", "sr_roots"))
             if cp.has_option("agent", "admin_socket"):
                 values["admin_socket"] = cp.get("agent", "admin_socket").strip()
+            for key in ("sm_lock_dir", "sm_ipc_dir"):
+                if cp.has_option("agent", key):
+                    values[key] = cp.get("agent", key).strip() or None
+            for key in ("gc_abort_timeout", "sr_lock_timeout"):
+                if cp.has_option("agent", key):
+                    values[key] = float(cp.get("agent", key))
+            if cp.has_option("lvm", "enabled"):
+                v = cp.get("lvm", "enabled").strip().lower()
+                values["lvm"] = "auto" if v == "auto" else cp.getboolean("lvm", "enabled")
+            for key in ("lvs", "lvchange", "dev_dir"):
+                if cp.has_option("lvm", key):
+                    values["lvm_" + key] = cp.get("lvm", key).strip()
             if cp.has_option("nbd", "listen"):
                 values["nbd_listen"] = parse_listen(cp.get("nbd", "listen"), "[nbd] listen")
             if cp.has_option("http", "listen"):

@@ -66,7 +66,7 @@ class Agent(object):
 
     def __init__(self, cfg, reaper_interval=1.0):
         self.cfg = cfg
-        self.sr = sr_mod.FileSR(cfg.sr_roots)
+        self.sr = sr_mod.from_config(cfg)
         self.tickets = tickets_mod.TicketStore()
         self.counters = Counters()
         self.reaper = tickets_mod.Reaper(self.tickets, reaper_interval)
@@ -241,6 +241,7 @@ def cmd_serve(args):
             handshake_timeout=args.handshake_timeout,
             max_connections=args.max_connections,
             list_exports=True if args.list_exports else None,
+            sm_lock_dir=args.sm_lock_dir,
         )
     except config_mod.ConfigError as exc:
         sys.stderr.write("fastpath-agent: %s\n" % exc)
@@ -361,6 +362,11 @@ def register(subparsers):
     p.add_argument("--max-connections", type=int, metavar="N")
     p.add_argument(
         "--list-exports", action="store_true", help="answer NBD_OPT_LIST with the live tickets"
+    )
+    p.add_argument(
+        "--sm-lock-dir",
+        metavar="DIR",
+        help="SM's lock directory, where exports pause the GC (default %s)" % dflt["sm_lock_dir"],
     )
     p.add_argument(
         "--ready-file", metavar="PATH", help="write the bound addresses as JSON once listening"

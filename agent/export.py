@@ -14,8 +14,16 @@ life) and an optional base chain, and answers:
 
 Counters (bytes and pieces sent by each method) are kept in a Counters object shared with the
 server, which records what it actually did (sendfile, or pread when TLS forbids sendfile).
+
+Consistency (docs/consistency.md): the chain's files stay open and their metadata is read once; a
+ChainGuard checks, before every plan_read and by check() (the servers call it after sending a
+request's data), that no file of the chain was deleted, replaced, renamed, resized or modified
+since the export opened. Once a change is seen the export fails for good with ChainChanged (an
+ExportError): the NBD server answers EIO, the HTTP server ends the stream.
 """
 
+import os
+import stat
 import threading
 
 SENDFILE = "sendfile"
@@ -28,6 +36,92 @@ ZERO = "zero"  # allocated but known to read as zeroes (reported as data today)
 
 class ExportError(Exception):
     """An export cannot serve a request (bad range, broken chain)."""
+
+
+class ChainChanged(ExportError):
+    """A file of the chain changed under the export (names the file and what changed)."""
+
+
+_FOOTER = 512
+_HEADER = 1024
+
+
+class _LevelState(object):
+    """What a level looked like when the export opened it."""
+
+    def __init__(self, level):
+        self.level = level
+        self.path = level.path
+        fd = level.fileno()
+        st = os.fstat(fd)
+        self.regular = stat.S_ISREG(st.st_mode)
+        self.ident = (st.st_dev, st.st_ino, st.st_rdev)
+        self.size = st.st_size
+        self.mtime = st.st_mtime_ns
+        self.meta = []  # (offset, bytes): footer and header of a VHD on a block device
+        if not self.regular and getattr(level, "is_vhd", False) and level.footer is not None:
+            where = getattr(level, "footer_at", None)
+            end = getattr(level, "end", None)
+            if where == "end":
+                off = end - _FOOTER
+            elif where == "short":
+                off = end - (_FOOTER - 1)
+            else:
+                off = 0
+            self.meta.append((off, os.pread(fd, _FOOTER, off)))
+            if level.header is not None:
+                hoff = level.footer.data_offset
+                self.meta.append((hoff, os.pread(fd, _HEADER, hoff)))
+
+    def problem(self):
+        """None, or what changed."""
+        fd = self.level.fileno()
+        if fd < 0:
+            return "closed"
+        st = os.fstat(fd)
+        if self.regular:
+            if st.st_nlink == 0:
+                return "deleted"
+            if st.st_size != self.size:
+                return "size changed from %d to %d bytes" % (self.size, st.st_size)
+            if st.st_mtime_ns != self.mtime:
+                return "modified (mtime changed)"
+        try:
+            now = os.stat(self.path)
+        except OSError as exc:
+            return "its path no longer resolves (%s)" % exc.strerror
+        if self.regular:
+            if (now.st_dev, now.st_ino) != self.ident[:2]:
+                return "its path now names another file"
+        elif now.st_rdev != self.ident[2] or not stat.S_ISBLK(now.st_mode):
+            return "its path now names another device"
+        for off, data in self.meta:
+            if os.pread(fd, len(data), off) != data:
+                return "VHD metadata at offset %d changed" % off
+        return None
+
+
+class ChainGuard(object):
+    """Detects a chain that changed under an export; sticky once it fired."""
+
+    def __init__(self, chain):
+        self.states = [_LevelState(f) for f in chain.files]
+        self.leaf = chain.files[0].path if chain.files else "?"
+        self.failed = None
+        self.checks = 0
+
+    def check(self):
+        if self.failed is not None:
+            raise ChainChanged(self.failed)
+        self.checks += 1
+        for st in self.states:
+            what = st.problem()
+            if what is not None:
+                self.failed = (
+                    "the VHD chain of %s changed under the export: %s: %s; "
+                    "the export is closed (open a new one)" % (self.leaf, st.path, what)
+                )
+                raise ChainChanged(self.failed)
 
 
 class Counters(object):
@@ -72,7 +166,10 @@ def _merge_runs(runs):
 class Export(object):
     """Serve one chain (+ optional base). Thread-safe for concurrent reads."""
 
-    def __init__(self, chain, base_chain=None, counters=None, name=None):
+    def __init__(self, chain, base_chain=None, counters=None, name=None, guard=None, on_close=()):
+        """guard: True (a ChainGuard over `chain`), a guard object with check(), or None.
+        on_close: callables run once by close() after the chains are closed (lock holds, LV
+        activations)."""
         self.chain = chain
         self.base_chain = base_chain
         self.name = name
@@ -85,13 +182,36 @@ class Export(object):
         self._lock = threading.Lock()
         self._sources = {}
         self._changed = None  # bytearray, one byte per block: 1 = changed
+        self._on_close = list(on_close)
+        self._closed = False
+        self.guard = ChainGuard(chain) if guard is True else guard
 
     # -- lifetime ------------------------------------------------------------------------------
 
     def close(self):
-        for c in (self.chain, self.base_chain):
-            if c is not None:
-                c.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for c in (self.chain, self.base_chain):
+                if c is not None:
+                    c.close()
+        finally:
+            callbacks, self._on_close = self._on_close, []
+            for cb in reversed(callbacks):
+                try:
+                    cb()
+                except Exception:  # a release failing must not hide the others
+                    import logging
+
+                    logging.getLogger("fastpath.export").exception("export close: %r", cb)
+
+    def check(self):
+        """Raise ChainChanged if the chain changed since the export opened (cheap: a few stat
+        calls per file). The servers call it after sending a request's data, so data that left
+        before a change is followed by an error rather than accepted."""
+        if self.guard is not None:
+            self.guard.check()
 
     def __enter__(self):
         return self
@@ -238,6 +358,10 @@ class Export(object):
                     raise ExportError("block %d assembled to %d bytes, need %d" % (i, len(data), n))
                 pieces.append((BYTES, data))
             pos += n
+        if self.guard is not None and any(p[0] != HOLE for p in pieces):
+            # Holes come from the metadata read at open; file data is checked (assembled bytes
+            # were read before this check; sendfile pieces are checked again by the server).
+            self.check()
         return pieces
 
     def read(self, offset, length):
@@ -245,10 +369,13 @@ class Export(object):
         import os
 
         out = []
+        from_files = False
         for piece in self.plan_read(offset, length):
             if piece[0] == HOLE:
                 out.append(b"\0" * piece[1])
-            elif piece[0] == BYTES:
+                continue
+            from_files = True
+            if piece[0] == BYTES:
                 out.append(piece[1])
             else:
                 _, fd, foff, n = piece
@@ -256,4 +383,6 @@ class Export(object):
                 if len(data) != n:
                     raise ExportError("short read at file offset %d" % foff)
                 out.append(data)
+        if from_files:
+            self.check()  # the bytes above were read before this: no change had happened yet
         return b"".join(out)

@@ -1,21 +1,36 @@
-"""Storage repositories: VDI uuid -> VHD chain.
+"""Storage repositories: VDI uuid -> an open, guarded export of its chain.
 
-File SRs (NFS, ext, ...) are mounted at <root>/<sr-uuid>/ and hold one <vdi-uuid>.vhd per VDI, whose
-parents are siblings found through the parent locators. Export names and uuids never reach the
+File SRs (NFS, ext, SMB, ...) are mounted at <root>/<sr-uuid>/ and hold one <vdi-uuid>.vhd per VDI,
+whose parents are siblings found through the parent locators. Export names and uuids never reach the
 filesystem unchecked: a uuid must be a canonical lowercase uuid, and every path (the leaf and each
 parent the chain walks to) must resolve (realpath) inside one of the configured roots.
 
-LVM SRs (VG_XenStorage-<sr>/VHD-<vdi>) will be another class with the same interface
-(resolve_vdi, open_chain, open_export).
+LVM SRs are the volume groups VG_XenStorage-<sr-uuid> with one LV per VDI: VHD-<uuid> (a VHD inside
+the LV, which may be larger than the VHD) or LV-<uuid> (raw). Volumes are found with `lvs` and
+activated for the read (agent.lvm); parents are looked up by uuid in the same volume group (locator
+paths are never followed).
+
+Opening an export (docs/consistency.md):
+1. find the VDI (and refuse QCOW2 VDIs: `<uuid>.qcow2` files, `QCOW2-<uuid>` LVs, QCOW2 magic);
+2. pause SM's GC on the SR: hold its `running` lock (agent.smlock), asking a running GC to abort;
+3. under SM's `sr` lock, held only for this step: open every file of the chain (and the base's),
+   activating LVs as needed;
+4. an Export that holds those files open with a ChainGuard; closing it closes the files,
+   deactivates what we activated and lets the GC run again.
 """
 
 import os
 import re
 import uuid
 
+from agent import smlock
+from agent.lvm import QCOW2_PREFIX, RAW_PREFIX, VG_PREFIX, VHD_PREFIX
+
 DEFAULT_ROOTS = ("/var/run/sr-mount",)
+FALLBACK_TRANSPORT = "xapi-nbd"
 
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_QCOW2_MAGIC = b"QFI\xfb"
 
 
 class SRError(Exception):
@@ -34,6 +49,10 @@ class OutsideRoots(SRError):
     """A path (leaf or parent) resolves outside every configured SR root."""
 
 
+class UnsupportedFormat(SRError):
+    """The VDI is stored in a format the agent does not serve (QCOW2); names the fallback."""
+
+
 def check_uuid(value, what="uuid"):
     """Return `value` if it is a canonical lowercase uuid string, else raise InvalidUUID."""
     if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
@@ -43,15 +62,101 @@ def check_uuid(value, what="uuid"):
     return value
 
 
-class FileSR(object):
+def qcow2_refusal(vdi_uuid, where):
+    return UnsupportedFormat(
+        "VDI %s is a QCOW2 image (%s): the fastpath agent does not serve QCOW2 VDIs yet; "
+        "back it up through XAPI's NBD instead (--transport %s)"
+        % (vdi_uuid, where, FALLBACK_TRANSPORT)
+    )
+
+
+def _is_qcow2(path_or_fd):
+    try:
+        if isinstance(path_or_fd, int):
+            return os.pread(path_or_fd, 4, 0) == _QCOW2_MAGIC
+        with open(path_or_fd, "rb") as f:
+            return f.read(4) == _QCOW2_MAGIC
+    except OSError:
+        return False
+
+
+def _no_locks():
+    return smlock.SMLocks(lock_dir=None)
+
+
+class _Located(object):
+    """Where a VDI is: its SR uuid and what the SR class needs to open it."""
+
+    def __init__(self, sr_uuid, vdi_uuid, where, extra=None):
+        self.sr_uuid = sr_uuid
+        self.vdi_uuid = vdi_uuid
+        self.where = where
+        self.extra = extra
+
+
+class _SRBase(object):
+    locks = None
+
+    def locate(self, vdi_uuid, sr_uuid=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _open_located(self, loc, cleanup, max_depth=64):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def open_export(self, vdi_uuid, sr_uuid=None, base_uuid=None, counters=None, name=None):
+        """An Export of the VDI (relative to base_uuid in the same SR), GC paused while it lives."""
+        from agent.export import Export
+
+        loc = self.locate(vdi_uuid, sr_uuid)
+        base_loc = self.locate(base_uuid, loc.sr_uuid) if base_uuid is not None else None
+        cleanup = []
+        chain = base = None
+        try:
+            pause = self.locks.pause_gc(loc.sr_uuid)
+            cleanup.append(pause.release)
+            with self.locks.sr_locked(loc.sr_uuid):
+                chain = self._open_located(loc, cleanup)
+                if base_loc is not None:
+                    base = self._open_located(base_loc, cleanup)
+            export = Export(chain, base, counters=counters, name=name, guard=True, on_close=cleanup)
+        except BaseException:
+            for c in (chain, base):
+                if c is not None:
+                    c.close()
+            for cb in reversed(cleanup):
+                try:
+                    cb()
+                except Exception:
+                    pass
+            raise
+        try:
+            if base is not None:
+                export.changed_blocks()  # fails now if the base is not an ancestor
+        except BaseException:
+            export.close()
+            raise
+        return export
+
+    def open_chain(self, vdi_uuid, sr_uuid=None, max_depth=64):
+        """The VDI's chain without locks or guard (inspection; the caller closes it). LVs this
+        activates stay active until release_chain(chain)."""
+        loc = self.locate(vdi_uuid, sr_uuid)
+        cleanup = []
+        chain = self._open_located(loc, cleanup, max_depth=max_depth)
+        chain.release = cleanup
+        return chain
+
+
+class FileSR(_SRBase):
     """Resolve VDIs of file SRs under one or more mount roots."""
 
-    def __init__(self, roots=DEFAULT_ROOTS):
+    def __init__(self, roots=DEFAULT_ROOTS, locks=None):
         if isinstance(roots, str):
             roots = [roots]
         if not roots:
             raise ValueError("at least one SR root is needed")
         self.roots = [os.path.realpath(r) for r in roots]
+        self.locks = locks if locks is not None else _no_locks()
 
     def inside_roots(self, path):
         real = os.path.realpath(path)
@@ -67,26 +172,35 @@ class FileSR(object):
                 % (what, path, os.path.realpath(path), ", ".join(self.roots))
             )
 
-    def resolve_vdi(self, vdi_uuid, sr_uuid=None):
-        """Path of <root>/<sr>/<vdi>.vhd. Without sr_uuid, every SR directory under the roots is
-        searched (directories whose names are uuids)."""
-        check_uuid(vdi_uuid, "VDI")
+    def _candidates(self, sr_uuid):
         if sr_uuid is not None:
             check_uuid(sr_uuid, "SR")
-            candidates = [(root, sr_uuid) for root in self.roots]
-        else:
-            candidates = []
-            for root in self.roots:
-                try:
-                    names = sorted(os.listdir(root))
-                except OSError:
-                    continue
-                candidates.extend((root, n) for n in names if _UUID_RE.fullmatch(n))
-        for root, sr in candidates:
+            return [(root, sr_uuid) for root in self.roots]
+        out = []
+        for root in self.roots:
+            try:
+                names = sorted(os.listdir(root))
+            except OSError:
+                continue
+            out.extend((root, n) for n in names if _UUID_RE.fullmatch(n))
+        return out
+
+    def resolve_vdi(self, vdi_uuid, sr_uuid=None):
+        """Path of <root>/<sr>/<vdi>.vhd. Without sr_uuid, every SR directory under the roots is
+        searched (directories whose names are uuids). A <vdi>.qcow2 is refused (UnsupportedFormat)."""
+        return self.locate(vdi_uuid, sr_uuid).where
+
+    def locate(self, vdi_uuid, sr_uuid=None):
+        check_uuid(vdi_uuid, "VDI")
+        for root, sr in self._candidates(sr_uuid):
             path = os.path.join(root, sr, vdi_uuid + ".vhd")
             if os.path.isfile(path):
                 self._check_inside(path, "VDI %s" % vdi_uuid)
-                return path
+                return _Located(sr, vdi_uuid, path)
+            qpath = os.path.join(root, sr, vdi_uuid + ".qcow2")
+            if os.path.isfile(qpath):
+                self._check_inside(qpath, "VDI %s" % vdi_uuid)
+                raise qcow2_refusal(vdi_uuid, qpath)
         where = "SR %s" % sr_uuid if sr_uuid else "any SR"
         raise VDINotFound(
             "VDI %s not found in %s under %s" % (vdi_uuid, where, ", ".join(self.roots))
@@ -100,12 +214,17 @@ class FileSR(object):
             self._check_inside(found, "parent of %s" % child.path)
         return found
 
-    def open_chain(self, vdi_uuid, sr_uuid=None, max_depth=64):
-        """Open the VDI's chain; every file of it is checked to lie inside the roots."""
-        from agent.vhd import open_chain
+    def _open_located(self, loc, cleanup, max_depth=64):
+        from agent.vhd import UnsupportedVhd, open_chain
 
-        path = self.resolve_vdi(vdi_uuid, sr_uuid)
-        chain = open_chain(path, max_depth=max_depth, resolve_parent=self._resolve_parent)
+        path = loc.where
+        try:
+            chain = open_chain(path, max_depth=max_depth, resolve_parent=self._resolve_parent)
+        except UnsupportedVhd as exc:
+            bad = getattr(exc, "path", None) or path
+            if _is_qcow2(bad):
+                raise qcow2_refusal(loc.vdi_uuid, bad) from exc
+            raise
         try:
             for f in chain.files:
                 self._check_inside(f.path, "chain file")
@@ -114,20 +233,234 @@ class FileSR(object):
             raise
         return chain
 
-    def open_export(self, vdi_uuid, sr_uuid=None, base_uuid=None, counters=None, name=None):
-        from agent.export import Export
 
-        chain = self.open_chain(vdi_uuid, sr_uuid)
-        base = None
+# --- LVM ------------------------------------------------------------------------------------------
+
+
+def vhd_physical_end(level):
+    """End of the VHD's metadata and data inside a larger device, as vhd-util computes it
+    (libvhd vhd_end_of_data): the furthest of the footer copy, header, BAT, batmap, parent locator
+    areas and allocated blocks (whole blocks). The footer goes right after it."""
+    from agent.vhd import format as fmt
+
+    f, h = level.footer, level.header
+    ends = [fmt.FOOTER_SIZE]
+    if h is None:
+        return level.size + fmt.FOOTER_SIZE  # fixed: data, then the footer
+    ends.append(f.data_offset + fmt.HEADER_SIZE)
+    bat_end = h.table_offset + fmt.sectors_padded(h.max_table_entries * 4)
+    ends.append(bat_end)
+    try:
+        raw = os.pread(level.fileno(), fmt.SECTOR, bat_end)
+        if raw[:8] == fmt.BATMAP_COOKIE:
+            bh = fmt.BatmapHeader.parse(raw)
+            ends.append(bat_end + fmt.SECTOR)
+            ends.append(bh.batmap_offset + bh.batmap_size * fmt.SECTOR)
+    except OSError:
+        pass
+    for loc in h.locators:
+        if loc.code and loc.data_offset:
+            ends.append(loc.data_offset + max(loc.space_bytes(), loc.data_length))
+    full = level.bitmap_size + level.block_size
+    allocated = [e for e in level.bat if e != fmt.BAT_UNUSED]
+    if allocated:
+        ends.append(max(allocated) * fmt.SECTOR + full)
+    return max(ends)
+
+
+def open_lv_vhd(path, fd, device_end):
+    """A VhdFile for the VHD inside an LV: its logical end is the device's end when the footer is
+    there (inflated LV), else the physical end computed from the metadata when a footer sits there
+    (deflated LV: vhd-util moved it), else the device's end (the footer copy at offset 0 is then the
+    only footer; reads stay bounded by the BAT). Bounded: one extra 512-byte read."""
+    from agent.vhd import VhdFile
+    from agent.vhd import format as fmt
+
+    probe = VhdFile.open(path, fd=fd, end=device_end, own_fd=False)
+    if probe.footer_at != "copy" or probe.header is None:
+        return VhdFile.open(path, fd=fd, end=device_end, own_fd=True)
+    end = vhd_physical_end(probe) + fmt.FOOTER_SIZE
+    if end < device_end:
+        data = os.pread(fd, fmt.FOOTER_SIZE, end - fmt.FOOTER_SIZE)
+        if data[:8] == fmt.FOOTER_COOKIE:
+            found = fmt.Footer.parse(data)
+            if found.checksum_ok() and found.uuid == probe.footer.uuid:
+                return VhdFile.open(path, fd=fd, end=end, own_fd=True)
+    return VhdFile.open(path, fd=fd, end=device_end, own_fd=True)
+
+
+def _device_end(fd):
+    import stat as stat_mod
+
+    st = os.fstat(fd)
+    if stat_mod.S_ISREG(st.st_mode):
+        return st.st_size
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+class LVMSR(_SRBase):
+    """VDIs of SM's LVM SRs (VG_XenStorage-<sr>), through agent.lvm.LVM."""
+
+    def __init__(self, lvm, locks=None):
+        self.lvm = lvm
+        self.locks = locks if locks is not None else _no_locks()
+
+    def locate(self, vdi_uuid, sr_uuid=None):
+        check_uuid(vdi_uuid, "VDI")
+        vg = None
+        if sr_uuid is not None:
+            check_uuid(sr_uuid, "SR")
+            vg = VG_PREFIX + sr_uuid
+        vols = self.lvm.list_volumes(vg)
+        for vg_name, lv in sorted(vols):
+            if lv == QCOW2_PREFIX + vdi_uuid:
+                raise qcow2_refusal(vdi_uuid, "LV %s/%s" % (vg_name, lv))
+        for prefix in (VHD_PREFIX, RAW_PREFIX):
+            for (vg_name, lv), info in sorted(vols.items()):
+                if lv == prefix + vdi_uuid:
+                    sr = vg_name[len(VG_PREFIX) :]
+                    check_uuid(sr, "SR of volume group %s" % vg_name)
+                    vg_vols = {k[1]: v for k, v in vols.items() if k[0] == vg_name}
+                    return _Located(sr, vdi_uuid, info, vg_vols)
+        where = "volume group %s" % vg if vg else "any %s* volume group" % VG_PREFIX
+        raise VDINotFound("VDI %s not found in %s" % (vdi_uuid, where))
+
+    def _activate_open(self, info, cleanup):
+        """Activate (counted) and open the LV's device; returns (fd, device end)."""
+        path = self.lvm.activate(info)
+        cleanup.append(lambda: self.lvm.release(info))
+        from agent.vhd.file import open_readonly
+
+        fd = open_readonly(path)
         try:
-            if base_uuid is not None:
-                base = self.open_chain(base_uuid, sr_uuid)
-            export = Export(chain, base, counters=counters, name=name)
-            if base is not None:
-                export.changed_blocks()  # fails now if the base is not an ancestor
-            return export
+            return fd, _device_end(fd)
         except BaseException:
-            chain.close()
-            if base is not None:
-                base.close()
+            os.close(fd)
             raise
+
+    def _open_level(self, info, cleanup):
+        from agent.vhd import RawFile, UnsupportedVhd
+
+        fd, end = self._activate_open(info, cleanup)
+        try:
+            if _is_qcow2(fd):
+                raise qcow2_refusal(info.name.split("-", 1)[-1], "LV %s/%s" % (info.vg, info.name))
+            if info.name.startswith(RAW_PREFIX):
+                return RawFile.open(info.path, fd=fd, end=end, own_fd=True)
+            try:
+                return open_lv_vhd(info.path, fd, end)
+            except UnsupportedVhd:
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _parent_volume(self, child, vols):
+        from agent.vhd import ChainError
+
+        if child.parent_uuid.int == 0:
+            # Raw parent: LVHD names it in the header and locators as LV-<uuid>.
+            names = [child.header.parent_name] + [
+                os.path.basename(p) for _c, p in child.parent_locators()
+            ]
+            for n in names:
+                if n.startswith(RAW_PREFIX) and _UUID_RE.fullmatch(n[len(RAW_PREFIX) :]):
+                    info = vols.get(n)
+                    if info is not None:
+                        return info
+            raise ChainError(
+                child.path,
+                "raw parent (%s) not found in the volume group" % ", ".join(n for n in names if n)
+                or "no name",
+                "parent locator",
+            )
+        name = VHD_PREFIX + str(child.parent_uuid)
+        info = vols.get(name)
+        if info is None:
+            raise ChainError(
+                child.path,
+                "parent %s not found in the volume group" % name,
+                "parent_uuid",
+            )
+        return info
+
+    def _open_located(self, loc, cleanup, max_depth=64):
+        from agent.vhd import Chain, RawFile, open_chain
+
+        info, vols = loc.where, loc.extra
+        leaf = self._open_level(info, cleanup)
+        if isinstance(leaf, RawFile):
+            return Chain([leaf])
+
+        def resolve_parent(child, locators):
+            pinfo = self._parent_volume(child, vols)
+            return self._open_level(pinfo, cleanup)
+
+        # open_chain takes the leaf by fd; the leaf we opened keeps owning that fd.
+        try:
+            chain = open_chain(
+                info.path,
+                max_depth=max_depth,
+                resolve_parent=resolve_parent,
+                allow_raw=False,
+                fd=leaf.fileno(),
+                end=leaf.end,
+            )
+        except BaseException:
+            leaf.close()
+            raise
+        cleanup.append(leaf.close)
+        return chain
+
+
+class Storage(_SRBase):
+    """File SRs and (when enabled) LVM SRs behind one interface (what the daemon uses)."""
+
+    def __init__(self, file_sr, lvm_sr=None):
+        self.file_sr = file_sr
+        self.lvm_sr = lvm_sr
+        self.locks = file_sr.locks
+        self.roots = file_sr.roots
+
+    def _backend(self, vdi_uuid, sr_uuid):
+        try:
+            return self.file_sr, self.file_sr.locate(vdi_uuid, sr_uuid)
+        except VDINotFound:
+            if self.lvm_sr is None:
+                raise
+        return self.lvm_sr, self.lvm_sr.locate(vdi_uuid, sr_uuid)
+
+    def locate(self, vdi_uuid, sr_uuid=None):
+        backend, loc = self._backend(vdi_uuid, sr_uuid)
+        loc.backend = backend
+        return loc
+
+    def _open_located(self, loc, cleanup, max_depth=64):
+        return loc.backend._open_located(loc, cleanup, max_depth=max_depth)
+
+    def resolve_vdi(self, vdi_uuid, sr_uuid=None):
+        return self.file_sr.resolve_vdi(vdi_uuid, sr_uuid)
+
+
+def from_config(cfg, runner=None):
+    """The daemon's Storage from an agent.config.Config."""
+    from agent.lvm import LVM
+
+    locks = smlock.SMLocks(
+        lock_dir=getattr(cfg, "sm_lock_dir", smlock.DEFAULT_LOCK_DIR) or None,
+        ipc_dir=getattr(cfg, "sm_ipc_dir", smlock.DEFAULT_IPC_DIR) or None,
+        abort_timeout=getattr(cfg, "gc_abort_timeout", smlock.DEFAULT_ABORT_TIMEOUT),
+        sr_lock_timeout=getattr(cfg, "sr_lock_timeout", smlock.DEFAULT_SR_LOCK_TIMEOUT),
+    )
+    file_sr = FileSR(cfg.sr_roots, locks=locks)
+    lvm_sr = None
+    enabled = cfg.lvm_enabled() if hasattr(cfg, "lvm_enabled") else bool(getattr(cfg, "lvm", False))
+    if enabled:
+        lvm = LVM(
+            runner=runner,
+            lvs=getattr(cfg, "lvm_lvs", "lvs"),
+            lvchange=getattr(cfg, "lvm_lvchange", "lvchange"),
+            dev_dir=getattr(cfg, "lvm_dev_dir", "/dev"),
+        )
+        lvm_sr = LVMSR(lvm, locks=locks)
+    return Storage(file_sr, lvm_sr)

@@ -1145,6 +1145,14 @@ class _Handler(object):
         try:
             action()
             ok = True
+        except (hp.HttpError, ClientGone, OSError):
+            raise
+        except Exception as exc:
+            if not type(exc).__module__.startswith("agent."):
+                raise
+            # The export's own refusals (agent.export.ChainChanged, ExportError, ...): a clean
+            # JSON error before the head, a closed stream after it.
+            raise _export_error(exc) from exc
         finally:
             self.conn.keep_export(ticket, export, view, reuse=ok and self.resp.keep_alive)
 
@@ -1243,16 +1251,23 @@ class _Handler(object):
             start, end = rng
             status = 206
             headers.append(("Content-Range", "bytes %d-%d/%d" % (start, end - 1, v.size)))
+        self.check_live()  # a chain already changed gets a JSON error, not a short body
         resp.start(status, headers, end - start)
         if resp.head_only:
             return
-        step = v.block_size  # check the ticket between blocks
+        # The ticket and the chain are checked between blocks; the last byte is held back until
+        # a final check, so a chain that changed while the data left ends in a short body.
+        step = v.block_size
         pos = start
-        while pos < end:
+        last = end - 1
+        while pos < last:
             self.check_live()
-            n = min(step - pos % step, end - pos)
+            n = min(step - pos % step, last - pos)
             resp.write_pieces(v.read_pieces(pos, n), self.record)
             pos += n
+        if end > start:
+            self.check_live()
+            resp.write_pieces(v.read_pieces(last, 1), self.record)
 
     def _block_range(self):
         v = self.view
@@ -1298,6 +1313,7 @@ class _Handler(object):
         plans = [(i, 0 if i in holes else v.block_length(i)) for i in chosen]
         enc = hp.BlocksEncoder(v.size, v.block_size, first, count, changed=changed)
         length = hp.BlocksEncoder.stream_length(n for _, n in plans)
+        self.check_live()
         resp = self.resp
         resp.transport = "blocks"
         resp.start(
@@ -1322,6 +1338,7 @@ class _Handler(object):
             resp.write(enc.frame(i, n))
             _count_block(metrics, pieces, self.conn.tls)
             resp.write_pieces(pieces, self.record)
+        self.check_live()  # a chain change during the last block: no end frame, the client knows
         resp.write(enc.end())
 
     def vhd(self):
@@ -1332,6 +1349,7 @@ class _Handler(object):
         resp = self.resp
         resp.transport = "vhd"
         name = "%s%s.vhd" % (v.vdi or "disk", "-delta" if changed else "")
+        self.check_live()
         resp.start(
             200,
             [
@@ -1362,6 +1380,7 @@ class _Handler(object):
             if short:
                 resp.write_zeros(short)
         self._pad_to(pos, layout.total_length - len(layout.suffix_bytes()))
+        self.check_live()  # the footer only follows data read from an unchanged chain
         resp.write(layout.suffix_bytes())
 
 
@@ -1402,8 +1421,15 @@ def _export_error(exc):
         )
     if "unsupported" in low or "format" in low:
         return hp.HttpError(msg, status=409, code="unsupported_format")
-    if "changed" in low or "busy" in low or "locked" in low:
+    if "changed" in low:
         return hp.HttpError(msg, status=409, code="chain_changed")
+    if "busy" in low or "locked" in low:
+        return hp.HttpError(
+            "the SR is busy, retry: %s" % msg,
+            status=503,
+            code="sr_busy",
+            headers=[("Retry-After", "5")],
+        )
     if "corrupt" in low or "vhd" in low:
         return hp.HttpError(
             "the VDI's VHD chain cannot be read: %s" % msg, status=500, code="corrupt_vhd"

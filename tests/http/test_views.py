@@ -106,7 +106,8 @@ def test_changed_but_unallocated_block_is_a_zero_frame(serve):
 
 
 def test_chain_changing_mid_stream_ends_it_without_mixed_data(serve):
-    view = MemoryView(DATA, allocated=[0, 1, 2, 3, 4], fail_check_after=2)
+    # checks: before the head, before blocks 0 and 1, then before block 2 (fails)
+    view = MemoryView(DATA, allocated=[0, 1, 2, 3, 4], fail_check_after=3)
     env = serve(lambda ticket: view)
     t = env.tickets.create("mem").id
     s = env.connect()
@@ -202,3 +203,71 @@ def test_vhd_stream_pads_a_short_last_block(serve, tmp_path, qemu_tools):
         timeout=60,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# Stand-ins for agent.export's errors (same module, same names as the real ones).
+ChainChangedError = type("ChainChanged", (Exception,), {"__module__": "agent.export"})
+ExportErrorStandIn = type("ExportError", (Exception,), {"__module__": "agent.export"})
+
+
+class GuardedView(MemoryView):
+    """check() raises like agent.export.Export.check once the chain 'changed'."""
+
+    def __init__(self, *a, **kw):
+        self.changed_after = kw.pop("changed_after")
+        MemoryView.__init__(self, *a, **kw)
+
+    def check(self):
+        self.checks += 1
+        if self.checks > self.changed_after:
+            raise ChainChangedError(
+                "the VHD chain of x changed under the export: leaf.vhd: resized"
+            )
+
+
+@pytest.mark.parametrize("path", ["raw", "blocks", "vhd"])
+def test_a_chain_change_after_the_last_data_still_fails_the_stream(serve, path):
+    """The final check comes after the data: the client never gets a complete-looking stream."""
+    data = bytes(range(256)) * (2 * BS // 256)  # two blocks
+    # checks: before the head, before block 0, before block 1, then the final one (fails)
+    view = GuardedView(data, allocated=[0, 1], changed_after=3)
+    view.vhd_layout = BigBlockView.vhd_layout.__get__(view)
+    env = serve(lambda ticket: view)
+    t = env.tickets.create("mem").id
+    s = env.connect()
+    try:
+        s.sendall(("GET /v1/exports/%s/%s HTTP/1.1\r\nHost: x\r\n\r\n" % (t, path)).encode())
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    head, _, body = buf.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    length = int(
+        [h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[
+            1
+        ]
+    )
+    assert len(body) < length  # short: the client sees the failure
+    wait_for(lambda: env.server.metrics.errors.get("stream", 0) == 1)
+
+
+def test_export_errors_before_the_head_are_clean_json(serve):
+    class Failing(MemoryView):
+        def extents(self, offset, length):
+            raise ExportErrorStandIn("range [0, +5) outside the export")
+
+        def check(self):
+            raise ChainChangedError("the VHD chain of x changed under the export")
+
+    env = serve(lambda ticket: Failing(DATA, allocated=[0]))
+    t = env.tickets.create("mem").id
+    status, _, body = request(env, "/v1/exports/%s/extents" % t)
+    assert (status, json.loads(body)["error"]) == (500, "export_failed")
+    status, _, body = request(env, "/v1/exports/%s/raw" % t, [("Range", "bytes=0-0")])
+    assert (status, json.loads(body)["error"]) == (409, "chain_changed")
+    assert "changed under the export" in json.loads(body)["message"]

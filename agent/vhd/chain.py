@@ -4,6 +4,7 @@ A clear sector-bitmap bit means "ask the parent"; a parent smaller than its chil
 its size; reads are bounded by the leaf's current_size. The chain holds one fd per file for its life.
 """
 
+import bisect
 import collections
 import os
 import stat
@@ -13,6 +14,9 @@ from agent.vhd.errors import ChainError, VhdError
 from agent.vhd.file import BEYOND, FULL, SECTOR, RawFile, VhdFile, open_level
 
 _SPAN_MIN_RUNS = 3
+_POOL_BUFFERS = 4  # assembly buffers kept per chain (one per concurrent reader is enough)
+
+_ZEROS = memoryview(bytes(1 << 21))  # source of zero fills (slices of it, no allocation per fill)
 
 Extent = collections.namedtuple("Extent", "offset length zero")
 BlockSource = collections.namedtuple("BlockSource", "kind file offset length")
@@ -36,6 +40,15 @@ def _read_at(fd, view, offset):
             break
         done += n
     return done
+
+
+def _zero(view, a, b):
+    """view[a:b] = zeros, copied from the module's zero buffer."""
+    step = len(_ZEROS)
+    while a < b:
+        n = min(b - a, step)
+        view[a : a + n] = _ZEROS[:n]
+        a += n
 
 
 def _span_group(runs):
@@ -206,6 +219,23 @@ class Chain(object):
         self._same_grid = all(
             f.block_size == self.block_size or not f.is_vhd or f.bat is None for f in self.files
         )
+        # Block-at-a-time resolution (_resolve_blocks): the levels that can supply sectors are the
+        # dynamic ones down to the first level that has every sector (fixed VHD or raw), if any.
+        # It applies to sectors below _fast_limit (every such level covers them, so no level reads
+        # as zeros past its size) when all levels share the block grid.
+        self._full = None
+        for i, f in enumerate(self.files):
+            if not f.is_vhd or f.bat is None:
+                self._full = i
+                break
+        self._levels = self.files if self._full is None else self.files[: self._full + 1]
+        self._fast_limit = -1
+        if self._same_grid:
+            self._fast_limit = min(f.size_sectors for f in self._levels)
+        self._spb = self.block_size // SECTOR
+        self._ones = b"\xff" * ((self._spb + 7) // 8)
+        self._dyn_blocks = None  # sorted union of the dynamic levels' allocated blocks (lazy)
+        self._pool = []  # reusable assembly buffers of block_size bytes
 
     # -- lifetime ------------------------------------------------------------------------------------
 
@@ -234,7 +264,127 @@ class Chain(object):
     # -- resolution ----------------------------------------------------------------------------------
 
     def _resolve(self, first, count):
-        """Runs (start sector, sectors, level index or None, file offset) covering [first, first+count)."""
+        """Runs (start sector, sectors, level index or None, file offset) covering [first, first+count),
+        sorted, maximal (adjacent runs of one level with contiguous file offsets are merged)."""
+        end = first + count
+        lim = self._fast_limit
+        if end <= lim:
+            return self._resolve_blocks(first, count)
+        if first >= lim:
+            return self._resolve_levels(first, count)
+        out = self._resolve_blocks(first, lim - first)
+        rest = self._resolve_levels(lim, end - lim)
+        if out and rest:
+            p, r = out[-1], rest[0]
+            if p[2] == r[2] and (p[2] is None or p[3] + p[1] * SECTOR == r[3]):
+                out[-1] = (p[0], p[1] + r[1], p[2], p[3])
+                rest = rest[1:]
+        out.extend(rest)
+        return out
+
+    def _allocated_above_full(self):
+        blocks = self._dyn_blocks
+        if blocks is None:
+            dyn = self._levels if self._full is None else self._levels[:-1]
+            if len(dyn) == 1:
+                blocks = dyn[0].allocated_blocks()
+            else:
+                found = set()
+                for f in dyn:
+                    found.update(f.allocated_blocks())
+                blocks = sorted(found)
+            self._dyn_blocks = blocks
+        return blocks
+
+    def _resolve_blocks(self, first, count):
+        """_resolve for sectors below _fast_limit: one speedups.block_runs call per block that some
+        dynamic level holds; the blocks between them come whole from the full level (or are zeros)."""
+        out = []
+        append = out.append
+        end = first + count
+        spb = self._spb
+        full = self._full
+        blocks = self._allocated_above_full()
+        nblocks = len(blocks)
+        k = bisect.bisect_left(blocks, first // spb)
+        pos = first
+        while pos < end:
+            nxt = blocks[k] * spb if k < nblocks else end
+            if nxt > pos:
+                # no dynamic level has these blocks
+                gend = min(nxt, end)
+                if full is None:
+                    run = (pos, gend - pos, None, 0)
+                else:
+                    run = (pos, gend - pos, full, pos * SECTOR)
+                if out:
+                    p = out[-1]
+                    if (
+                        p[2] == run[2]
+                        and p[0] + p[1] == pos
+                        and (full is None or p[3] + p[1] * SECTOR == run[3])
+                    ):
+                        out[-1] = (p[0], p[1] + run[1], p[2], p[3])
+                    else:
+                        append(run)
+                else:
+                    append(run)
+                pos = gend
+                continue
+            b = blocks[k]
+            k += 1
+            bstart = b * spb
+            bend = min(bstart + spb, end)
+            for run in self._block_runs(b, pos - bstart, bend - pos):
+                if out:
+                    p = out[-1]
+                    if (
+                        p[2] == run[2]
+                        and p[0] + p[1] == run[0]
+                        and (p[2] is None or p[3] + p[1] * SECTOR == run[3])
+                    ):
+                        out[-1] = (p[0], p[1] + run[1], p[2], p[3])
+                        continue
+                append(run)
+            pos = bend
+        return out
+
+    def _block_runs(self, index, s0, n):
+        """Runs (sector, sectors, level or None, file offset) of sectors [s0, s0 + n) of block index."""
+        bstart = index * self._spb
+        bitmaps = []
+        offsets = []
+        full = self._full
+        for li, level in enumerate(self._levels):
+            if li == full:
+                bm = FULL
+                off = index * self.block_size
+            else:
+                bm = level.block_bitmap(index)
+                if bm is None:
+                    bitmaps.append(None)
+                    offsets.append(0)
+                    continue
+                off = level.block_data_offset(index)
+            if bm is FULL:
+                if all(x is None for x in bitmaps):
+                    return [(bstart + s0, n, li, off + s0 * SECTOR)]
+                bitmaps.append(self._ones)
+                offsets.append(off)
+                break
+            bitmaps.append(bm)
+            offsets.append(off)
+        out = []
+        for s, ln, li in speedups.block_runs(bitmaps, s0, n):
+            if li < 0:
+                out.append((bstart + s, ln, None, 0))
+            else:
+                out.append((bstart + s, ln, li, offsets[li] + s * SECTOR))
+        return out
+
+    def _resolve_levels(self, first, count):
+        """_resolve level by level (any grids and sizes): each level answers sectors_present for what
+        the levels above it left pending."""
         out = []
         pending = [(first, count)]
         for li, level in enumerate(self.files):
@@ -286,9 +436,18 @@ class Chain(object):
             return b""
         first = offset // SECTOR
         last = (offset + length + SECTOR - 1) // SECTOR
+        skip = offset - first * SECTOR
+        if last - first <= self._spb:
+            # at most a block: assemble in a pooled buffer and copy out once (see read_block)
+            buf = self._take_buffer()
+            try:
+                view = memoryview(buf)
+                self._fill(view[: (last - first) * SECTOR], first, last - first, zero=True)
+                return bytes(view[skip : skip + length])
+            finally:
+                self._give_buffer(buf)
         buf = bytearray((last - first) * SECTOR)
         self._fill(memoryview(buf), first, last - first)
-        skip = offset - first * SECTOR
         if skip == 0 and len(buf) == length:
             return bytes(buf)
         return bytes(buf[skip : skip + length])
@@ -314,7 +473,7 @@ class Chain(object):
             a, b = (s0 - first) * SECTOR, (s1 - first) * SECTOR
             got = _read_at(self.files[li].fileno(), view[a:b], where)
             if got < b - a:
-                view[a + got : b] = bytes(b - a - got)
+                _zero(view, a + got, b)
         for s, n, li, where in runs:
             a = (s - first) * SECTOR
             b = a + n * SECTOR
@@ -322,11 +481,11 @@ class Chain(object):
                 continue  # part of the span read (a run of another block of that level is not)
             if li is None:
                 if zero or (span is not None and s < span[2] and s + n > span[1]):
-                    view[a:b] = bytes(n * SECTOR)
+                    _zero(view, a, b)
                 continue
             got = _read_at(self.files[li].fileno(), view[a:b], where)
             if (zero or span is not None) and got < b - a:
-                view[a + got : b] = bytes(b - a - got)
+                _zero(view, a + got, b)
 
     def extents(self, offset=0, length=None):
         """[Extent(offset, length, zero)]: zero where no file of the chain has the sectors."""
@@ -339,17 +498,90 @@ class Chain(object):
         last = (offset + length + SECTOR - 1) // SECTOR
         out = []
         stop = offset + length
-        for s, n, li, _where in self._resolve(first, last - first):
+        for s, n, z in self._presence(first, last - first):
             a = max(s * SECTOR, offset)
             b = min((s + n) * SECTOR, stop)
             if b <= a:
                 continue
-            z = li is None
             if out and out[-1].zero == z and out[-1].offset + out[-1].length == a:
                 out[-1] = Extent(out[-1].offset, out[-1].length + b - a, z)
             else:
                 out.append(Extent(a, b - a, z))
         return out
+
+    def _presence(self, first, count):
+        """Runs (start sector, sectors, zero) covering [first, first + count), adjacent runs merged:
+        zero where no level has the sectors. What _resolve says, without the levels and offsets."""
+        out = []
+        end = first + count
+        lim = self._fast_limit
+        if first < lim:
+            self._presence_blocks(first, min(end, lim), out)
+        if end > lim:
+            s = max(first, lim)
+            for rs, rn, li, _where in self._resolve_levels(s, end - s):
+                z = li is None
+                if out and out[-1][2] == z:
+                    p = out[-1]
+                    out[-1] = (p[0], p[1] + rn, z)
+                else:
+                    out.append((rs, rn, z))
+        return out
+
+    def _presence_blocks(self, first, end, out):
+        if self._full is not None:
+            out.append((first, end - first, False))  # a fixed or raw level has every sector
+            return
+        spb = self._spb
+        levels = self._levels
+        blocks = self._allocated_above_full()
+        nblocks = len(blocks)
+        k = bisect.bisect_left(blocks, first // spb)
+        pos = first
+        while pos < end:
+            nxt = blocks[k] * spb if k < nblocks else end
+            if nxt > pos:
+                npos = min(nxt, end)
+                runs = ((pos, npos - pos, True),)
+            else:
+                b = blocks[k]
+                k += 1
+                bstart = b * spb
+                npos = min(bstart + spb, end)
+                n = npos - pos
+                seen = None
+                union = None
+                runs = None
+                for level in levels:
+                    bm = level.block_bitmap(b)
+                    if bm is None:
+                        continue
+                    if bm is FULL:
+                        runs = ((pos, n, False),)
+                        break
+                    if seen is None:
+                        seen = bm
+                    else:
+                        if union is None:
+                            union = bytearray(seen[: len(self._ones)])
+                        speedups.bitmap_claim(bm, union)  # union |= bm
+                if runs is None:
+                    if seen is None:
+                        runs = ((pos, n, True),)
+                    else:
+                        runs = [
+                            (bstart + rs, rn, not isset)
+                            for rs, rn, isset in speedups.bitmap_runs(
+                                seen if union is None else union, pos - bstart, n
+                            )
+                        ]
+            for run in runs:
+                if out and out[-1][2] == run[2]:
+                    p = out[-1]
+                    out[-1] = (p[0], p[1] + run[1], run[2])
+                else:
+                    out.append(run)
+            pos = npos
 
     def block_range(self, index):
         if index < 0 or index >= self.block_count:
@@ -360,7 +592,33 @@ class Chain(object):
     def block_source(self, index):
         """BlockSource(kind, file, offset, length) for guest block `index` (see module docs)."""
         start, length = self.block_range(index)
-        runs = self._resolve(start // SECTOR, (length + SECTOR - 1) // SECTOR)
+        nsec = (length + SECTOR - 1) // SECTOR
+        if start // SECTOR + nsec > self._fast_limit:
+            return self._block_source_runs(index, start, length, nsec)
+        # The first level with any of the block's sectors decides: all of them -> 'file', some -> the
+        # rest comes from below (or is zeros) -> 'assemble'; no level -> 'zero'.
+        full = self._full
+        for li, level in enumerate(self._levels):
+            if li == full:
+                off = start
+            else:
+                bm = level.block_bitmap(index)
+                if bm is None:
+                    continue
+                if bm is not FULL:
+                    present = speedups.bitmap_count(bm, 0, nsec)
+                    if present == 0:
+                        continue
+                    if present != nsec:
+                        return BlockSource("assemble", None, 0, length)
+                off = level.block_data_offset(index)
+            if level.data_range_ok(off, length):
+                return BlockSource("file", level, off, length)
+            return BlockSource("assemble", None, 0, length)
+        return BlockSource("zero", None, 0, length)
+
+    def _block_source_runs(self, index, start, length, nsec):
+        runs = self._resolve(start // SECTOR, nsec)
         if len(runs) == 1:
             s, n, li, where = runs[0]
             if li is None:
@@ -369,6 +627,16 @@ class Chain(object):
             if level.data_range_ok(where, length):
                 return BlockSource("file", level, where, length)
         return BlockSource("assemble", None, 0, length)
+
+    def _take_buffer(self):
+        try:
+            return self._pool.pop()
+        except IndexError:
+            return bytearray(self._spb * SECTOR)
+
+    def _give_buffer(self, buf):
+        if len(self._pool) < _POOL_BUFFERS:
+            self._pool.append(buf)
 
     def read_block(self, index):
         """The guest bytes of block `index` (length = min(block_size, size - start))."""
@@ -381,62 +649,34 @@ class Chain(object):
                 return data
         elif src.kind == "zero":
             return bytes(length)
-        nsec = (length + SECTOR - 1) // SECTOR
-        buf = bytearray(nsec * SECTOR)
-        if not self._same_grid or not self._claim_fill(index, buf, nsec):
-            self._fill(memoryview(buf), start // SECTOR, nsec)
-        if len(buf) != length:
-            del buf[length:]
-        return bytes(buf)
+        # Assemble in a pooled buffer, then one copy out: a fresh 2 MiB buffer per block plus the
+        # bytes copy costs page faults (glibc hands big freed chunks back to the kernel).
+        buf = self._take_buffer()
+        try:
+            nsec = (length + SECTOR - 1) // SECTOR
+            view = memoryview(buf)
+            self._fill(view[: nsec * SECTOR], start // SECTOR, nsec, zero=True)
+            return bytes(view[:length])
+        finally:
+            self._give_buffer(buf)
 
-    def _claim_fill(self, index, buf, nsec):
-        """Assemble a block with bitmap_claim (leaf to root decides who supplies each sector), then read
-        root first, a level with many fragments in one span read, the levels above on top of it.
-        False when a level is smaller than the block (the general path handles that)."""
-        end_sector = index * (self.block_size // SECTOR) + nsec
-        for level in self.files:
-            if level.size_sectors < end_sector:
-                return False
-        nbytes = (self.block_size // SECTOR + 7) // 8
-        taken = bytearray(nbytes)
-        ones = None
-        plan = []
-        for level in self.files:
-            if level.is_vhd and level.bat is not None:
-                bm = level.block_bitmap(index)
-                if bm is None:
-                    continue
-                data_off = level.block_data_offset(index)
-            else:
-                bm = FULL
-                data_off = index * self.block_size
-            if bm is FULL:
-                if ones is None:
-                    ones = b"\xff" * nbytes
-                bm = ones
-            claim = speedups.bitmap_claim(bm, taken)
-            runs = [(s, n) for s, n, isset in speedups.bitmap_runs(claim, 0, nsec) if isset]
-            if runs:
-                plan.append((level.fileno(), data_off, runs))
-            if speedups.bitmap_count(taken, 0, nsec) == nsec:
-                break
-        view = memoryview(buf)
-        spanned = False
-        for k, (fd, data_off, runs) in enumerate(reversed(plan)):
-            # Only the first (root-most) level may span: a span over-reads sectors that belong to other
-            # levels, which is harmless only when every level read later overwrites its own sectors.
-            if k == 0 and len(runs) >= _SPAN_MIN_RUNS:
-                s0, s1 = runs[0][0], runs[-1][0] + runs[-1][1]
-                _read_at(fd, view[s0 * SECTOR : s1 * SECTOR], data_off + s0 * SECTOR)
-                spanned = True
-            else:
-                for s, n in runs:
-                    _read_at(fd, view[s * SECTOR : (s + n) * SECTOR], data_off + s * SECTOR)
-        if spanned:
-            for s, n, isset in speedups.bitmap_runs(taken, 0, nsec):
-                if not isset:
-                    view[s * SECTOR : (s + n) * SECTOR] = bytes(n * SECTOR)
-        return True
+    def read_block_into(self, index, buf):
+        """Fill buf[:length] with the guest bytes of block `index` and return length (see read_block).
+
+        buf: a writable buffer of at least that many bytes (e.g. a bytearray of block_size reused
+        from block to block); the bytes after length are left as they were."""
+        start, length = self.block_range(index)
+        view = memoryview(buf).cast("B")
+        if view.readonly or len(view) < length:
+            raise ValueError(
+                "block %d needs a writable buffer of %d bytes (got %d%s)"
+                % (index, length, len(view), ", read-only" if view.readonly else "")
+            )
+        if length % SECTOR:
+            view[:length] = self.read_block(index)
+        else:
+            self._fill(view[:length], start // SECTOR, length // SECTOR, zero=True)
+        return length
 
     # -- incremental ---------------------------------------------------------------------------------
 

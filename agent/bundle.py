@@ -11,7 +11,7 @@ The tarball (xcp-fastpath-agent-<version>.tar.gz, one top directory of the same 
     plugin/fastpath                 the XAPI plugin (-> /etc/xapi.d/plugins/fastpath)
     systemd/fastpath-agent.service  the unit (-> /etc/systemd/system/)
     systemd/agent.conf              default config (-> /etc/fastpath/agent.conf, if absent)
-    docs/                           install-dom0.md, http.md
+    docs/                           install-dom0.md, http.md, consistency.md (when present)
     VERSION, SHA256SUMS
 
 Compiled speedups are optional: the agent runs on the pure-Python twins. A module built for dom0's
@@ -105,7 +105,7 @@ def contents(version, speedups=None):
         ("systemd/agent.conf", _read("systemd/agent.conf"), REGULAR),
         ("VERSION", (version + "\n").encode("ascii"), REGULAR),
     ]
-    for doc in ("install-dom0.md", "http.md"):
+    for doc in ("install-dom0.md", "http.md", "consistency.md"):
         path = os.path.join(ROOT, "docs", doc)
         if os.path.exists(path):
             items.append(("docs/" + doc, _read("docs/" + doc), REGULAR))

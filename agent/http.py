@@ -261,15 +261,34 @@ class RealExportView(ExportView):
         self._allocated = None
 
     def allocated_blocks(self):
+        """Blocks some file of the chain holds: from the BATs (metadata only, as the NBD server
+        does), or from the export's extents when a level cannot say."""
         if self._allocated is None:
-            bs = self.block_size
+            export = self.export
+            if getattr(export, "base_chain", None) is None and hasattr(export, "changed_blocks"):
+                self._allocated = list(export.changed_blocks())  # no base: changed == allocated
+            else:
+                self._allocated = self._bat_union()
+        return self._allocated
+
+    def _bat_union(self):
+        bs = self.block_size
+        count = self.block_count
+        blocks = set()
+        try:
+            for f in self.export.chain.files:
+                fbs = f.block_size
+                for b in f.allocated_blocks():
+                    first = b * fbs // bs
+                    last = min(((b + 1) * fbs - 1) // bs, count - 1)
+                    blocks.update(range(first, last + 1))
+        except AttributeError:
             blocks = set()
             for start, length, kind in self.export.extents(0, self.size):
                 if kind == "hole" or length <= 0:
                     continue
                 blocks.update(range(start // bs, (start + length - 1) // bs + 1))
-            self._allocated = sorted(blocks)
-        return self._allocated
+        return sorted(b for b in blocks if b < count)
 
     def changed_blocks(self):
         return self.export.changed_blocks()

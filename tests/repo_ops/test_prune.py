@@ -7,6 +7,8 @@ import time
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator.jobs.prune import RetentionPolicy, plan_prune, run_prune, select_keep
 from orchestrator.repo.repository import Catalog, RestorePoint, format_time
@@ -155,3 +157,44 @@ def test_incomplete_points_of_dead_writers_are_pruned(repo):
     report = run_prune(repo, RetentionPolicy(keep_last=5))
     assert report["deleted_incomplete"] == [s.id]
     assert len(repo.list_restore_points(include_incomplete=True)) == 1
+
+
+_times = st.lists(st.integers(1_700_000_000, 1_800_000_000), min_size=0, max_size=40)
+_n = st.integers(0, 6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_times, _n, _n, _n, _n)
+def test_retention_properties(times, last, daily, weekly, monthly):
+    if not (last or daily or weekly or monthly):
+        return
+    policy = RetentionPolicy(
+        keep_last=last, keep_daily=daily, keep_weekly=weekly, keep_monthly=monthly
+    )
+    keep = select_keep(times, policy)
+    order = sorted(range(len(times)), key=lambda i: times[i], reverse=True)
+    if times:
+        assert order[0] in keep  # the newest restore point always survives
+    assert set(order[:last]) <= set(keep)  # keep-last N: the N newest
+    for rule, n in (("daily", daily), ("weekly", weekly), ("monthly", monthly)):
+        chosen = [i for i, reasons in keep.items() if rule in reasons]
+        periods = {_period_of(rule, times[i]) for i in chosen}
+        assert len(chosen) == len(periods) <= n  # one per period, at most N periods
+        for i in chosen:  # and it is the newest of its period
+            same = [
+                j
+                for j in range(len(times))
+                if _period_of(rule, times[j]) == _period_of(rule, times[i])
+            ]
+            assert times[i] == max(times[j] for j in same)
+    # adding a rule never deletes more (rules are a union)
+    wider = RetentionPolicy(
+        keep_last=last + 1, keep_daily=daily, keep_weekly=weekly, keep_monthly=monthly
+    )
+    assert set(keep) <= set(select_keep(times, wider))
+
+
+def _period_of(rule, t):
+    from orchestrator.jobs.prune import _period
+
+    return _period(rule, t)

@@ -275,3 +275,20 @@ def test_keep_alive_reuses_the_export_then_drops_it_when_idle(env, disk):
     finally:
         s.close()
     wait_for(lambda: env.server.metrics.open_exports == 0)
+
+
+def test_block_granular_allocation_extents(env):
+    t = env.ticket(base=True)
+    status, _, body = request(
+        env, "/v1/exports/%s/extents?context=allocation&granularity=block" % t
+    )
+    assert status == 200
+    runs = [(r["start"], r["length"], r["hole"]) for r in json.loads(body)]
+    assert runs == [(0, 8 * MiB, False), (8 * MiB, SIZE - 8 * MiB, True)]
+    status, _, body = request(
+        env, "/v1/exports/%s/extents?granularity=block&start=%d&length=%d" % (t, 3 * MiB, 6 * MiB)
+    )
+    runs = [(r["start"], r["length"], r["hole"]) for r in json.loads(body)]
+    assert runs == [(3 * MiB, 5 * MiB, False), (8 * MiB, MiB, True)]
+    status, _, body = request(env, "/v1/exports/%s/extents?granularity=page" % t)
+    assert status == 400

@@ -14,6 +14,7 @@ PKGS=(
   openssl             # test certificates
   e2fsprogs           # mkfs.ext4 -d: realistic disk contents for demo and benchmarks
   systemd             # systemd-analyze verify for the unit files
+  time curl           # fastpath bench: /usr/bin/time (peak RSS of each client), curl (HTTP streams)
 )
 
 missing=()

@@ -1,0 +1,148 @@
+"""``fastpath bench``: the speed comparison (orchestrator.benchcmd.run) and ``--fleet``, the dedup
+and storage report (bench.fleet). The work lives in orchestrator/benchcmd; this module only
+registers the command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from orchestrator.cli import CommandFailed, UsageError
+from orchestrator.progress import Progress
+
+QUICK = {
+    "size": "16M",
+    "runs": 2,
+    "transports": ("nbd", "xapi-export"),
+    "variants": ("encrypted", "s3"),
+    "e2e_disks": ("chain3",),
+    "steps": ("full", "inc1"),
+}
+
+
+def register(registry) -> None:
+    p = registry.add(
+        "bench", run_bench, help="speed comparison: fast path vs XAPI's way vs the physical limit"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny disks, 2 runs, fewer rows (a smoke run)"
+    )
+    p.add_argument("--size", help="virtual size of each test disk (default 1G; --quick 16M)")
+    p.add_argument("--runs", type=int, help="runs per measurement (default 3; --quick 2)")
+    p.add_argument("--connections", type=int, default=4, help="connections/streams (default 4)")
+    p.add_argument("--xapi", metavar="URL", help="measure a real pool instead of hostsim")
+    p.add_argument("--vm", metavar="UUID", help="with --xapi: the VM to read (snapshot only)")
+    p.add_argument("--user", default="root", help="with --xapi: XAPI user")
+    p.add_argument("--password", help="with --xapi: XAPI password ($FASTPATH_XAPI_PASSWORD)")
+    p.add_argument(
+        "--repo", metavar="DIR", help="directory for the end-to-end repositories (default: temp)"
+    )
+    p.add_argument("--out", default="bench-out", metavar="DIR", help="bench.md/.png/.json here")
+    p.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) repositories")
+    p.add_argument(
+        "--transports", help="comma list for end to end (default nbd,http,xapi-nbd,xapi-export)"
+    )
+    p.add_argument(
+        "--variants",
+        help="comma list of repository variants for the agent's NBD "
+        "(default encrypted,uncompressed,s3,s3-encrypted)",
+    )
+    p.add_argument("--steps", help="comma list of full,inc1,inc10 (default all)")
+    p.add_argument("--fleet", action="store_true", help="the dedup and storage report instead")
+    p.add_argument("--vms", type=int, help="--fleet: VMs from one template (default 10)")
+    p.add_argument("--days", type=int, help="--fleet: daily incrementals (default 30)")
+    p.set_defaults(_render=_render)
+
+
+def _csv(text: str | None, default: tuple[str, ...], allowed: tuple[str, ...], what: str):
+    if not text:
+        return default
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in items if t not in allowed]
+    if bad:
+        raise UsageError(f"unknown {what}: {', '.join(bad)} (one of {', '.join(allowed)})")
+    return items
+
+
+def run_bench(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
+    if args.fleet:
+        return _run_fleet(args, ui)
+    from orchestrator.benchcmd import run
+
+    if (args.xapi is None) != (args.vm is None):
+        raise UsageError("--xapi URL and --vm UUID go together")
+    if args.runs is not None and args.runs < 1:
+        raise UsageError("--runs must be >= 1")
+    quick = QUICK if args.quick else {}
+    opts = run.Options(
+        quick=args.quick,
+        size=args.size or quick.get("size", "1G"),
+        runs=args.runs or quick.get("runs", 3),
+        connections=args.connections,
+        xapi=args.xapi,
+        vm=args.vm,
+        user=args.user,
+        password=args.password,
+        repo=args.repo,
+        out=args.out,
+        s3=not args.no_s3,
+        log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True),
+    )
+    opts.transports = _csv(
+        args.transports,
+        quick.get("transports", opts.transports),
+        ("nbd", "http", "xapi-nbd", "xapi-export"),
+        "transport",
+    )
+    opts.variants = _csv(
+        args.variants,
+        quick.get("variants", opts.variants),
+        ("encrypted", "uncompressed", "s3", "s3-encrypted"),
+        "variant",
+    )
+    opts.e2e_disks = quick.get("e2e_disks", opts.e2e_disks)
+    opts.steps = _csv(args.steps, quick.get("steps", opts.steps), ("full", "inc1", "inc10"), "step")
+    if args.progress in ("quiet",) or args.json and args.progress == "auto":
+        opts.log = None if args.progress == "quiet" else opts.log
+    try:
+        if args.xapi:
+            return run.run_real_pool(opts)
+        return run.run_bench(opts)
+    except RuntimeError as exc:
+        raise CommandFailed(str(exc)) from None
+
+
+def _run_fleet(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
+    fleet = _import_fleet()
+    try:
+        return fleet.run_fleet(
+            vms=args.vms or (3 if args.quick else 10),
+            days=args.days or (3 if args.quick else 30),
+            size=args.size or ("8M" if args.quick else "64M"),
+            out=args.out,
+            log=lambda line: print(f"bench --fleet: {line}", file=sys.stderr, flush=True),
+        )
+    except RuntimeError as exc:
+        raise CommandFailed(str(exc)) from None
+
+
+def _import_fleet():
+    """bench/fleet.py lives beside orchestrator/ in the source tree (bench/ is not installed)."""
+    try:
+        from bench import fleet
+    except ImportError:
+        import os
+
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        sys.path.insert(0, root)
+        from bench import fleet
+    return fleet
+
+
+def _render(result: dict[str, Any]) -> str:
+    if result.get("fleet"):
+        return _import_fleet().render(result)
+    from orchestrator.benchcmd.run import render
+
+    return render(result)

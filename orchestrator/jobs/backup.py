@@ -93,7 +93,7 @@ def _repo_arguments(p) -> None:
 def _tuning_arguments(p) -> None:
     p.add_argument("--connections", type=int, default=4, help="connections/streams per disk")
     p.add_argument("--depth", type=int, default=8, help="NBD requests in flight per connection")
-    p.add_argument("--store-threads", type=int, default=4, help="chunk store threads per disk")
+    p.add_argument("--store-threads", type=int, default=8, help="chunk store threads per disk")
     p.add_argument("--parallel-disks", type=int, default=4)
     p.add_argument(
         "--read-ahead", type=int, default=16, help="blocks read ahead of the store, per disk"

@@ -26,6 +26,11 @@ def add_xapi_arguments(p, *, required_flag: str = "--xapi") -> None:
     p.add_argument("--user", help="XAPI user (default $FASTPATH_XAPI_USER, root)")
     p.add_argument("--password", help="XAPI password (default $FASTPATH_XAPI_PASSWORD)")
     p.add_argument(
+        "--xapi-cafile",
+        metavar="PEM",
+        help="CA (or the pool's own certificate) to verify an https:// XAPI with",
+    )
+    p.add_argument(
         "--hostsim",
         metavar="DIR",
         help="take URL and credentials from DIR/hostsim.json (default $HOSTSIM_ROOT)",
@@ -38,7 +43,7 @@ def resolve_target(args) -> XapiTarget:
     url = args.xapi or os.environ.get("FASTPATH_XAPI_URL")
     user = args.user or os.environ.get("FASTPATH_XAPI_USER")
     password = args.password or os.environ.get("FASTPATH_XAPI_PASSWORD")
-    cafile = None
+    cafile = getattr(args, "xapi_cafile", None)
     root = getattr(args, "hostsim", None) or os.environ.get("HOSTSIM_ROOT")
     if root and (not url or user is None or password is None):
         path = os.path.join(root, "hostsim.json")
@@ -50,7 +55,7 @@ def resolve_target(args) -> XapiTarget:
         url = url or info["url"]
         user = user or info["user"]
         password = password if password is not None else info["password"]
-        cafile = info.get("cafile")
+        cafile = cafile or info.get("cafile")
     if not url:
         raise UsageError("no XAPI URL: give --xapi URL (or $FASTPATH_XAPI_URL, --hostsim DIR)")
     if password is None:
@@ -58,10 +63,22 @@ def resolve_target(args) -> XapiTarget:
     return XapiTarget(url, user or "root", password, cafile)
 
 
+def ssl_context(target: XapiTarget):
+    import ssl
+
+    if not target.url.startswith("https:"):
+        return None
+    return ssl.create_default_context(cafile=target.cafile)
+
+
 def connect(target: XapiTarget):
+    import xmlrpc.client
+
     import XenAPI
 
-    session = XenAPI.Session(target.url)
+    ctx = ssl_context(target)
+    transport = xmlrpc.client.SafeTransport(context=ctx) if ctx is not None else None
+    session = XenAPI.Session(target.url, transport=transport)
     try:
         session.xenapi.login_with_password(target.user, target.password, "2.21", "fastpath")
     except XenAPI.Failure as exc:

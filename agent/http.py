@@ -15,7 +15,6 @@ The daemon starts it as::
 """
 
 import errno
-import json
 import logging
 import os
 import re
@@ -30,10 +29,6 @@ from agent import httpproto as hp
 log = logging.getLogger("fastpath.http")
 
 TICKET_RE = re.compile(r"^[A-Za-z0-9_\-]{8,128}$")
-UUID_RE = re.compile(
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-)
-
 ZERO_CHUNK = bytes(1 << 20)
 _ZERO_VIEW = memoryview(ZERO_CHUNK)
 JSON_TYPE = "application/json"
@@ -1480,7 +1475,3 @@ def _export_error(exc):
             "the VDI's VHD chain cannot be read: %s" % msg, status=500, code="corrupt_vhd"
         )
     return hp.HttpError("cannot open the export: %s" % name, status=500, code="export_failed")
-
-
-def json_dumps(obj):
-    return json.dumps(obj, sort_keys=True)

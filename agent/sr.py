@@ -215,15 +215,19 @@ class FileSR(_SRBase):
         return found
 
     def _open_located(self, loc, cleanup, max_depth=64):
-        from agent.vhd import UnsupportedVhd, open_chain
+        from agent.vhd import VhdError, open_chain
 
         path = loc.where
         try:
             chain = open_chain(path, max_depth=max_depth, resolve_parent=self._resolve_parent)
-        except UnsupportedVhd as exc:
-            bad = getattr(exc, "path", None) or path
-            if _is_qcow2(bad):
-                raise qcow2_refusal(loc.vdi_uuid, bad) from exc
+        except VhdError as exc:
+            # the leaf, or a parent (whose error is the cause of the chain error)
+            cur = exc
+            while isinstance(cur, VhdError):
+                bad = getattr(cur, "path", None)
+                if bad and _is_qcow2(bad):
+                    raise qcow2_refusal(loc.vdi_uuid, bad) from exc
+                cur = cur.__cause__
             raise
         try:
             for f in chain.files:

@@ -44,7 +44,15 @@ from orchestrator.repo.errors import NotFound, RepoError
 from orchestrator.sources import AGENT_TRANSPORTS, AUTO_ORDER, TRANSPORTS
 from orchestrator.sources.base import Source, SourceError, SourceUnavailable
 
-SNAPSHOT_PREFIX = "[fastpath] "
+SNAPSHOT_PREFIX = "[fastpath"
+
+
+def snapshot_tag(repo) -> str:
+    """Our snapshots are named ``[fastpath <repository id>] <time>``: a run only ever cleans up
+    snapshots of its own repository (another repository may back up the same VM)."""
+    return f"{SNAPSHOT_PREFIX} {repo.config.id[:12]}] "
+
+
 NULL_REF = "OpaqueRef:NULL"
 
 
@@ -387,12 +395,13 @@ def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
     prev_snapshot = (prev_meta.get("snapshot") or {}).get("uuid")
 
     # Leftovers of an interrupted run: our snapshots that are not the current base.
+    tag = snapshot_tag(repo)
     for snap in vm_rec.get("snapshots", []):
         try:
             srec = x.VM.get_record(snap)
         except Exception:
             continue
-        if srec["name_label"].startswith(SNAPSHOT_PREFIX) and srec["uuid"] != prev_snapshot:
+        if srec["name_label"].startswith(tag) and srec["uuid"] != prev_snapshot:
             ui.log(f"removing snapshot {srec['uuid']} left behind by an earlier run")
             destroy_snapshot(x, snap, ui)
 
@@ -406,7 +415,7 @@ def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
                 ui.log(f"CBT enabled on {rec['uuid']}")
 
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    snap_ref = x.VM.snapshot(vm_ref, f"{SNAPSHOT_PREFIX}{when}")
+    snap_ref = x.VM.snapshot(vm_ref, f"{tag}{when}")
     snap_uuid = x.VM.get_uuid(snap_ref)
     ui.log(f"snapshot {snap_uuid} of VM {vm_rec['name_label']} ({vm_uuid})")
     cancel = threading.Event()

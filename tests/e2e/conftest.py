@@ -106,7 +106,7 @@ class Sim:
             if (
                 rec["is_a_snapshot"]
                 and rec["snapshot_of"] == vm_ref
-                and rec["name_label"].startswith("[fastpath] ")
+                and rec["name_label"].startswith("[fastpath ")
             ):
                 out.append(rec["uuid"])
         return out

@@ -67,11 +67,21 @@ def test_snapshot_left_behind_is_cleaned(msim, repo_factory):
     sim = msim
     repo = repo_factory("local")
     vm = sim.vm(0)
-    leftover = sim.x.VM.snapshot(sim.x.VM.get_by_uuid(vm), "[fastpath] 2026-01-01T00:00:00Z")
+    from orchestrator.jobs.backup import snapshot_tag
+    from orchestrator.repo.repository import Repository
+
+    with Repository.open(repo) as opened:
+        tag = snapshot_tag(opened)
+    vm_ref = sim.x.VM.get_by_uuid(vm)
+    before = set(sim.fastpath_snapshots(vm))
+    leftover = sim.x.VM.snapshot(vm_ref, f"{tag}2026-01-01T00:00:00Z")
+    # another repository's snapshot of the same VM is not ours to clean
+    other = sim.x.VM.snapshot(vm_ref, "[fastpath 0123456789ab] 2026-01-01T00:00:00Z")
     leftover_uuid = sim.x.VM.get_uuid(leftover)
     assert leftover_uuid in sim.fastpath_snapshots(vm)
     r = fastpath("backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", "nbd")
-    assert sim.fastpath_snapshots(vm) == [r["snapshot"]]
+    after = set(sim.fastpath_snapshots(vm))
+    assert after == before | {r["snapshot"], sim.x.VM.get_uuid(other)}
     assert "left behind" in r["_stderr"]
 
 

@@ -427,12 +427,18 @@ class Storage(_SRBase):
         self.roots = file_sr.roots
 
     def _backend(self, vdi_uuid, sr_uuid):
+        from agent.lvm import LVMError
+
         try:
             return self.file_sr, self.file_sr.locate(vdi_uuid, sr_uuid)
-        except VDINotFound:
+        except VDINotFound as exc:
             if self.lvm_sr is None:
                 raise
-        return self.lvm_sr, self.lvm_sr.locate(vdi_uuid, sr_uuid)
+            not_file = str(exc)
+        try:
+            return self.lvm_sr, self.lvm_sr.locate(vdi_uuid, sr_uuid)
+        except (VDINotFound, LVMError) as exc:
+            raise VDINotFound("%s; not on an LVM SR either: %s" % (not_file, exc)) from exc
 
     def locate(self, vdi_uuid, sr_uuid=None):
         backend, loc = self._backend(vdi_uuid, sr_uuid)

@@ -8,14 +8,18 @@ the flat file and the chain:
 
   cat            `cat FILES > /dev/null` (every file of the chain), the baseline
   block_source   what the NBD/HTTP servers do: per block, block_source(); 'file' -> preadv of the
-                 whole block into a reused buffer, 'assemble' -> read_into, 'zero' -> nothing
-  read_block     chain.read_block(i) for every non-zero block (allocates each block)
+                 whole block into a reused buffer, 'assemble' -> read_block_into the same buffer,
+                 'zero' -> nothing
+  read_block     chain.read_block(i) for every non-zero block (a new bytes object per block)
+  extents        chain.extents() of the whole disk (what BLOCK_STATUS / the HTTP map ask), in ms
 
 and prints GB/s of guest data delivered (allocated blocks only) and the ratios. Goals (issue 2):
-block_source path >= 0.5x cat with the compiled speedups; chain time <= 1.2x flat time.
+block_source path >= 0.5x cat with the compiled speedups; chain time <= 1.2x flat time. Every number
+is the best of --rounds; the rounds alternate flat and chain so that noise from a busy machine lands
+on both.
 
     .venv/bin/python -m bench.vhd_read                # 4 GiB (needs ~6 GiB in --dir)
-    .venv/bin/python -m bench.vhd_read --quick        # 512 MiB smoke run
+    .venv/bin/python -m bench.vhd_read --quick        # 512 MiB, best of 5
     .venv/bin/python -m bench.vhd_read --size 1G --dir /var/tmp --keep
 """
 
@@ -23,6 +27,7 @@ import argparse
 import glob
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -133,6 +138,7 @@ def via_block_source(chain):
     buf = bytearray(chain.block_size)
     view = memoryview(buf)
     preadv = getattr(os, "preadv", None)
+    read_block_into = getattr(chain, "read_block_into", None)  # read_into before it existed
     delivered = 0
     kinds = {"zero": 0, "file": 0, "assemble": 0}
     t = time.perf_counter()
@@ -147,9 +153,10 @@ def via_block_source(chain):
             else:
                 n = len(os.pread(src.file.fileno(), src.length, src.offset))
             assert n == src.length
+        elif read_block_into is not None:
+            read_block_into(i, buf)
         else:
-            start = i * chain.block_size
-            chain.read_into(start, view[: src.length])
+            chain.read_into(i * chain.block_size, view[: src.length])
         delivered += src.length
     return time.perf_counter() - t, delivered, kinds
 
@@ -168,6 +175,12 @@ def verify(flat_chain, chain, blocks, rng):
             sys.exit("chain and flat differ at block %d: the bench data is wrong" % i)
 
 
+def cpu_now():
+    """CPU seconds used so far by this process and its finished children (cat)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + r.ru_utime + r.ru_stime
+
+
 def gbps(nbytes, seconds):
     return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
 
@@ -175,14 +188,16 @@ def gbps(nbytes, seconds):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="4G", help="virtual size (default 4G)")
-    ap.add_argument("--quick", action="store_true", help="512 MiB smoke run")
+    ap.add_argument("--quick", action="store_true", help="512 MiB, best of 5")
     ap.add_argument("--dir", default=None, help="where to build the files (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the files")
-    ap.add_argument("--rounds", type=int, default=3, help="best of N for every measurement")
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="best of N for every measurement (3; --quick: 5)"
+    )
     args = ap.parse_args(argv)
     size = 512 * MiB if args.quick else parse_size(args.size)
     size -= size % BLOCK
-    rounds = 1 if args.quick else args.rounds
+    rounds = args.rounds or (5 if args.quick else 3)
     directory = tempfile.mkdtemp(prefix="vhd-read-bench-", dir=args.dir)
     try:
         t = time.perf_counter()
@@ -201,41 +216,83 @@ def main(argv=None):
             "data: stdlib .py text, random bytes and zero runs in 64 KiB pieces; chain: 50% of blocks "
             "whole in the root, 20% in the middle, 15% in the leaf, 15% split across levels"
         )
-        results = {}
+        best = {}  # (name, what) -> best seconds
+        nbytes = {}
+        kinds = {}
+
+        def keep(key, seconds):
+            best[key] = min(best.get(key, seconds), seconds)
+
         with vhd.open_chain(flat) as fc, vhd.open_chain(chain_paths[0]) as cc:
             verify(fc, cc, allocated, random.Random(2))
-            for name, c, files in (("flat", fc, [flat]), ("chain", cc, chain_paths)):
+            sets = (("flat", fc, [flat]), ("chain", cc, chain_paths))
+            for _name, _c, files in sets:
                 cat(files)  # warm the page cache
-                t_cat = min(cat(files) for _ in range(rounds))
-                best = None
-                for _ in range(rounds):
-                    r = via_block_source(c)
-                    best = r if best is None or r[0] < best[0] else best
-                t_rb = min(via_read_block(c, allocated)[0] for _ in range(rounds))
-                nbytes = best[1]
-                results[name] = (t_cat, best[0], t_rb, nbytes, best[2])
+            # Rounds interleave flat and chain, so load from elsewhere on the machine hits both alike.
+            # CPU time is kept too: waiting for a CPU on a busy machine does not count in it.
+            for _ in range(rounds):
+                for name, c, files in sets:
+                    u = cpu_now()
+                    keep((name, "cat"), cat(files))
+                    keep((name, "cat cpu"), cpu_now() - u)
+                    u = cpu_now()
+                    t_src, nbytes[name], kinds[name] = via_block_source(c)
+                    keep((name, "src cpu"), cpu_now() - u)
+                    keep((name, "src"), t_src)
+                    u = cpu_now()
+                    keep((name, "rb"), via_read_block(c, allocated)[0])
+                    keep((name, "rb cpu"), cpu_now() - u)
+                    t = time.perf_counter()
+                    c.extents()
+                    keep((name, "ext"), time.perf_counter() - t)
+        results = {}
+        for name in ("flat", "chain"):
+            results[name] = (
+                best[(name, "cat")],
+                best[(name, "src")],
+                best[(name, "rb")],
+                nbytes[name],
+                kinds[name],
+            )
         print(
-            "%-6s %10s %14s %12s %10s  %s"
-            % ("", "cat GB/s", "block_source", "read_block", "src/cat", "block kinds")
+            "%-6s %10s %14s %12s %12s %10s  %s"
+            % ("", "cat GB/s", "block_source", "read_block", "extents ms", "src/cat", "block kinds")
         )
         for name in ("flat", "chain"):
-            t_cat, t_src, t_rb, nbytes, kinds = results[name]
+            t_cat, t_src, t_rb, n, k = results[name]
             print(
-                "%-6s %10.2f %14.2f %12.2f %9.2fx  %s"
+                "%-6s %10.2f %14.2f %12.2f %12.3f %9.2fx  %s"
                 % (
                     name,
-                    gbps(nbytes, t_cat),
-                    gbps(nbytes, t_src),
-                    gbps(nbytes, t_rb),
+                    gbps(n, t_cat),
+                    gbps(n, t_src),
+                    gbps(n, t_rb),
+                    best[(name, "ext")] * 1e3,
                     t_cat / t_src,
-                    kinds,
+                    k,
                 )
+            )
+        print(
+            "CPU ms   %8s %14s %12s   (cat: the cat process; best of %d)"
+            % ("cat", "block_source", "read_block", rounds)
+        )
+        for name in ("flat", "chain"):
+            print(
+                "%-6s %10.1f %14.1f %12.1f"
+                % tuple([name] + [best[(name, w)] * 1e3 for w in ("cat cpu", "src cpu", "rb cpu")])
             )
         ratio = results["chain"][1] / results["flat"][1]
         ratio_rb = results["chain"][2] / results["flat"][2]
         print(
             "chain/flat time: block_source %.2fx, read_block %.2fx (goal <= 1.2x)"
             % (ratio, ratio_rb)
+        )
+        print(
+            "chain/flat CPU: block_source %.2fx, read_block %.2fx"
+            % (
+                best[("chain", "src cpu")] / best[("flat", "src cpu")],
+                best[("chain", "rb cpu")] / best[("flat", "rb cpu")],
+            )
         )
         print(
             "flat block_source vs cat: %.2fx of cat's speed (goal >= 0.5x)"

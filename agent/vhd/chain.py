@@ -8,6 +8,7 @@ import bisect
 import collections
 import os
 import stat
+import threading
 
 from agent import speedups
 from agent.vhd.errors import ChainError, VhdError
@@ -236,6 +237,7 @@ class Chain(object):
         self._ones = b"\xff" * ((self._spb + 7) // 8)
         self._dyn_blocks = None  # sorted union of the dynamic levels' allocated blocks (lazy)
         self._pool = []  # reusable assembly buffers of block_size bytes
+        self._pool_lock = threading.Lock()
 
     # -- lifetime ------------------------------------------------------------------------------------
 
@@ -635,8 +637,9 @@ class Chain(object):
             return bytearray(self._spb * SECTOR)
 
     def _give_buffer(self, buf):
-        if len(self._pool) < _POOL_BUFFERS:
-            self._pool.append(buf)
+        with self._pool_lock:
+            if len(self._pool) < _POOL_BUFFERS:
+                self._pool.append(buf)
 
     def read_block(self, index):
         """The guest bytes of block `index` (length = min(block_size, size - start))."""

@@ -82,6 +82,7 @@ class Options:
     steps: tuple[str, ...] = ("full", "inc1", "inc10")
     disks: tuple[str, ...] = ("flat", "chain3")
     e2e_disks: tuple[str, ...] = ("flat", "chain3")
+    variant_steps: tuple[str, ...] | None = None  # steps on the repository variants (None: steps)
     seed: int = 0
     log: Any = None  # callable(str) for progress lines
 
@@ -496,7 +497,10 @@ def end_to_end(b: Bench, disks: dict[str, dict[str, Any]]) -> list[dict[str, Any
             hostsim_gc(b)
             repo = b.new_repo(variant)
             try:
-                for k, step in enumerate(b.opts.steps):
+                steps = b.opts.steps
+                if variant != "local" and b.opts.variant_steps is not None:
+                    steps = tuple(x for x in steps if x in b.opts.variant_steps)
+                for k, step in enumerate(steps):
                     written = 0
                     if step in fractions:
                         written = guest_write(b, disk, fractions[step], seed=run * 100 + k)

@@ -18,6 +18,7 @@ QUICK = {
     "variants": ("encrypted", "s3"),
     "e2e_disks": ("chain3",),
     "steps": ("full", "inc1"),
+    "variant_steps": ("full",),
 }
 
 
@@ -102,6 +103,7 @@ def run_bench(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
         "variant",
     )
     opts.e2e_disks = quick.get("e2e_disks", opts.e2e_disks)
+    opts.variant_steps = quick.get("variant_steps")
     opts.steps = _csv(args.steps, quick.get("steps", opts.steps), ("full", "inc1", "inc10"), "step")
     if args.progress in ("quiet",) or args.json and args.progress == "auto":
         opts.log = None if args.progress == "quiet" else opts.log

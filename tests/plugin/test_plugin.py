@@ -268,3 +268,18 @@ def test_incremental_ticket_and_close_argument_checks(tmp_path, file_sr, agent_p
     with pytest.raises(XapiFailure) as ei:
         call_plugin("open_export", {"vdi": vdis[0], "base": vdis[1]}, config)
     assert ei.value.code == "FASTPATH_OPEN_FAILED" and ei.value.params[0] == vdis[0]
+
+
+def test_hostsim_plugin_runner_drives_the_same_file(tmp_path, file_sr, agent_proc):
+    """hostsim's host.call_plugin (its own XenAPIPlugin stand-in) runs this plugin unchanged."""
+    from hostsim import plugins
+
+    vdis, _ = file_sr.chain([Level(2 * MiB)])
+    agent = agent_proc([file_sr.root])
+    config = write_config(tmp_path, agent.admin_socket)
+    runner = plugins.PluginRunner(
+        [os.path.dirname(PLUGIN)], None, env={"FASTPATH_CONFIG": str(config)}, timeout=60
+    )
+    out = json.loads(runner.call(SESSION, "fastpath", "open_export", {"vdi": vdis[0]}))
+    assert out["vdi"] == vdis[0] and out["http"]["port"] == agent.info["http"][1]
+    assert json.loads(runner.call(SESSION, "fastpath", "status", {}))["running"] is True

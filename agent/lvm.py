@@ -19,6 +19,7 @@ fails too: such a failure is logged and the LV is left active, which is what SM 
 import collections
 import logging
 import os
+import signal
 import subprocess
 import threading
 
@@ -47,14 +48,21 @@ def subprocess_runner(argv, timeout):
             stderr=subprocess.PIPE,
             universal_newlines=True,
             close_fds=True,
+            start_new_session=True,  # a timeout kills the whole group (children keep pipes open)
         )
     except OSError as exc:
         raise LVMError("cannot run %s: %s" % (argv[0], exc)) from exc
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            proc.kill()
+        try:
+            proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
         raise LVMError("%s timed out after %gs" % (" ".join(argv), timeout)) from None
     return proc.returncode, out, err
 

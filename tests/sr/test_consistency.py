@@ -173,3 +173,26 @@ def test_nbd_stream_during_coalesce_without_gc_lock(sm_tree, agent_proc):
             assert isinstance(failure, nbd.Error), repr(failure)
             failures += 1
     assert failures, "the coalesce never landed mid-stream: the test proves nothing"
+
+
+def test_nbd_read_after_the_hazard_fails_with_eio(sm_tree, agent_proc):
+    """Deterministic, through a client we did not write: a connection opened on S2, then S2 is
+    deleted and V leaf-coalesced into B2; every later data read fails (EIO) instead of returning
+    V's bytes."""
+    ids, models = snapshot_scenario(sm_tree)
+    agent = agent_proc([sm_tree.root], extra=["--sm-lock-dir", ""])
+    tid = agent.ticket(ids["s2"])
+    h = nbd.NBD()
+    h.connect_uri(agent.uri(tid))
+    try:
+        assert h.pread(2 * MiB, 2 * MiB) == models["s2"][2 * MiB : 4 * MiB]
+        _hazard(sm_tree, ids)
+        with pytest.raises(nbd.Error) as err:
+            h.pread(2 * MiB, 2 * MiB)
+        assert err.value.errno in (5, "EIO")
+        with pytest.raises(nbd.Error):
+            h.pread(CHUNK, 0)
+    finally:
+        h.shutdown()
+        h = None
+    assert "changed under the export" in agent.log()

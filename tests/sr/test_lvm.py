@@ -390,3 +390,101 @@ def test_daemon_serves_lvm_chain_over_nbd(tmp_path, fake_vg, agent_proc):
     assert ups and ups == downs, (LOOP_REASON, changes)
     final = json.loads(state.read_text())
     assert not any(lv["active"] for lv in final["lvs"].values())
+
+
+# --- agent.lvm on its own -------------------------------------------------------------------------
+
+
+def _canned(rc, out, err=""):
+    calls = []
+
+    def runner(argv, timeout):
+        calls.append((argv, timeout))
+        return rc, out, err
+
+    return runner, calls
+
+
+def test_lvs_parsing_and_command_line():
+    sr = str(uuidlib.uuid4())
+    out = (
+        "  VG_XenStorage-%s|VHD-a|8392704|-wi-a-----\n"
+        "  VG_XenStorage-%s|LV-b|4194304.00|-wi-------\n"
+        "  other_vg|root|100|-wi-ao----\n\n" % (sr, sr)
+    )
+    runner, calls = _canned(0, out)
+    vols = lvm_mod.LVM(runner=runner, dev_dir="/devz", timeout=7).list_volumes()
+    assert set(vols) == {("VG_XenStorage-" + sr, "VHD-a"), ("VG_XenStorage-" + sr, "LV-b")}
+    a = vols[("VG_XenStorage-" + sr, "VHD-a")]
+    assert a.size == 8392704 and a.active and a.path == "/devz/VG_XenStorage-%s/VHD-a" % sr
+    assert not vols[("VG_XenStorage-" + sr, "LV-b")].active
+    argv, timeout = calls[0]
+    assert argv[0] == "lvs" and "--noheadings" in argv and "--units" in argv and timeout == 7
+    assert argv[argv.index("-o") + 1] == "vg_name,lv_name,lv_size,lv_attr"
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        "  VG_XenStorage-x|VHD-a\n",  # too few fields
+        "  VG_XenStorage-x|VHD-a|big|-wi-a-----\n",  # size not a number
+        "  VG_XenStorage-x|../../etc|1|-wi-a-----\n",  # a name that would leave dev_dir
+        "  VG_XenStorage-x|.hidden|1|-wi-a-----\n",
+    ],
+)
+def test_lvs_odd_output_is_an_error(out):
+    runner, _ = _canned(0, out)
+    with pytest.raises(lvm_mod.LVMError):
+        lvm_mod.LVM(runner=runner).list_volumes()
+
+
+def test_lvs_failure_names_the_command():
+    runner, _ = _canned(5, "", '  Volume group "VG_XenStorage-x" not found\n')
+    with pytest.raises(lvm_mod.LVMError) as err:
+        lvm_mod.LVM(runner=runner).list_volumes("VG_XenStorage-x")
+    assert "lvs" in str(err.value) and "not found" in str(err.value) and "exit 5" in str(err.value)
+
+
+def test_subprocess_runner_is_bounded(tmp_path):
+    slow = tmp_path / "slow-lvs"
+    slow.write_text("#!/bin/sh\nsleep 30\n")
+    slow.chmod(0o755)
+    with pytest.raises(lvm_mod.LVMError) as err:
+        lvm_mod.LVM(lvs=str(slow), timeout=0.5).list_volumes()
+    assert "timed out" in str(err.value)
+    with pytest.raises(lvm_mod.LVMError) as err:
+        lvm_mod.LVM(lvs=str(tmp_path / "missing")).list_volumes()
+    assert "cannot run" in str(err.value)
+
+
+def test_inflated_lv_footer_at_the_device_end(tmp_path, fake_vg):
+    """SM inflates an LV before coalescing into it and writes the footer at the LV's end."""
+    vg = fake_vg()
+    src = str(tmp_path / "inflated.vhd")
+    with vhd.create_dynamic(src, 4 * MiB) as w:
+        w.write(MiB, pattern(21, MiB))
+        vdi = str(w.uuid)
+    vg.add("VHD-" + vdi, src, pad=0)
+    with lvm_sr(vg).open_export(vdi, vg.sr_uuid) as exp:
+        leaf = exp.chain.files[0]
+        assert leaf.footer_at == "end" and leaf.end == os.path.getsize(src)
+        assert exp.read(MiB, MiB) == pattern(21, MiB)
+
+
+def test_vhd_end_not_found_falls_back_to_the_device_end(tmp_path, fake_vg):
+    """No footer where the metadata says the VHD ends (only the copy at offset 0): the device's
+    end stays the logical end and reads still follow the BAT."""
+    vg = fake_vg()
+    src = str(tmp_path / "nofooter.vhd")
+    with vhd.create_dynamic(src, 4 * MiB) as w:
+        w.write(0, pattern(22, 2 * MiB))
+        vdi = str(w.uuid)
+    with open(src, "r+b") as f:  # wipe the footer at the end: only the copy at 0 remains
+        f.seek(-512, os.SEEK_END)
+        f.write(bytes(512))
+    vg.add("VHD-" + vdi, src)
+    with lvm_sr(vg).open_export(vdi, vg.sr_uuid) as exp:
+        leaf = exp.chain.files[0]
+        assert leaf.footer_at == "copy" and leaf.end == os.path.getsize(src) + PAD
+        assert exp.read(0, 2 * MiB) == pattern(22, 2 * MiB)
+        assert exp.read(2 * MiB, 2 * MiB) == bytes(2 * MiB)

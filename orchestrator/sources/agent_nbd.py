@@ -108,11 +108,18 @@ class AgentNbdSource(Source):
             elif self.incremental:
                 if not h.can_meta_context(CONTEXT_CHANGED):
                     raise SourceError(f"{self.describe()}: no {CONTEXT_CHANGED} for an incremental")
-                todo = block_status_blocks(h, size, BLOCK_SIZE, CONTEXT_CHANGED, lambda f: f & 1)
+                todo = block_status_blocks(
+                    h, size, BLOCK_SIZE, CONTEXT_CHANGED, lambda f: f & 1, self.io_timeout
+                )
                 incremental = True
             elif h.can_meta_context(CONTEXT_ALLOCATION):
                 todo = block_status_blocks(
-                    h, size, BLOCK_SIZE, CONTEXT_ALLOCATION, lambda f: not (f & STATE_ZERO)
+                    h,
+                    size,
+                    BLOCK_SIZE,
+                    CONTEXT_ALLOCATION,
+                    lambda f: not (f & STATE_ZERO),
+                    self.io_timeout,
                 )
                 incremental = False
             else:

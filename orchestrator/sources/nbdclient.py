@@ -172,8 +172,16 @@ class NbdEndpoint:
         return h
 
 
-def block_status_blocks(h, size: int, block_size: int, context: str, want: Callable[[int], bool]):
-    """Blocks with at least one extent whose flags satisfy ``want`` (walks the whole disk)."""
+def block_status_blocks(
+    h,
+    size: int,
+    block_size: int,
+    context: str,
+    want: Callable[[int], bool],
+    timeout: float = 60.0,
+):
+    """Blocks with at least one extent whose flags satisfy ``want`` (walks the whole disk with
+    ``aio_block_status``, so a server that stops answering is a timeout, not a hang)."""
     import nbd
 
     if not h.can_meta_context(context):
@@ -184,6 +192,7 @@ def block_status_blocks(h, size: int, block_size: int, context: str, want: Calla
     while pos < size:
         length = min(step, size - pos)
         reached = [pos]
+        status: list[int] = []
 
         def cb(metacontext, offset, entries, err, _reached=reached):
             if metacontext != context:
@@ -201,10 +210,22 @@ def block_status_blocks(h, size: int, block_size: int, context: str, want: Calla
             _reached[0] = max(_reached[0], off)
             return 0
 
+        def completed(error, _status=status):
+            _status.append(getattr(error, "value", error) or 0)
+            return 1
+
         try:
-            h.block_status(length, pos, cb)
+            h.aio_block_status(length, pos, cb, completion=completed)
+            deadline = time.monotonic() + timeout
+            while not status:
+                if h.poll(1000):
+                    deadline = time.monotonic() + timeout  # progress
+                elif time.monotonic() > deadline:
+                    raise SourceError(f"block status ({context}): no answer for {timeout:g} s")
         except nbd.Error as exc:
             raise SourceError(f"block status ({context}) at {pos}: {exc}") from exc
+        if status[0]:
+            raise SourceError(f"block status ({context}) at {pos}: {os.strerror(status[0])}")
         if reached[0] <= pos:
             raise SourceError(f"block status ({context}) made no progress at offset {pos}")
         pos = reached[0]

@@ -346,3 +346,24 @@ def test_vhd_file_source_matches_qemu(file_sr, qemu_disk, tmp_path):
         got = read_all(src)
     assert assemble(plan, got) == qemu_raw_bytes(path, tmp_path)
     assert plan.blocks == blocks_touched(WRITES, plan.size)
+
+
+def test_agent_nbd_hung_server_is_a_timeout_not_a_hang(file_sr, agent_proc):
+    """A stopped agent still accepts TCP connections (kernel backlog) but never answers."""
+    from orchestrator.sources.base import SourceUnavailable
+
+    vdi = file_sr.qemu_vdi(4 * MiB, [(0, MiB, 0x11)])
+    agent = agent_proc([file_sr.root], extra=HTTP_EPHEMERAL)
+    uri = agent.uri(agent.ticket(vdi))
+    os.kill(agent.pid, signal.SIGSTOP)
+    try:
+        src = AgentNbdSource.from_url(uri, io_timeout=1)
+        with pytest.raises(SourceUnavailable, match="no NBD handshake within 1 s"):
+            src.open()
+        src.close()
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+    src = AgentNbdSource.from_url(uri, io_timeout=5)
+    with src:
+        src.open()
+        assert read_all(src)[0][:MiB] == b"\x11" * MiB

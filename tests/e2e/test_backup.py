@@ -184,3 +184,27 @@ def test_restore_to_xapi_creates_a_vdi_with_the_content(sim, repo_factory):
     (d,) = out["disks"]
     assert d["vdi"] == vdi and d["new_vdi"] != vdi
     assert sim.export_raw(d["new_vdi"]) == expected
+
+
+def test_agent_refusing_the_base_falls_back_to_full(sim, repo_factory, monkeypatch, tmp_path):
+    """A base the agent cannot diff against (here: another VM's disk, not an ancestor) is refused
+    by the agent; the job does a full backup and says so."""
+    from orchestrator.jobs import backup
+
+    repo = repo_factory("local")
+    vm, vdi = sim.vm(0), sim.vm_disk(0)
+    args = ["backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", "nbd"]
+    fastpath(*args)
+    orig = backup._choose_base
+
+    def wrong_base(ctx, repo_, disk, point, prev):
+        orig(ctx, repo_, disk, point, prev)
+        assert disk.base_mode == "agent"
+        disk.agent_base = sim.vm_disk(3)
+
+    monkeypatch.setattr(backup, "_choose_base", wrong_base)
+    r = fastpath(*args)
+    (d,) = r["disks"]
+    assert not d["incremental"]
+    assert any("refused base" in n for n in d["notes"]), d["notes"]
+    check_restore(sim, repo, r["id"], vdi, d["snapshot_vdi"], tmp_path, "refused")

@@ -95,16 +95,18 @@ def test_benign_coalesce_reads_identical_until_detected(sm_tree):
         assert fresh.read(0, fresh.size) == models["s2"]
 
 
-def _stream_while(tree, ids, models, mutate, delay, read):
-    """Read the whole disk in chunks (read(offset, n) -> bytes) while `mutate` runs after `delay`
-    seconds. Returns (chunks read, failure or None); asserts every chunk read equals the model."""
+def _stream_while(tree, ids, models, mutate, delay, read, max_passes=400):
+    """Read the whole disk in chunks (read(offset, n) -> bytes), pass after pass, while `mutate`
+    runs after `delay` seconds, until one full pass after the mutation finished (bounded).
+    Returns (chunks read, failure or None); asserts every chunk read equals the model."""
     size = len(models["s2"])
     t = threading.Timer(delay, mutate, (tree, ids))
     t.start()
     done = 0
     failure = None
     try:
-        for _ in range(3):  # several passes so the change lands mid-stream
+        for _ in range(max_passes):
+            finished = t.finished.is_set() and not t.is_alive()
             for off in range(0, size, CHUNK):
                 try:
                     data = read(off, CHUNK)
@@ -116,6 +118,8 @@ def _stream_while(tree, ids, models, mutate, delay, read):
                 )
                 done += 1
             if failure is not None:
+                break
+            if finished:  # a whole pass started after the mutation: done
                 break
     finally:
         t.join(30)

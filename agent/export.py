@@ -78,7 +78,10 @@ class _LevelState(object):
         fd = self.level.fileno()
         if fd < 0:
             return "closed"
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:  # ESTALE: deleted on the NFS server by another host
+            return "cannot stat it any more (%s)" % exc.strerror
         if self.regular:
             if st.st_nlink == 0:
                 return "deleted"
@@ -89,7 +92,11 @@ class _LevelState(object):
         # A rename alone (SM's snapshot renames the leaf it snapshots) leaves the bytes we read
         # alone, so paths are not compared: deletion, growth and writes are what matter.
         for off, data in self.meta:
-            if os.pread(fd, len(data), off) != data:
+            try:
+                now = os.pread(fd, len(data), off)
+            except OSError as exc:
+                return "cannot read its VHD metadata any more (%s)" % exc.strerror
+            if now != data:
                 return "VHD metadata at offset %d changed" % off
         return None
 

@@ -126,13 +126,24 @@ def vhd_stream(reader: DiskReader, task=None) -> tuple[int, Iterator[bytes]]:
 def write_vhd(reader: DiskReader, path: str, task=None) -> int:
     total, pieces = vhd_stream(reader, task)
     tmp = f"{path}.part"
-    with open(tmp, "wb") as f:
-        for piece in pieces:
-            f.write(piece)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for piece in pieces:
+                f.write(piece)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
     return total
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def write_raw(reader: DiskReader, path: str, task=None) -> int:
@@ -141,15 +152,19 @@ def write_raw(reader: DiskReader, path: str, task=None) -> int:
     tmp = f"{path}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for i, data in reader.chunks(reader.nonzero()):
-            os.pwrite(fd, data, i * cs)
-            if task is not None:
-                task.advance(len(data))
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            for i, data in reader.chunks(reader.nonzero()):
+                os.pwrite(fd, data, i * cs)
+                if task is not None:
+                    task.advance(len(data))
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
     return size
 
 
@@ -185,6 +200,10 @@ def run_restore(args: argparse.Namespace, ui: Progress):
             out = _restore_to_xapi(args, ui, repo, point, meta, disks)
         else:
             out = _restore_to_files(args, ui, repo, point, disks)
+    if args.output == "-":
+        # stdout carries the disk: the summary goes to stderr
+        ui.log(f"restored {point.id} to stdout ({out[0]['bytes']} bytes, verified)")
+        return None
     return {
         "ok": True,
         "id": point.id,

@@ -6,10 +6,11 @@ Built from hostsim's own pieces (``hostsim.host.Pool``, ``hostsim.guest`` data g
 ``hostsim.cli.start_agent``/``configure_plugin``), so XAPI, ``export_raw_vdi``, the xapi-nbd
 endpoint, the plugin and the agent are exactly what ``hostsim serve`` runs; only the disks differ:
 
-- VM ``bench-flat``: one dynamic VHD (no parent) filled like an installed OS
-  (``guest.fill_template``: 60 % of the disk written in 64 KiB..256 KiB pieces, 30 % text lines,
-  35 % binary records / code-like bytes, 10 % incompressible random bytes, 10 % zero runs,
-  15 % holes never written).
+- VM ``bench-flat``: one dynamic VHD (no parent) filled like an installed OS. ``--data guest``
+  (default): ``guest.fill_template``: 60 % of the disk written in 64 KiB..256 KiB pieces, 30 %
+  text lines, 35 % binary records / code-like bytes, 10 % incompressible random bytes, 10 % zero
+  runs, 15 % holes never written. ``--data usr``: bench/backup.py's disk, an ext4 file system
+  made with ``mkfs.ext4 -d`` from real /usr files filling about 45 % of the disk.
 - VM ``bench-chain3``: the same kind of disk, then two VDI snapshots with guest writes after each
   (``guest.guest_write`` "mixed", ~10 % of the disk each), so the VM's disk is a leaf over two
   hidden parents: a 3-deep VHD chain (the snapshots' own empty leaves are kept).
@@ -31,21 +32,35 @@ import sys
 import threading
 
 BLOCK = 2 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def build(pool, size: int, seed: int) -> dict:
+def build(pool, size: int, seed: int, data: str = "guest", work: str = "") -> dict:
     from hostsim import guest
 
     api, st = pool.api, pool.api.store
     out = {}
-    flat = pool.create_vm("bench-flat", [size])
-    vdi = pool.vm_vdis(flat)[0]
-    guest.fill_template(pool, vdi, seed=seed)
-    out["flat"] = flat
+    if data == "usr":
+        # bench/backup.py's disk: an ext4 file system (mkfs.ext4 -d) of real /usr files
+        sys.path.insert(0, ROOT)
+        from bench.backup import build_disk, install_in_pool
 
-    chain = pool.create_vm("bench-chain3", [size])
+        raw, _staged = build_disk(work, size)
+        vms = []
+        for name in ("bench-flat", "bench-chain3"):
+            vm = install_in_pool(pool, raw, size, os.path.join(work, name + ".vhd"))[0]
+            os.unlink(os.path.join(work, name + ".vhd"))
+            st.update("VM", vm, name_label=name)
+            vms.append(vm)
+        os.unlink(raw)
+        flat, chain = vms
+    else:
+        flat = pool.create_vm("bench-flat", [size])
+        guest.fill_template(pool, pool.vm_vdis(flat)[0], seed=seed)
+        chain = pool.create_vm("bench-chain3", [size])
+        guest.fill_template(pool, pool.vm_vdis(chain)[0], seed=seed + 1)
+    out["flat"] = flat
     vdi = pool.vm_vdis(chain)[0]
-    guest.fill_template(pool, vdi, seed=seed + 1)
     count = max(1, size // 10 // (256 << 10))
     for level in (1, 2):
         snap = api.vdi__snapshot(vdi, {})
@@ -89,13 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", required=True)
     ap.add_argument("--size", default="256M")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", choices=("guest", "usr"), default="guest")
     args = ap.parse_args(argv)
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
     size = parse_size(args.size)
     size -= size % BLOCK
     pool = Pool(root, gc_interval=0)
-    vms = build(pool, size, args.seed)
+    work = os.path.join(root, "build")
+    os.makedirs(work, exist_ok=True)
+    vms = build(pool, size, args.seed, args.data, work)
     url = pool.start(listen=("127.0.0.1", 0), tls=False, nbd_listen=("127.0.0.1", 0))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())

@@ -84,6 +84,7 @@ class Options:
     e2e_disks: tuple[str, ...] = ("flat", "chain3")
     variant_steps: tuple[str, ...] | None = None  # steps on the repository variants (None: steps)
     seed: int = 0
+    data: str = "guest"  # guest: hostsim.guest generators; usr: ext4 of /usr files (mkfs.ext4 -d)
     log: Any = None  # callable(str) for progress lines
 
     def say(self, text: str) -> None:
@@ -218,7 +219,7 @@ class Bench:
         with open(log, "wb") as logf:
             proc = subprocess.Popen(
                 [PY, "-m", "orchestrator.benchcmd.hostpool", "--root", root, "--size", size]
-                + ["--seed", str(self.opts.seed)],
+                + ["--seed", str(self.opts.seed), "--data", self.opts.data],
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 env=child_env(),
@@ -267,14 +268,35 @@ class Bench:
         return self.qemu[disk]
 
     def start_moto(self) -> None:
-        try:
-            from tests.fixtures.s3 import start_moto
-        except ImportError as exc:  # not a source checkout
-            raise RuntimeError(f"S3 rows need the project's moto launcher: {exc}") from None
-        from pathlib import Path
+        """moto's S3 server (``moto[server]``) on a free loopback port, as our S3 stand-in."""
+        import socket
+        import urllib.request
 
-        self.moto = start_moto(Path(self.work) / "moto.log", env=S3_ENV)
-        self.s3_endpoint = self.moto.url
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = open(os.path.join(self.work, "moto.log"), "wb")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT")}
+        self.moto = subprocess.Popen(
+            [PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**env, **S3_ENV},
+        )
+        log.close()
+        self.procs.append(self.moto)
+        self.s3_endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.s3_endpoint + "/moto-api/data.json", timeout=5).read()
+                break
+            except OSError:
+                if self.moto.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "the moto S3 server did not start (is moto[server] installed?)"
+                    ) from None
+                time.sleep(0.2)
         self.env.update(S3_ENV)
         for k, v in S3_ENV.items():  # this process opens the S3 repositories too
             os.environ.setdefault(k, v)
@@ -302,10 +324,6 @@ class Bench:
                 pass
         for proc in reversed(self.procs):
             stop(proc)
-        if self.moto is not None:
-            from tests.fixtures.s3 import stop_process
-
-            stop_process(self.moto.proc)
 
     # repositories ---------------------------------------------------------------------------
 
@@ -594,12 +612,20 @@ def statistics_median(values: list[float]) -> float:
 # -- the command ---------------------------------------------------------------------------------
 
 
-def data_description(disks: dict[str, Any], size: int) -> str:
+def data_description(disks: dict[str, Any], size: int, data: str = "guest") -> str:
     parts = []
     for name, d in disks.items():
         parts.append(
             f"{name}: {d['size'] >> 20} MiB virtual, {d['allocated_bytes'] >> 20} MiB allocated, "
             f"{d['depth']}-deep VHD chain"
+        )
+    if data == "usr":
+        return (
+            "hostsim disks holding an ext4 file system made with mkfs.ext4 -d from real /usr "
+            "files (text, binaries, libraries; ~45 % of the disk, the rest zeros, never "
+            "allocated; bench/backup.py's build_disk); chain3 adds two levels of ~10 % 'mixed' "
+            "guest writes (text, binary, random, zeros); incrementals follow 'mixed' guest "
+            "writes of 1 MiB pieces (~1 % / ~10 % of the disk). " + "; ".join(parts)
         )
     return (
         "hostsim disks built by hostsim.guest: an installed-OS-like fill of 60 % of each disk "
@@ -638,7 +664,7 @@ def run_bench(opts: Options) -> dict[str, Any]:
     result = {
         "ok": True,
         "target": "hostsim",
-        "data": data_description(disks, size),
+        "data": data_description(disks, size, opts.data),
         "disks": {
             k: {x: v[x] for x in ("size", "allocated_bytes", "depth")} for k, v in disks.items()
         },
@@ -653,6 +679,7 @@ def run_bench(opts: Options) -> dict[str, Any]:
             ),
             "steps": list(opts.steps),
             "agent_tls": "off",
+            "data": opts.data,
             "cpu_count": os.cpu_count(),
             "load_average": os.getloadavg(),
         },

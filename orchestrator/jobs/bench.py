@@ -42,6 +42,12 @@ def register(registry) -> None:
     p.add_argument("--out", default="bench-out", metavar="DIR", help="bench.md/.png/.json here")
     p.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) repositories")
     p.add_argument(
+        "--data",
+        choices=("guest", "usr"),
+        help="disk content: guest = hostsim's generators (text, binaries, zeros, random; "
+        "--quick default), usr = ext4 of real /usr files via mkfs.ext4 -d (default)",
+    )
+    p.add_argument(
         "--transports", help="comma list for end to end (default nbd,http,xapi-nbd,xapi-export)"
     )
     p.add_argument(
@@ -88,6 +94,7 @@ def run_bench(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
         repo=args.repo,
         out=args.out,
         s3=not args.no_s3,
+        data=args.data or ("guest" if args.quick else "usr"),
         log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True),
     )
     opts.transports = _csv(

@@ -91,3 +91,42 @@ def test_every_fastpath_command_in_the_docs_exists():
             timeout=60,
         )
         assert proc.returncode == 0, (command, proc.stderr)
+
+
+@pytest.mark.slow
+def test_nbd_try_it_block_runs(tmp_path):
+    """docs/nbd.md's "Try it" block on a temporary SR (its three settings replaced)."""
+    from agent import vhd
+
+    (block,) = sh_blocks(os.path.join(DOCS, "nbd.md"))
+    sr_root = tmp_path / "sr-mount"
+    sr = sr_root / "7d2b4c1e-0000-4000-8000-000000000001"
+    sr.mkdir(parents=True)
+    vdi = "4af55ee4-fad1-440a-8b5b-e568b2e10b48"
+    with vhd.create_dynamic(str(sr / f"{vdi}.vhd"), 8 << 20) as w:
+        w.write(2 << 20, os.urandom(1 << 20))
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = {"SR_ROOT": str(sr_root), "VDI": vdi, "PORT": str(port)}
+    lines = []
+    for line in block.splitlines():
+        name = line.split("=", 1)[0]
+        lines.append(f"{name}={shlex.quote(settings[name])}" if name in settings else line)
+    script = "set -euo pipefail\ntrap 'kill ${AGENT_PID:-} 2>/dev/null || true' EXIT\n"
+    script += "\n".join(lines)
+    proc = subprocess.run(
+        ["bash", "-c", script],
+        cwd=str(tmp_path),
+        env=env_for_docs(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + "\n---\n" + proc.stderr[-3000:]
+    # no base: every allocated block is "changed" (block 1 of 4)
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert ["2097152", "2097152", "1"] in rows
+    assert "restore point" in proc.stdout

@@ -405,3 +405,55 @@ def test_connections_have_nodelay_and_json_answers_go_out_in_one_send(env):
     finally:
         a.close()
         b.close()
+
+
+def test_random_garbage_from_many_clients_at_once(fast_env):
+    """Fifty clients throwing seeded random bytes (some shaped like requests) at the same time."""
+    import random
+    import threading
+
+    healthy(fast_env)
+    wait_for(lambda: fast_env.server.metrics.connections_open == 0)
+    before = fd_count()
+    t = fast_env.tickets.create(
+        "0b3c1f55-6a0e-4a57-9b64-2f8e6f1d1a11", "5d7a3b2c-1e0f-4a9b-8c7d-6e5f4a3b2c1d"
+    ).id
+    heads = [
+        b"GET /v1/exports/%s/raw HTTP/1.1\r\nHost: x\r\nRange: bytes=" % t.encode(),
+        b"GET /v1/exports/%s/blocks?start=" % t.encode(),
+        b"GET / HTTP/1.1\r\n",
+        b"",
+    ]
+    errors = []
+
+    def client(seed):
+        rnd = random.Random(seed)
+        data = rnd.choice(heads) + rnd.randbytes(rnd.randrange(0, 3000))
+        if rnd.random() < 0.5:
+            data += b"\r\n\r\n"
+        try:
+            s = socket.create_connection((fast_env.host, fast_env.port), timeout=10)
+        except OSError as exc:  # the connection cap (6) may refuse some: that is the point
+            return exc
+        try:
+            s.sendall(data)
+            while s.recv(65536):
+                pass
+        except OSError:
+            pass
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(50)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors
+    wait_for(lambda: fast_env.server.metrics.connections_open == 0, timeout=30)
+    healthy(fast_env)
+    wait_for(lambda: fast_env.server.metrics.connections_open == 0)
+    assert fd_count() == before
+    assert fast_env.server.metrics.errors.get("internal", 0) == 0

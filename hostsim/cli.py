@@ -119,6 +119,8 @@ def start_agent(pool, root, args):
         args.agent_http_listen,
         "--admin-socket",
         os.path.join(root, "agent.sock"),
+        "--sm-lock-dir",  # the agent pauses this host's SM-like GC while exports are open
+        pool.lock_dir,
         "--tls",
         args.agent_tls,
         "--ready-file",

@@ -22,7 +22,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from agent.export import BYTES, HOLE, SENDFILE, Counters
+from agent.export import BYTES, HOLE, SENDFILE, Counters, ExportError
 from agent.nbd import protocol as p
 from agent.tickets import TicketError
 
@@ -571,12 +571,25 @@ class Connection(object):
         except Exception as exc:
             self._fail(req, p.EIO, "read failed: %s" % exc)
             return
+        # Bytes that leave through sendfile/pread are read from the files while they stream, after
+        # plan_read checked the chain: check again before the reply is complete (ChainChanged ->
+        # EIO, or a hard disconnect for simple replies), so a chain that changed mid-send never
+        # reaches the client as a successful read.
+        streamed = any(piece[0] == SENDFILE for piece in pieces)
         with self.send_lock:
             if not self.proto.structured:
                 self._send(p.simple_reply(req.handle, 0), more=True)
                 try:
-                    for piece in pieces:
-                        self._send_piece(piece)
+                    if streamed:
+                        # Hold back the reply's last byte until the chain is checked.
+                        last = self._send_all_but_last_byte(pieces)
+                        problem = self._chain_problem()
+                        if problem is not None:
+                            raise ConnectionClosed("simple reply withheld: %s" % problem)
+                        self._send(last)
+                    else:
+                        for piece in pieces:
+                            self._send_piece(piece)
                 except _ShortFile as exc:
                     # The header promised data we no longer have: only a hard disconnect is left.
                     raise ConnectionClosed(
@@ -598,7 +611,8 @@ class Connection(object):
             else:
                 pos = req.offset
                 for idx, piece in enumerate(pieces):
-                    done = idx == len(pieces) - 1 and error is None
+                    # With streamed pieces the final chunk comes after the check below.
+                    done = idx == len(pieces) - 1 and error is None and not streamed
                     kind = piece[0]
                     if kind == HOLE:
                         n = piece[1]
@@ -618,14 +632,44 @@ class Connection(object):
                         except _ShortFile as exc:
                             error = str(exc)
                     pos += n
-                if error is None and pieces[-1][0] != SENDFILE:
+                if error is None and not streamed:
                     return
+            if error is None and streamed:
+                error = self._chain_problem()
             if error is not None:
                 log.warning("nbd: %s: READ [%d, +%d): %s", self.peer, req.offset, req.length, error)
                 self.server.counters.add("request_errors")
                 self._send(p.error_chunk(req.handle, p.EIO, error))
             else:
                 self._send(p.none_chunk(req.handle))
+
+    def _chain_problem(self):
+        """None if the export's chain is unchanged since it was opened, else why (see
+        agent.export.ChainGuard)."""
+        try:
+            self.export.check()
+        except ExportError as exc:
+            return str(exc)
+        return None
+
+    def _send_all_but_last_byte(self, pieces):
+        """Send every piece but the reply's last byte, which is returned (as bytes)."""
+        for piece in pieces[:-1]:
+            self._send_piece(piece)
+        piece = pieces[-1]
+        kind = piece[0]
+        if kind == HOLE:
+            self._send_piece((HOLE, piece[1] - 1))
+            return b"\0"
+        if kind == BYTES:
+            self._send_piece((BYTES, piece[1][:-1]))
+            return bytes(piece[1][-1:])
+        _, fd, offset, n = piece
+        self._send_piece((SENDFILE, fd, offset, n - 1))
+        last = os.pread(fd, 1, offset + n - 1)
+        if not last:
+            raise _ShortFile("VHD file ends at offset %d, 1 byte missing" % (offset + n - 1))
+        return last
 
     def _send_piece(self, piece):
         """Send one planned piece's payload. Raises _ShortFile (after zero padding) when a VHD file

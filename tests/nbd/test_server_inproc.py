@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from agent.export import HOLE, SENDFILE, Counters
+from agent.export import HOLE, SENDFILE, ChainChanged, Counters
 from agent.nbd.server import NBDServer
 from agent.tickets import TicketStore
 from tests.nbd.test_hostile import Raw, error_of
@@ -21,6 +21,11 @@ class FakeExport(object):
         self.block_size = 2 * MiB
         self.description = "fake"
         self.closed = False
+        self.changed_under_us = None  # set to a message to make check() fail like ChainGuard
+
+    def check(self):
+        if self.changed_under_us:
+            raise ChainChanged(self.changed_under_us)
 
     def plan_read(self, offset, length):
         if offset >= 512 * 1024:
@@ -99,8 +104,48 @@ def test_short_file_after_a_simple_reply_header_hangs_up(served):
     c.go(tid, structured=False)
     c.request(0, 0, 8192, handle=1)
     assert struct.unpack(">IIQ", c.recv_exact(16)) == (0x67446698, 0, 1)
-    assert c.recv_exact(8192)[:4096] == data
-    assert c.closed_by_server()  # the header promised data it cannot have: hard disconnect
+    assert c.recv_exact(4096) == data
+    # The header promised data it cannot have: a hard disconnect before the reply is complete
+    # (zero padding follows, but never the reply's last byte).
+    assert c.closed_by_server()
+    c.close()
+
+
+def test_chain_changed_during_a_streamed_read_is_an_error_chunk(served):
+    """Bytes sent with sendfile are read while they stream: the export is checked again before
+    the final chunk, and a chain that changed meanwhile turns the read into EIO."""
+    server, addr, tid, data, exports = served
+    c = Raw(addr)
+    c.greet()
+    c.go(tid)
+    c.request(0, 0, 1024, handle=1)
+    chunks = c.structured_reply()
+    assert chunks[0][3][8:] == data[:1024] and error_of(chunks) == 0
+    exports[0].changed_under_us = "the VHD chain changed under the export: test"
+    c.request(0, 0, 1024, handle=2)
+    chunks = c.structured_reply()
+    assert error_of(chunks) == 5 and chunks[-1][0] & 1  # the final chunk is the error
+    assert b"changed under the export" in chunks[-1][3]
+    c.request(0, 300 * 1024, 4096, handle=3)  # holes come from metadata: still answered
+    chunks = c.structured_reply()
+    assert error_of(chunks) == 0
+    c.request(2)
+    c.close()
+
+
+def test_chain_changed_during_a_simple_reply_withholds_the_last_byte(served):
+    server, addr, tid, data, exports = served
+    c = Raw(addr)
+    c.greet()
+    c.go(tid, structured=False)
+    c.request(0, 0, 1024, handle=1)
+    assert struct.unpack(">IIQ", c.recv_exact(16)) == (0x67446698, 0, 1)
+    assert c.recv_exact(1024) == data[:1024]
+    exports[0].changed_under_us = "the VHD chain changed under the export: test"
+    c.request(0, 0, 1024, handle=2)
+    assert struct.unpack(">IIQ", c.recv_exact(16)) == (0x67446698, 0, 2)
+    assert c.recv_exact(1023) == data[:1023]
+    assert c.closed_by_server()  # never the 1024th byte: the client sees a broken reply
     c.close()
 
 

@@ -43,13 +43,8 @@ def copy(files: list[str], dest: str) -> int:
 def s3_put(files: list[str], endpoint: str, bucket: str, prefix: str) -> int:
     import boto3
 
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
-        aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
-    )
+    # endpoint given: the bench's own S3 server; None: the standard AWS configuration chain
+    s3 = boto3.client("s3", endpoint_url=endpoint) if endpoint else boto3.client("s3")
     total = 0
     keys = []
     for k, path in enumerate(files):

@@ -206,6 +206,8 @@ class Bench:
     agent_pid: int = 0
     qemu: dict[str, tuple[subprocess.Popen, str]] = field(default_factory=dict)
     s3_endpoint: str | None = None
+    s3_bucket: str = "bench"
+    s3_prefix: str = ""  # "" or "prefix/" (from --repo s3://bucket/prefix)
     moto: Any = None
     xapi_session: Any = None
     _counter: int = 0
@@ -305,9 +307,17 @@ class Bench:
         )
         self.s3_client().create_bucket(Bucket="bench")
 
+    def use_s3_url(self, url: str) -> None:
+        """--repo s3://bucket/prefix: the S3 rows use that provider (AWS configuration chain)."""
+        bucket, _, prefix = url[len("s3://") :].partition("/")
+        self.s3_bucket = bucket
+        self.s3_prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+
     def s3_client(self):
         import boto3
 
+        if self.moto is None:  # the user's provider: standard AWS configuration
+            return boto3.client("s3")
         return boto3.client(
             "s3",
             endpoint_url=self.s3_endpoint,
@@ -315,6 +325,12 @@ class Bench:
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
         )
+
+    def local_base(self) -> str:
+        repo = self.opts.repo
+        if repo and not repo.startswith("s3://"):
+            return repo
+        return os.path.join(self.work, "repos")
 
     def close(self) -> None:
         if self.xapi_session is not None:
@@ -334,11 +350,11 @@ class Bench:
         self._counter += 1
         name = f"repo-{self._counter}-{variant}"
         if variant.startswith("s3"):
-            url = f"s3://bench/{name}"
-            backend = open_backend(url, endpoint_url=self.s3_endpoint, region="us-east-1")
+            url = f"s3://{self.s3_bucket}/{self.s3_prefix}{name}"
+            options = {"endpoint_url": self.s3_endpoint, "region": "us-east-1"}
+            backend = open_backend(url, **(options if self.moto is not None else {}))
         else:
-            base = self.opts.repo or os.path.join(self.work, "repos")
-            url = os.path.join(base, name)
+            url = os.path.join(self.local_base(), name)
             backend = open_backend(url, create=True)
         try:
             init_repo(
@@ -353,12 +369,15 @@ class Bench:
 
     def drop_repo(self, url: str) -> None:
         if url.startswith("s3://"):
-            prefix = url[len("s3://bench/") :] + "/"
+            prefix = url[len(f"s3://{self.s3_bucket}/") :] + "/"
             s3 = self.s3_client()
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=prefix):
+            pages = s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.s3_bucket, Prefix=prefix
+            )
+            for page in pages:
                 keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
                 if keys:
-                    s3.delete_objects(Bucket="bench", Delete={"Objects": keys})
+                    s3.delete_objects(Bucket=self.s3_bucket, Delete={"Objects": keys})
         else:
             shutil.rmtree(url, ignore_errors=True)
 
@@ -468,13 +487,13 @@ def limit_cmd(b: Bench, disk: dict[str, Any], variant: str) -> list[str]:
     if variant.startswith("s3"):
         spec = {
             "kind": "s3-put",
-            "endpoint": b.s3_endpoint,
-            "bucket": "bench",
-            "prefix": f"limit-{disk['name']}",
+            "endpoint": b.s3_endpoint if b.moto is not None else None,
+            "bucket": b.s3_bucket,
+            "prefix": f"{b.s3_prefix}limit-{disk['name']}",
             "files": disk["files"],
         }
         return [PY, "-m", "orchestrator.benchcmd.physical", json.dumps(spec)]
-    dest_dir = b.opts.repo or os.path.join(b.work, "repos")
+    dest_dir = b.local_base()
     os.makedirs(dest_dir, exist_ok=True)
     spec = {"kind": "copy", "dest": os.path.join(dest_dir, f"limit-{disk['name']}.vhd")}
     spec["files"] = disk["files"]
@@ -654,8 +673,11 @@ def run_bench(opts: Options) -> dict[str, Any]:
         b.start_hostsim(opts.size)
         disks = {k: dict(b.info["bench"][k], name=k) for k in opts.disks}
         if opts.s3 and any(v.startswith("s3") for v in opts.variants):
-            opts.say("starting the moto S3 server")
-            b.start_moto()
+            if opts.repo and opts.repo.startswith("s3://"):
+                b.use_s3_url(opts.repo)
+            else:
+                opts.say("starting the moto S3 server")
+                b.start_moto()
         host_rows = host_side(b, disks)
         e2e_rows = end_to_end(b, disks) if opts.steps and opts.transports else []
     finally:

@@ -37,7 +37,10 @@ def register(registry) -> None:
     p.add_argument("--user", default="root", help="with --xapi: XAPI user")
     p.add_argument("--password", help="with --xapi: XAPI password ($FASTPATH_XAPI_PASSWORD)")
     p.add_argument(
-        "--repo", metavar="DIR", help="directory for the end-to-end repositories (default: temp)"
+        "--repo",
+        metavar="REPO",
+        help="where the end-to-end repositories go: a directory (local rows; default a temporary "
+        "one) or s3://bucket/prefix (S3 rows on that provider instead of a local moto server)",
     )
     p.add_argument("--out", default="bench-out", metavar="DIR", help="bench.md/.png/.json here")
     p.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) repositories")

@@ -394,33 +394,40 @@ def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
     prev_meta = (prev or {}).get("metadata", {})
     prev_snapshot = (prev_meta.get("snapshot") or {}).get("uuid")
 
-    # Leftovers of an interrupted run: our snapshots that are not the current base.
-    tag = snapshot_tag(repo)
-    for snap in vm_rec.get("snapshots", []):
-        try:
-            srec = x.VM.get_record(snap)
-        except Exception:
-            continue
-        if srec["name_label"].startswith(tag) and srec["uuid"] != prev_snapshot:
-            ui.log(f"removing snapshot {srec['uuid']} left behind by an earlier run")
-            destroy_snapshot(x, snap, ui)
+    # The writer lease first: it protects the base index we read and tells a concurrent run
+    # of the same VM that we are here.
+    backup_session = repo.begin_backup(vm_uuid)
+    try:
+        _refuse_concurrent(repo, backup_session, vm_uuid)
+        # Leftovers of an interrupted run: our snapshots that are not the current base.
+        tag = snapshot_tag(repo)
+        for snap in vm_rec.get("snapshots", []):
+            try:
+                srec = x.VM.get_record(snap)
+            except Exception:
+                continue
+            if srec["name_label"].startswith(tag) and srec["uuid"] != prev_snapshot:
+                ui.log(f"removing snapshot {srec['uuid']} left behind by an earlier run")
+                destroy_snapshot(x, snap, ui)
 
-    disks_live = _vm_disks(x, vm_ref)
-    if not disks_live:
-        raise CommandFailed(f"VM {vm_uuid} has no disks")
-    if args.cbt or args.cbt_purge:
-        for _dev, vdi_ref, rec in disks_live:
-            if not rec.get("cbt_enabled"):
-                x.VDI.enable_cbt(vdi_ref)
-                ui.log(f"CBT enabled on {rec['uuid']}")
+        disks_live = _vm_disks(x, vm_ref)
+        if not disks_live:
+            raise CommandFailed(f"VM {vm_uuid} has no disks")
+        if args.cbt or args.cbt_purge:
+            for _dev, vdi_ref, rec in disks_live:
+                if not rec.get("cbt_enabled"):
+                    x.VDI.enable_cbt(vdi_ref)
+                    ui.log(f"CBT enabled on {rec['uuid']}")
 
-    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    snap_ref = x.VM.snapshot(vm_ref, f"{tag}{when}")
-    snap_uuid = x.VM.get_uuid(snap_ref)
-    ui.log(f"snapshot {snap_uuid} of VM {vm_rec['name_label']} ({vm_uuid})")
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        snap_ref = x.VM.snapshot(vm_ref, f"{tag}{when}")
+        snap_uuid = x.VM.get_uuid(snap_ref)
+        ui.log(f"snapshot {snap_uuid} of VM {vm_rec['name_label']} ({vm_uuid})")
+    except BaseException:
+        backup_session.abort()
+        raise
     cancel = threading.Event()
     disks: list[Disk] = []
-    backup_session = None
     try:
         by_origin = {}
         for dev, vdi_ref, rec in _vm_disks(x, snap_ref):
@@ -444,7 +451,6 @@ def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
             _choose_base(ctx, repo, disk, point, prev_disks.get(live["uuid"]))
             disks.append(disk)
 
-        backup_session = repo.begin_backup(vm_uuid)
         jobs = []
         total = 0
         for disk in disks:
@@ -505,8 +511,7 @@ def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
         rp_id = backup_session.commit(metadata)
     except BaseException as exc:
         cancel.set()
-        if backup_session is not None:
-            backup_session.abort()
+        backup_session.abort()
         _close_sources(ctx, disks)
         destroy_snapshot(x, snap_ref, ui)
         ui.log(f"backup of {vm_uuid} failed; snapshot {snap_uuid} removed, nothing committed")
@@ -529,6 +534,22 @@ def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
         "stats": stats,
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def _refuse_concurrent(repo, session, vm_uuid: str) -> None:
+    """Another live backup of this VM into this repository: refuse (its snapshot would look
+    like a leftover to us, and two bases would race)."""
+    from orchestrator.repo import locks
+
+    for lease in locks.list_writer_leases(repo.backend):
+        info = lease.body.get("info") or {}
+        if lease.key == session.lease.key or info.get("vm") != vm_uuid or lease.expired():
+            continue
+        raise CommandFailed(
+            f"another backup of VM {vm_uuid} into {repo.url} is running "
+            f"(since {info.get('time', '?')}, host {lease.body.get('host', '?')}, "
+            f"pid {lease.body.get('pid', '?')}); try again when it is done"
+        )
 
 
 def _disk_json(d: Disk, r) -> dict[str, Any]:

@@ -203,3 +203,28 @@ def test_ctrl_c_leaves_repository_and_pool_clean(msim, repo_factory):
     assert repo_objects(repo) == []
     assert sim.fastpath_snapshots(vm) == before
     fastpath("check", repo)
+
+
+def test_concurrent_backup_of_the_same_vm_is_refused(msim, repo_factory):
+    """A live writer lease of the same VM (another run) makes a second run refuse, before it
+    touches any snapshot (the other run's snapshot would look like a leftover)."""
+    from orchestrator.repo import locks
+    from orchestrator.repo.backends import open_backend
+
+    sim = msim
+    repo = repo_factory("local")
+    vm = sim.vm(2)
+    backend = open_backend(repo)
+    lease = locks.acquire_writer_lease(
+        backend, f"{vm}.other", info={"vm": vm, "time": "now"}, heartbeat=False
+    )
+    before = set(sim.fastpath_snapshots(vm))
+    try:
+        args = ["backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", "nbd"]
+        r = fastpath(*args, expect=1)
+        assert "another backup of VM" in r["error"], r
+        assert set(sim.fastpath_snapshots(vm)) == before
+    finally:
+        lease.release()
+        backend.close()
+    fastpath(*args)

@@ -367,3 +367,40 @@ def test_agent_nbd_hung_server_is_a_timeout_not_a_hang(file_sr, agent_proc):
     with src:
         src.open()
         assert read_all(src)[0][:MiB] == b"\x11" * MiB
+
+
+def test_agent_http_tls_is_pinned_by_fingerprint(file_sr, tls_files):
+    import ssl
+
+    from agent import http as fhttp
+    from agent.sr import FileSR
+    from agent.tickets import TicketStore
+
+    vdi = file_sr.qemu_vdi(6 * MiB, [(2 * MiB, MiB, 0x77)])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tls_files["cert"], tls_files["key"])
+    tickets = TicketStore()
+    sr = FileSR([file_sr.root])
+    server = fhttp.HttpServer(
+        ("127.0.0.1", 0),
+        tickets,
+        lambda t: sr.open_export(t.vdi, t.sr, t.base, name=t.id),
+        tls_context=ctx,
+        tls_mode="require",
+    )
+    server.start()
+    try:
+        host, port = server.address
+        with open(tls_files["cert"]) as f:
+            good = fingerprint(ssl.PEM_cert_to_DER_cert(f.read()))
+        t = tickets.create(vdi, file_sr.sr, None, ttl=60)
+        src = AgentHttpSource(f"https://{host}:{port}/v1/exports/{t.id}", fingerprint=good)
+        with src:
+            plan = src.open()
+            assert plan.blocks == [1]
+            assert read_all(src)[1][:MiB] == b"\x77" * MiB
+        src = AgentHttpSource(f"https://{host}:{port}/v1/exports/{t.id}", fingerprint="ab" * 32)
+        with pytest.raises(SourceError, match="does not match the pinned"):
+            src.open()
+    finally:
+        server.stop()

@@ -15,7 +15,14 @@ from agent.vhd.errors import ChainError, VhdError
 from agent.vhd.file import BEYOND, FULL, SECTOR, RawFile, VhdFile, open_level
 
 _SPAN_MIN_RUNS = 3
-_POOL_BUFFERS = 4  # assembly buffers kept per chain (one per concurrent reader is enough)
+# Assembly buffers kept for reuse by all chains together, keyed by size (a fresh 2 MiB buffer per
+# block page-faults: glibc gives big freed chunks back to the kernel). Blocks above the cap (VHD allows
+# up to 256 MiB) get a buffer of the size they need, as before.
+POOL_BYTES = 32 << 20
+POOL_MAX_BUFFER = 8 << 20
+_pool = {}  # size -> [bytearray]
+_pool_held = [0]  # bytes in _pool
+_pool_lock = threading.Lock()
 
 _ZEROS = memoryview(bytes(1 << 21))  # source of zero fills (slices of it, no allocation per fill)
 
@@ -236,8 +243,6 @@ class Chain(object):
         self._spb = self.block_size // SECTOR
         self._ones = b"\xff" * ((self._spb + 7) // 8)
         self._dyn_blocks = None  # sorted union of the dynamic levels' allocated blocks (lazy)
-        self._pool = []  # reusable assembly buffers of block_size bytes
-        self._pool_lock = threading.Lock()
 
     # -- lifetime ------------------------------------------------------------------------------------
 
@@ -441,7 +446,7 @@ class Chain(object):
         skip = offset - first * SECTOR
         if last - first <= self._spb:
             # at most a block: assemble in a pooled buffer and copy out once (see read_block)
-            buf = self._take_buffer()
+            buf = self._take_buffer((last - first) * SECTOR)
             try:
                 view = memoryview(buf)
                 self._fill(view[: (last - first) * SECTOR], first, last - first, zero=True)
@@ -630,16 +635,27 @@ class Chain(object):
                 return BlockSource("file", level, where, length)
         return BlockSource("assemble", None, 0, length)
 
-    def _take_buffer(self):
-        try:
-            return self._pool.pop()
-        except IndexError:
-            return bytearray(self._spb * SECTOR)
+    def _take_buffer(self, nbytes):
+        """A writable buffer of at least nbytes (<= one block): from the shared pool when the block
+        size is small enough to pool, else a new one of nbytes. Give it back with _give_buffer."""
+        size = self._spb * SECTOR
+        if size <= POOL_MAX_BUFFER:
+            with _pool_lock:
+                free = _pool.get(size)
+                if free:
+                    _pool_held[0] -= size
+                    return free.pop()
+            return bytearray(size)
+        return bytearray(nbytes)
 
     def _give_buffer(self, buf):
-        with self._pool_lock:
-            if len(self._pool) < _POOL_BUFFERS:
-                self._pool.append(buf)
+        size = len(buf)
+        if size != self._spb * SECTOR or size > POOL_MAX_BUFFER:
+            return  # not from the pool
+        with _pool_lock:
+            if _pool_held[0] + size <= POOL_BYTES:
+                _pool.setdefault(size, []).append(buf)
+                _pool_held[0] += size
 
     def read_block(self, index):
         """The guest bytes of block `index` (length = min(block_size, size - start))."""
@@ -654,9 +670,9 @@ class Chain(object):
             return bytes(length)
         # Assemble in a pooled buffer, then one copy out: a fresh 2 MiB buffer per block plus the
         # bytes copy costs page faults (glibc hands big freed chunks back to the kernel).
-        buf = self._take_buffer()
+        nsec = (length + SECTOR - 1) // SECTOR
+        buf = self._take_buffer(nsec * SECTOR)
         try:
-            nsec = (length + SECTOR - 1) // SECTOR
             view = memoryview(buf)
             self._fill(view[: nsec * SECTOR], start // SECTOR, nsec, zero=True)
             return bytes(view[:length])

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import vhd
+from agent.vhd import chain as chain_mod
 from agent.vhd.chain import BlockSource
 from tests.fixtures.vhd import Level, MiB, build_chain, pattern, qemu_raw, run
 from tests.vhd.test_properties import chains
@@ -170,4 +171,25 @@ def test_pooled_buffers_are_bounded_and_reused_concurrently(tmp_path):
         for t in threads:
             t.join(60)
         assert not errors
-        assert len(c._pool) <= 4
+        assert chain_mod._pool_held[0] <= chain_mod.POOL_BYTES
+        assert chain_mod._pool_held[0] == sum(len(b) for v in chain_mod._pool.values() for b in v)
+        assert 2 * MiB in chain_mod._pool  # the buffers came back for the next reader
+
+
+def test_big_blocks_are_not_pooled(tmp_path, monkeypatch):
+    """A block size above the pool's cap: each read gets a buffer of the size it needs."""
+    monkeypatch.setattr(chain_mod, "POOL_MAX_BUFFER", 64 * 1024)
+    levels = [
+        Level(MiB, [(0, pattern(1, MiB))], block_size=128 * 1024),
+        Level(
+            MiB, [(4096, pattern(2, 700)), (300 * 1024, pattern(3, 5000))], block_size=128 * 1024
+        ),
+    ]
+    paths, models = build_chain(tmp_path, levels)
+    held = {k: len(v) for k, v in chain_mod._pool.items()}
+    with vhd.open_chain(paths[-1]) as c:
+        assert c.block_source(0).kind == "assemble"
+        check_resolution(c, models[-1])
+        assert c.read(4000, 10) == bytes(models[-1][4000:4010])
+    assert 128 * 1024 not in chain_mod._pool
+    assert {k: len(v) for k, v in chain_mod._pool.items()} == held

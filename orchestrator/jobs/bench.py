@@ -115,8 +115,10 @@ def run_bench(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
     opts.e2e_disks = quick.get("e2e_disks", opts.e2e_disks)
     opts.variant_steps = quick.get("variant_steps")
     opts.steps = _csv(args.steps, quick.get("steps", opts.steps), ("full", "inc1", "inc10"), "step")
-    if args.progress in ("quiet",) or args.json and args.progress == "auto":
-        opts.log = None if args.progress == "quiet" else opts.log
+    if opts.steps and "full" not in opts.steps:
+        raise UsageError("--steps needs full: the first backup into a fresh repository is full")
+    if args.progress == "quiet":
+        opts.log = None
     try:
         if args.xapi:
             return run.run_real_pool(opts)
@@ -128,12 +130,19 @@ def run_bench(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
 def _run_fleet(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
     fleet = _import_fleet()
     try:
+        if (args.vms is not None and args.vms < 1) or (args.days is not None and args.days < 0):
+            raise UsageError("--vms must be >= 1 and --days >= 0")
+        if args.repo and args.repo.startswith("s3://"):
+            raise UsageError("--fleet builds a local repository: --repo must be a directory")
         return fleet.run_fleet(
-            vms=args.vms or (3 if args.quick else 10),
-            days=args.days or (3 if args.quick else 30),
+            vms=args.vms if args.vms is not None else (3 if args.quick else 10),
+            days=args.days if args.days is not None else (3 if args.quick else 30),
             size=args.size or ("8M" if args.quick else "64M"),
             out=args.out,
-            log=lambda line: print(f"bench --fleet: {line}", file=sys.stderr, flush=True),
+            repo_dir=args.repo,
+            log=None
+            if args.progress == "quiet"
+            else lambda line: print(f"bench --fleet: {line}", file=sys.stderr, flush=True),
         )
     except RuntimeError as exc:
         raise CommandFailed(str(exc)) from None

@@ -84,6 +84,11 @@ def test_table_and_chart(tmp_path):
         ["--transports", "nbd,carrier-pigeon"],
         ["--variants", "tape"],
         ["--runs", "0"],
+        ["--steps", "inc1"],  # the first backup into a fresh repository is full
+        ["--steps", "full,inc5"],
+        ["--fleet", "--vms", "0"],
+        ["--fleet", "--days", "-1"],
+        ["--fleet", "--repo", "s3://bucket/prefix"],
     ],
 )
 def test_usage_errors_exit_2(args, tmp_path):

@@ -6,6 +6,7 @@ the level path past it; both must give the same runs, and the block_source short
 the runs. The bytes themselves are judged by the models (and, for the fixed root, by qemu-img).
 """
 
+import os
 import shutil
 import tempfile
 
@@ -193,3 +194,30 @@ def test_big_blocks_are_not_pooled(tmp_path, monkeypatch):
         assert c.read(4000, 10) == bytes(models[-1][4000:4010])
     assert 128 * 1024 not in chain_mod._pool
     assert {k: len(v) for k, v in chain_mod._pool.items()} == held
+
+
+def test_file_truncated_after_open_raises_typed_errors(tmp_path):
+    """A leaf cut short after the chain was opened (the BAT was checked at open): bitmap reads come
+    up short. Every entry point of the block path raises CorruptVhd naming the file, never a
+    short buffer or another exception."""
+    levels = [
+        Level(6 * MiB, [(0, pattern(1, 6 * MiB))]),
+        Level(6 * MiB, [(2 * MiB + 4096, pattern(2, 8192)), (4 * MiB, pattern(3, 512))]),
+    ]
+    paths, models = build_chain(tmp_path, levels)
+    with vhd.open_chain(paths[-1]) as c:
+        f = c.files[0]
+        cut = f.bat[1] * SECTOR  # the leaf's first allocated block starts here
+        os.truncate(paths[-1], cut)
+        assert c.block_source(0).kind == "file"  # not in the leaf: the root answers alone
+        calls = [
+            lambda: c.block_source(1),
+            lambda: c.extents(),
+            lambda: c.read_block(1),
+            lambda: c.read_block_into(2, bytearray(2 * MiB)),
+            lambda: c.read(2 * MiB, 4096),
+        ]
+        for call in calls:
+            with pytest.raises(vhd.CorruptVhd) as info:
+                call()
+            assert paths[-1] in str(info.value)

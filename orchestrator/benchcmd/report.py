@@ -163,3 +163,68 @@ def check_consistency(result: dict[str, Any], rel: float = 1e-9) -> list[str]:
                 if abs(r[ratio] - want) > rel * max(1.0, abs(want)):
                     problems.append(f"{qname}/{r['id']}: {ratio} {r[ratio]} != {want}")
     return problems
+
+
+# The goals of DESIGN.md "How speed is compared": (name, numerator row, denominator row, goal,
+# "min" = ratio must be >= goal / "max" = <= goal). Rows are ids with {disk} and {repo} filled in.
+GOALS = (
+    (
+        "agent NBD vs XAPI's way",
+        "host/{disk}/agent-nbd-nbdcopy",
+        "host/{disk}/xapi-export",
+        5.0,
+        "min",
+    ),
+    ("agent NBD vs qemu-nbd", "host/{disk}/agent-nbd-nbdcopy", "host/{disk}/qemu-nbd", 1.5, "min"),
+    (
+        "full backup (nbd) vs copy + fdatasync",
+        "e2e/{disk}/nbd/local/full",
+        "e2e/{disk}/limit/local",
+        0.8,
+        "min",
+    ),
+    (
+        "1 % incremental time / full time (nbd)",
+        "e2e/{disk}/nbd/local/full",  # same bytes: time ratio = inverse GB/s ratio
+        "e2e/{disk}/nbd/local/inc1",
+        0.03,
+        "max",
+    ),
+)
+
+
+def headline(questions: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The goals, per disk, from the rows' medians (only those whose two rows exist)."""
+    rows = {r["id"]: r for q in questions.values() for r in q["rows"]}
+    disks = list(dict.fromkeys(r["disk"] for r in rows.values()))
+    out = []
+    for disk in disks:
+        for name, num, den, goal, kind in GOALS:
+            a, b = rows.get(num.format(disk=disk)), rows.get(den.format(disk=disk))
+            if a is None or b is None:
+                continue
+            value = a["gbps"]["median"] / b["gbps"]["median"]
+            out.append(
+                {
+                    "disk": disk,
+                    "what": name,
+                    "value": value,
+                    "goal": goal,
+                    "kind": kind,
+                    "met": value >= goal if kind == "min" else value <= goal,
+                    "numerator": a["id"],
+                    "denominator": b["id"],
+                }
+            )
+    return out
+
+
+def headline_table(items: list[dict[str, Any]]) -> str:
+    lines = ["| disk | goal (DESIGN.md) | this run | met |", "|---|---|---|---|"]
+    for h in items:
+        sign = "≥" if h["kind"] == "min" else "≤"
+        lines.append(
+            f"| {h['disk']} | {h['what']} {sign} {h['goal']:g} | {h['value']:.3g} | "
+            f"{'yes' if h['met'] else 'no'} |"
+        )
+    return "\n".join(lines)

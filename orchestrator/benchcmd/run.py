@@ -730,6 +730,8 @@ def finish(result: dict[str, Any], opts: Options) -> dict[str, Any]:
         "host_side": report.markdown_table(qs["host_side"]["rows"]),
         "end_to_end": report.markdown_table(qs["end_to_end"]["rows"], ("repo", "step")),
     }
+    result["headline"] = report.headline(qs)
+    tables["headline"] = report.headline_table(result["headline"])
     result["tables"] = tables
     md = os.path.join(opts.out, "bench.md")
     png = os.path.join(opts.out, "bench.png")
@@ -751,6 +753,10 @@ def render(result: dict[str, Any]) -> str:
         f"Runs: {p['runs']} (median, min–max), connections: {p['connections']}, "
         f"{p['cpu_count']} CPUs, load average at the end {p['load_average'][0]:.1f}. "
         "GB/s = the disk's allocated bytes / seconds (incrementals: effective rate).",
+        "",
+        "## Headline: the goals of DESIGN.md in this run",
+        "",
+        result["tables"]["headline"],
         "",
         f"## {qs['host_side']['title']}",
         "",

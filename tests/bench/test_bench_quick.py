@@ -166,3 +166,25 @@ def test_both_questions_have_the_expected_rows(quick):
         for f, i in zip(full, inc, strict=True):
             assert 0 < i["bytes_read"] < f["bytes_read"]
             assert i["guest_bytes_written"] > 0
+
+
+@pytest.mark.slow
+def test_headline_goals_are_recomputed_from_the_rows(quick):
+    out, _, stored = quick
+    rows = {r["id"]: r for q in stored["questions"].values() for r in q["rows"]}
+    items = stored["headline"]
+    assert {h["what"] for h in items} >= {
+        "agent NBD vs XAPI's way",
+        "agent NBD vs qemu-nbd",
+        "1 % incremental time / full time (nbd)",
+    }
+    for h in items:
+        a, b = rows[h["numerator"]], rows[h["denominator"]]
+        assert h["value"] == pytest.approx(a["gbps"]["median"] / b["gbps"]["median"])
+        assert h["met"] == (
+            h["value"] >= h["goal"] if h["kind"] == "min" else h["value"] <= h["goal"]
+        )
+    assert stored["tables"]["headline"] in (out / "bench.md").read_text()
+    from orchestrator.benchcmd import report
+
+    assert report.check_consistency(stored) == []

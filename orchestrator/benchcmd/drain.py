@@ -8,11 +8,12 @@ one JSON line: {"bytes": N, "blocks": K}. Kinds:
 - ``agent-nbd``:   {"url": "nbd://host:port/<ticket>", "connections": N}  (AgentNbdSource)
 - ``agent-http``:  {"url": "http://host:port/v1/exports/<ticket>", "connections": N}
                    (AgentHttpSource: the framed blocks stream, N streams by block range)
-- ``xapi-nbd``:    {"xapi": URL, "user", "password", "vdi": UUID, "connections": N}
+- ``xapi-nbd``:    {"xapi": URL, "user", "vdi": UUID, "connections": N, "cafile": optional}
                    (XapiNbdSource: VDI.get_nbd_info, TLS verified with the host certificate)
 - ``agent-nbd-plugin``, ``agent-http-plugin``: {"export": <the plugin's open_export answer>}
                    (as the backup job opens them: TLS pinned to the agent's fingerprint)
-- ``xapi-export``: {"xapi": URL, "user", "password", "vdi": UUID, "cafile": optional}
+- ``xapi-export``: {"xapi": URL, "user", "vdi": UUID, "cafile": optional}
+                   (the XAPI password comes from $FASTPATH_XAPI_PASSWORD, never from argv)
                    (XapiExportSource: export_raw_vdi?format=vhd, parsed as it streams)
 """
 
@@ -43,10 +44,13 @@ def drain(spec: dict) -> dict:
 
         src = AgentHttpSource.from_plugin(spec["export"], streams=conns)
     elif kind in ("xapi-nbd", "xapi-export"):
-        import XenAPI
+        import os
 
-        session = XenAPI.Session(spec["xapi"])
-        session.xenapi.login_with_password(spec["user"], spec["password"], "2.21", "bench")
+        from orchestrator.jobs.xapi_session import XapiTarget, connect
+
+        password = spec.get("password") or os.environ["FASTPATH_XAPI_PASSWORD"]
+        target = XapiTarget(spec["xapi"], spec["user"], password, spec.get("cafile"))
+        session = connect(target)
         if kind == "xapi-nbd":
             from orchestrator.sources.xapi_nbd import XapiNbdSource
 

@@ -74,6 +74,7 @@ class Options:
     vm: str | None = None
     user: str = "root"
     password: str | None = None
+    xapi_cafile: str | None = None
     repo: str | None = None
     out: str = "bench-out"
     s3: bool = True
@@ -406,7 +407,6 @@ def host_side_cmd(b: Bench, kind: str, disk: dict[str, Any]) -> tuple[list[str],
             "kind": kind,
             "xapi": info["xapi"]["url"],
             "user": info["xapi"]["user"],
-            "password": info["xapi"]["password"],
             "vdi": disk["vdi"],
             "connections": conns,
         }
@@ -430,7 +430,8 @@ def host_side(b: Bench, disks: dict[str, dict[str, Any]]) -> list[dict[str, Any]
                     continue  # qemu's vpc driver cannot open differencing disks
                 cmd, servers = host_side_cmd(b, kind, disk)
                 b.opts.say(f"host side run {run + 1}/{b.opts.runs}: {name} {kind}")
-                sample, _ = run_measured(cmd, servers, env=child_env(b.env))
+                env = child_env({**b.env, "FASTPATH_XAPI_PASSWORD": b.info["xapi"]["password"]})
+                sample, _ = run_measured(cmd, servers, env=env)
                 samples.setdefault((name, kind), []).append(sample)
     rows = []
     for (name, kind), ss in samples.items():
@@ -799,8 +800,12 @@ def run_real_pool(opts: Options) -> dict[str, Any]:
         raise RuntimeError("--xapi needs --password (or $FASTPATH_XAPI_PASSWORD)")
     os.makedirs(opts.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="fastpath-bench-")
-    session = XenAPI.Session(opts.xapi)
-    session.xenapi.login_with_password(opts.user, password, "2.21", "fastpath-bench")
+    from orchestrator.jobs.xapi_session import XapiTarget, connect
+
+    try:
+        session = connect(XapiTarget(opts.xapi, opts.user, password, opts.xapi_cafile))
+    except ConnectionError as exc:
+        raise RuntimeError(str(exc)) from None
     x = session.xenapi
     t0 = time.time()
     vm = x.VM.get_by_uuid(opts.vm)
@@ -825,7 +830,8 @@ def run_real_pool(opts: Options) -> dict[str, Any]:
             }
         if not disks:
             raise RuntimeError(f"VM {opts.vm} has no disks")
-        common = {"xapi": opts.xapi, "user": opts.user, "password": password}
+        common = {"xapi": opts.xapi, "user": opts.user, "cafile": opts.xapi_cafile}
+        env = child_env({"FASTPATH_XAPI_PASSWORD": password})
         samples: dict[tuple[str, str], list] = {}
         kinds = {
             "agent-nbd": ("agent NBD (orchestrator reader, via the plugin)", "fast path"),
@@ -854,7 +860,7 @@ def run_real_pool(opts: Options) -> dict[str, Any]:
                     spec["connections"] = opts.connections
                     cmd = [PY, "-m", "orchestrator.benchcmd.drain", json.dumps(spec)]
                     try:
-                        sample, out = run_measured(cmd, [], env=child_env())
+                        sample, out = run_measured(cmd, [], env=env)
                         sample["bytes_read"] = json.loads(out.strip().splitlines()[-1])["bytes"]
                     finally:
                         if ticket:
@@ -953,6 +959,8 @@ def real_pool_end_to_end(b: Bench, opts: Options, disks: dict, password: str) ->
                     cmd += ["--xapi", opts.xapi, "--user", opts.user, "--repo", repo]
                     cmd += ["--transport", transport, "--connections", str(opts.connections)]
                     cmd += ["--json", "--progress", "quiet"]
+                    if opts.xapi_cafile:
+                        cmd += ["--xapi-cafile", opts.xapi_cafile]
                     if transport == "xapi-nbd":
                         cmd.append("--cbt")
                     sample, _ = run_measured(cmd, [], env)

@@ -37,6 +37,9 @@ def register(registry) -> None:
     p.add_argument("--user", default="root", help="with --xapi: XAPI user")
     p.add_argument("--password", help="with --xapi: XAPI password ($FASTPATH_XAPI_PASSWORD)")
     p.add_argument(
+        "--xapi-cafile", metavar="PEM", help="with --xapi: CA (or the pool's certificate) for https"
+    )
+    p.add_argument(
         "--repo",
         metavar="REPO",
         help="where the end-to-end repositories go: a directory (local rows; default a temporary "
@@ -94,6 +97,7 @@ def run_bench(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
         vm=args.vm,
         user=args.user,
         password=args.password,
+        xapi_cafile=args.xapi_cafile,
         repo=args.repo,
         out=args.out,
         s3=not args.no_s3,

@@ -1,15 +1,20 @@
 """`make demo`: the main job on built-in data, checked by tools we did not write.
 
-Today it:
+Part 1, the agent on its own:
   1. builds a file SR holding a 3-deep VHD chain (a base disk, a snapshot level, a leaf) with the
      agent's VHD writer, filled with disk-like data (text, binary records, random, zero runs) and
      with writes at unaligned sector offsets, so blocks are split across levels;
-  2. writes the chain out locally as raw (sparse) and as one dynamic VHD, and has qemu-img and libvhdi read the
-     VHD and compare both with each other and our own bytes with the in-memory model;
+  2. writes the chain out locally as raw (sparse) and as one dynamic VHD, and has qemu-img and
+     libvhdi read the VHD and compare both with each other and our own bytes with the model;
   3. starts the agent (`fastpath-agent serve`) on that SR, opens a ticket, and reads the disk over
-     NBD with nbdinfo (the allocation map) and nbdcopy (the data), compared with qemu-img;
-  4. prints a summary.
-Usage: python -m hostsim.demo [--size MiB] [--workdir DIR] [--keep]
+     NBD with nbdinfo (the allocation map) and nbdcopy (the data), compared with qemu-img.
+Part 2, a backup day on a simulated pool (`hostsim serve`: XAPI, a file SR, the agent over TLS):
+  4. backs up two VMs in full (one through NBD, one through HTTP) and, for comparison, one through
+     XAPI's own conversion export; makes guest writes; backs both up again (incremental);
+  5. restores one disk to a VHD file and one VM's disks into the pool, compares them with the
+     snapshots they came from (qemu-img compare);
+  6. prunes, collects garbage and verifies the repository, and prints a summary.
+Usage: python -m hostsim.demo [--size MiB] [--vm-size MiB] [--workdir DIR] [--keep]
 """
 
 import argparse
@@ -124,89 +129,60 @@ def start_agent(workdir, sr_root):
         return proc, json.load(f), sock
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m hostsim.demo", description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, default=256, help="virtual disk size in MiB (default 256)")
-    ap.add_argument("--workdir", help="where to build (default: a temporary directory)")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--seed", type=int, default=2026)
-    args = ap.parse_args(argv)
+def agent_part(workdir, size, rng, summary):
+    """Part 1: a chain written by our writer, judged by qemu-img/libvhdi, served by the agent."""
+    sr_root = os.path.join(workdir, "sr-mount")
+    sr_dir = os.path.join(sr_root, str(uuid.uuid4()))
+    os.makedirs(sr_dir)
 
-    size = args.size * MiB
-    workdir = args.workdir or tempfile.mkdtemp(prefix="fastpath-demo-")
-    os.makedirs(workdir, exist_ok=True)
-    rng = random.Random(args.seed)
-    summary = []
-    agent = None
-    t_start = time.monotonic()
-    try:
-        print("speedups: %s" % ("compiled" if speedups.COMPILED else "pure Python"))
-        sr_root = os.path.join(workdir, "sr-mount")
-        sr_uuid = str(uuid.uuid4())
-        sr_dir = os.path.join(sr_root, sr_uuid)
-        os.makedirs(sr_dir)
-
-        step("building a 3-deep VHD chain (%d MiB virtual) in a file SR" % args.size)
-        vdis, paths, model = build_chain(sr_dir, size, rng)
-        model_sha = hashlib.sha256(model).hexdigest()
-        with vhd.open_chain(paths[-1]) as chain:
-            data_bytes = sum(e.length for e in chain.extents() if not e.zero)
-            kinds = [chain.block_source(i).kind for i in range(chain.block_count)]
-            files = sum(os.path.getsize(p) for p in paths)
-            summary.append(("chain", "depth %d, %d MiB of VHD files" % (chain.depth, files >> 20)))
-            summary.append(
-                (
-                    "blocks",
-                    "%d allocated (%d whole in one file, %d split across levels), %d empty"
-                    % (
-                        len(kinds) - kinds.count("zero"),
-                        kinds.count("file"),
-                        kinds.count("assemble"),
-                        kinds.count("zero"),
-                    ),
-                )
-            )
-
-            step("writing it out as raw (sparse) and as one dynamic VHD")
-            raw = os.path.join(workdir, "disk.raw")
-            flat = os.path.join(workdir, "disk.vhd")
-            t0 = time.monotonic()
-            vhd.export_raw(chain, raw)
-            vhd.export_vhd(chain, flat)
-            elapsed = time.monotonic() - t0
-        if sha256_file(raw) != model_sha:
-            raise DemoError("the raw export differs from the model")
+    step("building a 3-deep VHD chain (%d MiB virtual) in a file SR" % (size >> 20))
+    vdis, paths, model = build_chain(sr_dir, size, rng)
+    model_sha = hashlib.sha256(model).hexdigest()
+    with vhd.open_chain(paths[-1]) as chain:
+        data_bytes = sum(e.length for e in chain.extents() if not e.zero)
+        kinds = [chain.block_source(i).kind for i in range(chain.block_count)]
+        files = sum(os.path.getsize(p) for p in paths)
+        summary.append(("chain", "depth %d, %d MiB of VHD files" % (chain.depth, files >> 20)))
         summary.append(
             (
-                "local export",
-                "raw + VHD in %.2f s (%d MiB of data each)" % (elapsed, data_bytes >> 20),
+                "blocks",
+                "%d allocated (%d whole in one file, %d split across levels), %d empty"
+                % (
+                    len(kinds) - kinds.count("zero"),
+                    kinds.count("file"),
+                    kinds.count("assemble"),
+                    kinds.count("zero"),
+                ),
             )
         )
+        step("writing it out as raw (sparse) and as one dynamic VHD")
+        raw = os.path.join(workdir, "disk.raw")
+        flat = os.path.join(workdir, "disk.vhd")
+        t0 = time.monotonic()
+        vhd.export_raw(chain, raw)
+        vhd.export_vhd(chain, flat)
+        elapsed = time.monotonic() - t0
+    if sha256_file(raw) != model_sha:
+        raise DemoError("the raw export differs from the model")
+    summary.append(
+        ("local export", "raw + VHD in %.2f s (%d MiB of data each)" % (elapsed, data_bytes >> 20))
+    )
 
-        step("checking with qemu-img (an oracle we did not write)")
-        # qemu-img has no checker for vpc (`check` exits 63): info, compare and libvhdi judge.
-        info = json.loads(run(["qemu-img", "info", "--output=json", flat]))
-        if info["format"] != "vpc" or info["virtual-size"] != size:
-            raise DemoError("qemu-img sees %s of %d bytes" % (info["format"], info["virtual-size"]))
-        run(["qemu-img", "compare", "-f", "vpc", "-F", "raw", flat, raw])
-        run(["vhdiinfo", flat])
-        summary.append(("qemu-img", "info: vpc, exact size; compare VHD vs raw: identical"))
+    step("checking with qemu-img and libvhdi (oracles we did not write)")
+    # qemu-img has no checker for vpc (`check` exits 63): info, compare and libvhdi judge.
+    info = json.loads(run(["qemu-img", "info", "--output=json", flat]))
+    if info["format"] != "vpc" or info["virtual-size"] != size:
+        raise DemoError("qemu-img sees %s of %d bytes" % (info["format"], info["virtual-size"]))
+    run(["qemu-img", "compare", "-f", "vpc", "-F", "raw", flat, raw])
+    run(["vhdiinfo", flat])
+    summary.append(("qemu-img", "info: vpc, exact size; compare VHD vs raw: identical"))
 
-        step("serving the chain over NBD with the agent, reading it with nbdinfo and nbdcopy")
-        agent, ready, sock = start_agent(workdir, sr_root)
+    step("serving the chain over NBD with the agent, reading it with nbdinfo and nbdcopy")
+    agent, ready, sock = start_agent(workdir, sr_root)
+    try:
         out = run(
-            [
-                sys.executable,
-                "-m",
-                "agent.daemon",
-                "ticket",
-                "create",
-                "--vdi",
-                vdis[-1],
-                "--admin-socket",
-                sock,
-                "--json",
-            ]
+            [sys.executable, "-m", "agent.daemon", "ticket", "create", "--vdi", vdis[-1]]
+            + ["--admin-socket", sock, "--json"]
         )
         ticket = json.loads(out)["export_name"]
         host, port = ready["nbd"]
@@ -217,31 +193,228 @@ def main(argv=None):
         t0 = time.monotonic()
         run(["nbdcopy", url, copied])
         elapsed = time.monotonic() - t0
-        if sha256_file(copied) != model_sha:
-            raise DemoError("nbdcopy's copy differs from the model")
-        run(["qemu-img", "compare", "-f", "raw", "-F", "vpc", copied, flat])
+    finally:
+        agent.terminate()
+        agent.wait(10)
+    if sha256_file(copied) != model_sha:
+        raise DemoError("nbdcopy's copy differs from the model")
+    run(["qemu-img", "compare", "-f", "raw", "-F", "vpc", copied, flat])
+    summary.append(
+        (
+            "NBD",
+            "nbdinfo --map: %d MiB allocated; nbdcopy of the %d MiB disk in %.2f s, identical"
+            % (nbd_data >> 20, size >> 20, elapsed),
+        )
+    )
+
+
+def fastpath(*args):
+    """Run the `fastpath` command with --json; returns its JSON answer."""
+    out = run([sys.executable, "-m", "orchestrator.cli"] + list(args) + ["--json"], timeout=600)
+    return json.loads(out)
+
+
+def snapshot_raw(sr_path, vdi, out):
+    """The guest-visible bytes of a VDI of the pool's SR, as a raw file."""
+    with vhd.open_chain(os.path.join(sr_path, vdi + ".vhd")) as chain:
+        vhd.export_raw(chain, out)
+    return out
+
+
+def pool_part(workdir, vm_size, summary, table):
+    """Part 2: backups of a simulated pool through every fast transport, restores, retention."""
+    root = os.path.join(workdir, "pool")
+    log = open(os.path.join(workdir, "hostsim.log"), "w")
+    step(
+        "starting a simulated XCP-ng pool: XAPI (HTTPS), a file SR, 2 VMs of %d MiB, the agent"
+        % vm_size
+    )
+    pool = subprocess.Popen(
+        [sys.executable, "-m", "hostsim.cli", "serve", "--root", root, "--vms", "2"]
+        + ["--disk-size", "%dM" % vm_size, "--gc-interval", "0", "--tls"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        conf_path = os.path.join(root, "hostsim.json")
+        deadline = time.monotonic() + 120
+        while not os.path.exists(conf_path):
+            if pool.poll() is not None or time.monotonic() > deadline:
+                raise DemoError("hostsim did not start; see %s" % log.name)
+            time.sleep(0.2)
+        with open(conf_path) as f:
+            conf = json.load(f)
+        os.environ["HOSTSIM_ROOT"] = root
+        vm1, vm2 = (vm["uuid"] for vm in conf["vms"][:2])
+        repo = os.path.join(workdir, "repo")
+        fastpath("repo", "init", repo)
+
+        def backup(vm, transport, repo=repo, full=False):
+            args = ["backup", "vm", vm, "--repo", repo, "--transport", transport]
+            res = fastpath(*(args + (["--full"] if full else [])))
+            disk_seconds = max(d["seconds"] for d in res["disks"])
+            kind = "incremental" if res["disks"][0]["incremental"] else "full"
+            table.append(
+                (
+                    "%s %s" % (vm[:8], kind),
+                    transport,
+                    res["bytes_read"],
+                    res["stats"]["bytes_written"],
+                    disk_seconds,
+                    res["seconds"],
+                )
+            )
+            return res
+
+        step("backing up two VMs in full: vm1 through NBD, vm2 through HTTP (TLS, pinned)")
+        f1 = backup(vm1, "nbd")
+        backup(vm2, "http")
+        step("the same full backup of vm1 the XAPI way (export_raw_vdi: decode to raw, re-encode)")
+        repo_x = os.path.join(workdir, "repo-xapi")
+        fastpath("repo", "init", repo_x)
+        x1 = backup(vm1, "xapi-export", repo=repo_x, full=True)
+
+        step("guest writes in both VMs, then incremental backups (NBD and HTTP)")
+        run([sys.executable, "-m", "hostsim.cli", "write", "vm1", "--count", "32"])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "hostsim.cli",
+                "write",
+                "vm2",
+                "--count",
+                "32",
+                "--pattern",
+                "text",
+            ]
+        )
+        i1 = backup(vm1, "nbd")
+        i2 = backup(vm2, "http")
+        for res in (i1, i2):
+            if not res["disks"][0]["incremental"]:
+                raise DemoError("the second backup of %s was not incremental" % res["vm"])
+
+        step("restoring vm1's disk to a VHD file and vm2's disks into the pool")
+        disk = i1["disks"][0]
+        restored = os.path.join(workdir, "vm1-restored.vhd")
+        fastpath("restore", repo, i1["id"], "--disk", disk["vdi"], "-o", restored)
+        source = snapshot_raw(conf["sr"]["path"], disk["snapshot_vdi"], restored + ".source.raw")
+        run(["qemu-img", "compare", "-f", "vpc", "-F", "raw", restored, source])
+        r2 = fastpath(
+            "restore",
+            repo,
+            i2["id"],
+            "--to-xapi",
+            conf["xapi"]["url"],
+            "--xapi-cafile",
+            conf["xapi"]["cafile"],
+            "--sr",
+            conf["sr"]["uuid"],
+        )
+        for got, want in zip(r2["disks"], i2["disks"]):
+            new_raw = snapshot_raw(
+                conf["sr"]["path"], got["new_vdi"], os.path.join(workdir, "a.raw")
+            )
+            old_raw = snapshot_raw(
+                conf["sr"]["path"], want["snapshot_vdi"], os.path.join(workdir, "b.raw")
+            )
+            run(["qemu-img", "compare", "-f", "raw", "-F", "raw", new_raw, old_raw])
         summary.append(
             (
-                "NBD",
-                "nbdinfo --map: %d MiB allocated; nbdcopy of the %d MiB disk in %.2f s, identical to the model"
-                % (nbd_data >> 20, size >> 20, elapsed),
+                "restore",
+                "vm1's disk -> VHD file and vm2 -> %d new VDI(s) in the pool: identical to the"
+                " snapshots (qemu-img compare)" % len(r2["disks"]),
             )
         )
-    except DemoError as exc:
-        print("demo failed: %s" % exc, file=sys.stderr)
-        return 1
+
+        step("pruning to the last restore point per VM, collecting garbage, verifying")
+        pruned = fastpath("prune", repo, "--keep-last", "1")
+        gc = fastpath("gc", repo, "--margin", "0")
+        verify = fastpath("verify", repo)
+        stats = fastpath("stats", repo)
+        summary.append(
+            (
+                "retention",
+                "prune: %s; gc: %s; verify: %s"
+                % (_brief(pruned), _brief(gc), "clean" if verify.get("ok") else "DAMAGED"),
+            )
+        )
+        summary.append(("repository", _brief(stats)))
+        speedup = x1["disks"][0]["seconds"] / max(f1["disks"][0]["seconds"], 1e-6)
+        summary.append(
+            (
+                "speed",
+                "vm1 full backup data phase: NBD %.2f s vs XAPI's conversion export %.2f s (%.1fx;"
+                " hostsim's export has no tapdisk/vhd-tool/stunnel hops: see docs/benchmarks.md)"
+                % (f1["disks"][0]["seconds"], x1["disks"][0]["seconds"], speedup),
+            )
+        )
+        if not verify.get("ok"):
+            raise DemoError("verify found damage: %s" % verify)
     finally:
-        if agent is not None:
-            agent.terminate()
-            agent.wait(10)
-        if not args.keep and not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+        pool.terminate()
+        try:
+            pool.wait(30)
+        except subprocess.TimeoutExpired:
+            pool.kill()
+        log.close()
+
+
+def _brief(res):
+    """A one-line summary of a fastpath --json answer's numbers."""
+    keys = [
+        k for k, v in sorted(res.items()) if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    return ", ".join("%s %s" % (k.replace("_", " "), _num(res[k])) for k in keys[:6]) or "ok"
+
+
+def _num(v):
+    if isinstance(v, float):
+        return "%.2f" % v
+    if v >= 10 * MiB:
+        return "%d MiB" % (v >> 20)
+    return str(v)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m hostsim.demo", description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=128, help="part 1 disk size in MiB (default 128)")
+    ap.add_argument("--vm-size", type=int, default=128, help="VM disk size in MiB (default 128)")
+    ap.add_argument("--workdir", help="where to build (default: a temporary directory)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--seed", type=int, default=2026)
+    args = ap.parse_args(argv)
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="fastpath-demo-")
+    os.makedirs(workdir, exist_ok=True)
+    rng = random.Random(args.seed)
+    summary = []
+    table = []
+    t_start = time.monotonic()
+    print("speedups: %s" % ("compiled" if speedups.COMPILED else "pure Python"))
+    try:
+        agent_part(workdir, args.size * MiB, rng, summary)
+        pool_part(workdir, args.vm_size, summary, table)
+    except DemoError as exc:
+        print("demo failed: %s (work files in %s)" % (exc, workdir), file=sys.stderr)
+        return 1
+    if not args.keep and not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
 
     print()
     print("xcp-fastpath demo: all checks passed in %.1f s" % (time.monotonic() - t_start))
     width = max(len(k) for k, _ in summary)
     for k, v in summary:
         print("  %s  %s" % (k.ljust(width), v))
+    print()
+    print("| backup | transport | read MiB | stored MiB | data phase s | command s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, transport, read, written, data_s, cmd_s in table:
+        print(
+            "| %s | %s | %.1f | %.1f | %.2f | %.2f |"
+            % (name, transport, read / MiB, written / MiB, data_s, cmd_s)
+        )
     if args.keep or args.workdir:
         print("  files kept in %s" % workdir)
     return 0

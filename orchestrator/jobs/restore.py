@@ -287,12 +287,13 @@ def _restore_to_xapi(args, ui, repo, point, meta, disks) -> list[dict[str, Any]]
             with ui.task(f"import {vdi}", total=index.virtual_size, unit="bytes") as task:
                 total, pieces = vhd_stream(reader, task)
                 u = urlparse(target.url)
-                conn_cls = (
-                    http.client.HTTPSConnection
-                    if u.scheme == "https"
-                    else http.client.HTTPConnection
-                )
-                conn = conn_cls(u.hostname, u.port, timeout=300)
+                if u.scheme == "https":
+                    # The same trust as the XAPI session (--xapi-cafile / hostsim.json's CA).
+                    conn = http.client.HTTPSConnection(
+                        u.hostname, u.port, timeout=300, context=xapi_session.ssl_context(target)
+                    )
+                else:
+                    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
                 query = urlencode(
                     {"session_id": session._session, "vdi": new_uuid, "format": "vhd"}
                 )

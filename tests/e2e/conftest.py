@@ -22,7 +22,7 @@ START_TIMEOUT = 90
 
 
 class Sim:
-    def __init__(self, root, vms=4, disk_size="8M"):
+    def __init__(self, root, vms=4, disk_size="8M", tls=False):
         self.root = str(root)
         self.log_path = os.path.join(self.root, "hostsim.log")
         os.makedirs(self.root, exist_ok=True)
@@ -41,7 +41,8 @@ class Sim:
                 disk_size,
                 "--gc-interval",
                 "0",
-            ],
+            ]
+            + (["--tls"] if tls else []),
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

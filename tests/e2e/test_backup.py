@@ -7,6 +7,8 @@ point still restores to its own content. Repositories: local and S3 (moto), plai
 (parametrized across scenarios, not the full cross product).
 """
 
+import os
+
 import pytest
 
 from tests.e2e.conftest import MiB, fastpath, qemu_raw
@@ -150,11 +152,7 @@ def test_backup_vdi_from_a_vhd_file(repo_factory, tmp_path):
 
 def test_http_transport_full_and_incremental(sim, repo_factory, tmp_path):
     http = (sim.info.get("agent") or {}).get("http") or [None, 0]
-    if not http[1]:
-        pytest.skip(
-            "agent.daemon does not serve HTTP in this build (port 0 in its ready file): "
-            "the HTTP source is tested against agent.http.HttpServer in tests/sources"
-        )
+    assert http[1], "the agent in hostsim serves HTTP (its ready file says port %r)" % (http,)
     repo = repo_factory("local")
     vm, vdi = sim.vm(1), sim.vm_disk(1)
     base = ["backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", "http"]
@@ -186,6 +184,44 @@ def test_restore_to_xapi_creates_a_vdi_with_the_content(sim, repo_factory):
     (d,) = out["disks"]
     assert d["vdi"] == vdi and d["new_vdi"] != vdi
     assert sim.export_raw(d["new_vdi"]) == expected
+
+
+def test_restore_to_an_https_xapi_verifies_its_certificate(tmp_path, repo_factory):
+    """Production XAPI is HTTPS with the pool's own certificate: the restore's import_raw_vdi PUT
+    must trust what the session trusts (--xapi-cafile / hostsim.json's CA), not the system store."""
+    from agent import vhd
+    from tests.e2e.conftest import Sim
+
+    sim = Sim(tmp_path / "tls-pool", vms=1, tls=True)
+    try:
+        assert sim.url.startswith("https://")
+        repo = repo_factory("local")
+        r = fastpath("backup", "vm", sim.vm(0), "--hostsim", sim.root, "--repo", repo)
+        out = fastpath(
+            "restore",
+            repo,
+            r["id"],
+            "--to-xapi",
+            sim.url,
+            "--xapi-cafile",
+            sim.info["xapi"]["cafile"],
+            "--user",
+            "root",
+            "--password",
+            "hostsim",
+            "--sr",
+            sim.info["sr"]["uuid"],
+        )
+        (d,) = out["disks"]
+
+        def raw(vdi):
+            path = os.path.join(sim.info["sr"]["path"], vdi + ".vhd")
+            with vhd.open_chain(path) as chain:
+                return chain.read(0, chain.size)
+
+        assert raw(d["new_vdi"]) == raw(r["disks"][0]["snapshot_vdi"])
+    finally:
+        sim.stop()
 
 
 def test_agent_refusing_the_base_falls_back_to_full(sim, repo_factory, monkeypatch, tmp_path):

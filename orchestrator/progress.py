@@ -84,18 +84,37 @@ class Progress:
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
+                DownloadColumn,
                 MofNCompleteColumn,
+                ProgressColumn,
                 TextColumn,
                 TimeElapsedColumn,
                 TimeRemainingColumn,
+                TransferSpeedColumn,
             )
             from rich.progress import Progress as RichProgress
+            from rich.text import Text
+
+            class ByUnit(ProgressColumn):
+                """Bytes (amount, rate) for byte tasks; counts for the others."""
+
+                def __init__(self, for_bytes, for_counts):
+                    super().__init__()
+                    self.for_bytes, self.for_counts = for_bytes, for_counts
+
+                def render(self, task):
+                    column = (
+                        self.for_bytes if task.fields.get("unit") == "bytes" else self.for_counts
+                    )
+                    return column.render(task) if column is not None else Text("")
 
             self._rich = RichProgress(
                 TextColumn("{task.description}"),
                 BarColumn(),
-                MofNCompleteColumn(),
+                ByUnit(DownloadColumn(binary_units=True), MofNCompleteColumn()),
+                ByUnit(TransferSpeedColumn(), None),
                 TimeElapsedColumn(),
+                TextColumn("ETA"),
                 TimeRemainingColumn(),
                 console=Console(file=self.stream),
             )
@@ -112,7 +131,7 @@ class Progress:
         with self._lock:
             t = Task(self, name, total, unit)
             if self.mode == "rich":
-                t._handle = self._rich.add_task(name, total=total)
+                t._handle = self._rich.add_task(name, total=total, unit=unit)
             elif self.mode == "lines":
                 self._line(f"{name}: started" + (f" ({_num(total)} {unit})" if total else ""))
             elif self.mode == "json":
@@ -153,6 +172,9 @@ class Progress:
             return
         t._last_emit = now
         if self.mode == "lines":
+            if t.unit == "bytes":
+                self._line(f"{t.name}: {_bytes_line(t, now)}")
+                return
             of = f"/{_num(t.total)}" if t.total else ""
             pct = f" ({100 * t.completed / t.total:.0f}%)" if t.total else ""
             self._line(f"{t.name}: {_num(t.completed)}{of} {t.unit}{pct}".rstrip())
@@ -191,6 +213,28 @@ class Progress:
 
     def _json(self, obj: dict[str, Any]) -> None:
         self._line(json.dumps(obj, default=str))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _bytes_line(t: Task, now: float) -> str:
+    """'48.0 MiB/86.0 MiB (56%), 120.0 MiB/s, ETA 0:00:01' for a byte task."""
+    elapsed = max(now - t.started, 1e-9)
+    rate = t.completed / elapsed
+    text = _size(t.completed)
+    if t.total:
+        text += f"/{_size(t.total)} ({100 * t.completed / t.total:.0f}%)"
+    text += f", {_size(rate)}/s"
+    if t.total and rate > 0 and t.completed < t.total:
+        left = int((t.total - t.completed) / rate)
+        text += f", ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+    return text
 
 
 def _num(x: float | None) -> str:

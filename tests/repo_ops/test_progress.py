@@ -78,3 +78,38 @@ def test_advance_from_many_threads_counts_everything():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError):
         Progress("fancy")
+
+
+def test_byte_tasks_show_amount_rate_and_eta_in_lines_mode(monkeypatch):
+    import orchestrator.progress as progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    ui = Progress("lines", stream=out, interval=0)
+    with ui.task("backup vm1", total=100 << 20, unit="bytes") as t:
+        clock[0] += 2.0
+        t.advance(50 << 20)  # 50 MiB in 2 s: 25 MiB/s, 50 MiB left: 2 s
+        t.done("done")
+    line = out.getvalue().splitlines()[1]
+    assert line == "backup vm1: 50.0 MiB/100.0 MiB (50%), 25.0 MiB/s, ETA 0:00:02", line
+
+
+def test_rich_mode_renders_bytes_and_rate_for_byte_tasks():
+    out = io.StringIO()
+    ui = Progress("rich", stream=out)
+    try:
+        with ui.task("backup vm1", total=8 << 20, unit="bytes") as t:
+            t.advance(4 << 20)
+            columns = ui._rich.columns
+            task = ui._rich.tasks[0]
+            amount, rate = (str(c.render(task)) for c in columns[2:4])
+            assert amount == "4.0/8.0 MiB", amount
+            assert rate == "?" or rate.endswith("/s"), rate  # "?" until rich has two samples
+        with ui.task("mark", total=10, unit="indexes") as t:
+            t.advance(3)
+            task = ui._rich.tasks[1]
+            assert str(columns[2].render(task)).replace(" ", "") == "3/10"
+            assert str(columns[3].render(task)) == ""  # no rate for counts
+    finally:
+        ui.close()

@@ -15,6 +15,7 @@ Reading (other parts of the agent code against exactly these names):
          sectors; sector granularity, merged), block_source(i) -> BlockSource(kind, file, offset,
          length) with kind 'zero' | 'file' (the guest block is bytes [offset, offset+length) of
          file.fileno(): sendfile-able) | 'assemble' (use read_block(i)), read_block(i) -> bytes,
+         read_block_into(i, buf) -> length (fills buf[:length]; no allocation),
          changed_blocks(base) -> sorted block indices allocated above the common ancestor `base` (a
          Chain or a path; ChainError if it is not an ancestor), allocated_blocks(), describe().
   VhdFile.open(path, fd=None, end=None, own_fd=False), RawFile.open(...): one level; with fd and end

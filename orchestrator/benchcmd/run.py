@@ -24,6 +24,7 @@ from ``VmHWM`` (the process's lifetime peak).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -52,7 +53,7 @@ HOST_KINDS = {
     "agent-http-blocks": ("agent HTTP blocks stream", "fast path"),
     "agent-http-vhd": ("agent HTTP VHD stream (curl, 1 stream)", "fast path"),
     "xapi-export": ("XAPI's way: export_raw_vdi (1 stream)", "xapi"),
-    "xapi-nbd": ("xapi-nbd's way", "xapi"),
+    "xapi-nbd": ("xapi-nbd's way (1 request in flight per connection)", "xapi"),
     "qemu-nbd": ("qemu-nbd -r -f vpc + nbdcopy", "plain nbd"),
     "cat": ("physical limit: cat from page cache", "limit"),
 }
@@ -134,6 +135,16 @@ def run_measured(
     timer.start()
     try:
         _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:  # Ctrl-C: the child is in its own session, so stop it here
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.wait4(proc.pid, 0)
+        with contextlib.suppress(OSError):
+            os.unlink(rss_path)
+        out.close()
+        err.close()
+        raise
     finally:
         timer.cancel()
     seconds = time.perf_counter() - t0

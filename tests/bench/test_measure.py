@@ -58,3 +58,36 @@ def test_no_temporary_files_left(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         run_measured(["false"])
     assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_measurement_stops_its_child(tmp_path):
+    """Ctrl-C while a measured command runs: the command (in its own session) is killed too."""
+    import signal
+    import threading
+
+    marker = tmp_path / "pid"
+    code = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(3600)"
+
+    def interrupt():
+        while not marker.exists() or not marker.read_text():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    import time
+
+    t = threading.Thread(target=interrupt, daemon=True)
+    t.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_measured([sys.executable, "-c", code], timeout=120)
+    child = int(marker.read_text())
+    deadline = time.monotonic() + 30
+    while True:  # gone, or a zombie waiting for its new parent to reap it
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state in ("Z", "X"):
+            break
+        assert time.monotonic() < deadline, f"measured process {child} still running ({state})"
+        time.sleep(0.05)

@@ -12,10 +12,9 @@ PKGS=(
   python3-libvhdi     # pyvhdi: reads differencing chains (set_parent)
   python3-venv python3-dev gcc make
   openssl             # test certificates
-  curl                # an HTTPS client we did not write (agent HTTP API tests)
   e2fsprogs           # mkfs.ext4 -d: realistic disk contents for demo and benchmarks
   systemd             # systemd-analyze verify for the unit files
-  time curl           # fastpath bench: /usr/bin/time (peak RSS of each client), curl (HTTP streams)
+  time curl           # /usr/bin/time (bench peak RSS); curl: an HTTPS client we did not write
 )
 
 missing=()

@@ -37,9 +37,10 @@ def parse_tables(markdown):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
+    repos = tmp_path_factory.mktemp("bench-repos")
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "bench", "--quick", "--out", str(out)]
-        + ["--json", "--progress", "quiet"],
+        + ["--repo", str(repos), "--json", "--progress", "quiet"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -49,6 +50,8 @@ def quick(tmp_path_factory):
     printed = json.loads(proc.stdout)
     with open(out / "bench.json") as f:
         stored = json.load(f)
+    # every repository and physical-limit copy it made in --repo is gone again
+    assert os.listdir(repos) == []
     return out, printed, stored
 
 

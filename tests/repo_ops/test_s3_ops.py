@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
@@ -75,10 +74,6 @@ def test_prune_and_gc_on_s3_never_copy_or_write_chunks(s3_env, fault_proxy):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("FASTPATH_BIG_TESTS") != "1",
-    reason="1 GiB through the fault proxy takes minutes: set FASTPATH_BIG_TESTS=1",
-)
 def test_one_gib_backup_through_faulty_s3(s3_faulty_backend):
     """The issue's full-size variant: 1 GiB with >= 20 % faults, restored chunk by chunk
     (streaming, no 1 GiB buffers) and verified."""

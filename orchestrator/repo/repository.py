@@ -32,6 +32,14 @@ What the backup job must handle:
   length changed (``writer.must_put``); ``commit`` refuses otherwise.
 - Chunks never put are zero in a full backup and the base's in an incremental.
 
+Group durability: on a backend that can stage objects (local directories), new chunks are written
+to temporary names without fsync and made durable a batch at a time (``DURABLE_BATCH`` chunks:
+parallel fsyncs, renames, one fsync per touched directory; see backends/local.py). A chunk is
+counted as stored (and deduplicated against by the session's other disks) once staged, so a
+disk's ``commit`` first publishes every chunk the *session* staged and waits for batches being
+published by other threads: an index never names a chunk that is not durable under its final
+name. A batch that fails fails every later commit of the session.
+
 Commit protocol of one disk index (why it is safe against prune + GC is argued in
 :mod:`orchestrator.jobs.gc`): wait until every chunk is durable; write the index as
 ``.pending`` (GC marks from pending indexes of live writers); read the GC deletion lists and, for
@@ -80,6 +88,7 @@ DELETIONS_PREFIX = "locks/gc-deleted/"
 DELETION_MAGIC = b"FPGCDEL1"
 RP_FORMAT = "xcp-fastpath-restore-point"
 CACHE_REFRESH_AFTER = 64  # a writer that read this many uncached indexes rewrites the cache
+DURABLE_BATCH = 32  # staged chunks made durable together (64 MiB of 2 MiB chunks)
 _TIME_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z$")
 _UUIDISH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -520,6 +529,18 @@ class BackupSession:
         self.lock = threading.Lock()
         self.committed_id: str | None = None
         self._closed = False
+        # group durability (backends with stage/publish): chunks staged, not yet durable
+        self.durable_batch = DURABLE_BATCH
+        # a method of the backend's class (a wrapper forwarding unknown attributes, like the
+        # tests' counting or fault-injecting backends, keeps plain puts: they see every put)
+        self._group = all(
+            callable(getattr(type(repo.backend), name, None))
+            for name in ("stage", "publish", "discard")
+        )
+        self._staged: list[Any] = []
+        self._publishing = 0
+        self._durable_error: BaseException | None = None
+        self._durable_cond = threading.Condition(threading.Lock())
 
     @property
     def id(self) -> str:
@@ -556,6 +577,66 @@ class BackupSession:
         )
         self.writers.append(w)
         return w
+
+    # -- group durability --------------------------------------------------------------------
+
+    def put_chunk_object(self, key: str, obj: bytes) -> None:
+        """Store one chunk object: staged (then published in batches) where the backend can,
+        else a plain durable ``put``."""
+        backend = self.repo.backend
+        if not self._group:
+            backend.put(key, obj)
+            return
+        staged = backend.stage(key, obj)
+        with self._durable_cond:
+            if self._durable_error is not None:
+                backend.discard([staged])
+                raise self._durable_error
+            self._staged.append(staged)
+            if len(self._staged) < self.durable_batch:
+                return
+            batch, self._staged = self._staged, []
+            self._publishing += 1
+        self._publish(batch)
+
+    def _publish(self, batch: list[Any]) -> None:
+        try:
+            self.repo.backend.publish(batch)
+        except BaseException as exc:
+            with self._durable_cond:
+                if self._durable_error is None:
+                    self._durable_error = exc
+            raise
+        finally:
+            with self._durable_cond:
+                self._publishing -= 1
+                self._durable_cond.notify_all()
+
+    def flush_durable(self) -> None:
+        """Publish every staged chunk and wait for batches other threads are publishing;
+        raise the error of any batch that failed. After this, every chunk stored so far by any
+        disk of the session is durable under its final name."""
+        if not self._group:
+            return
+        with self._durable_cond:
+            batch, self._staged = self._staged, []
+            if batch:
+                self._publishing += 1
+        if batch:
+            self._publish(batch)
+        with self._durable_cond:
+            while self._publishing:
+                self._durable_cond.wait()
+            if self._durable_error is not None:
+                raise self._durable_error
+
+    def _discard_staged(self) -> None:
+        if not self._group:
+            return
+        with self._durable_cond:
+            batch, self._staged = self._staged, []
+        if batch:
+            self.repo.backend.discard(batch)
 
     def stats(self) -> WriterStats:
         total = WriterStats()
@@ -619,6 +700,7 @@ class BackupSession:
         self._closed = True
         for w in self.writers:
             w.shutdown()
+        self._discard_staged()  # an aborted session's chunks that never became durable
         self.lease.release()
 
     def __enter__(self) -> BackupSession:
@@ -819,7 +901,7 @@ class DiskWriter:
                         stats.chunks_deduped_repo = 1
                     else:
                         obj = codec.encode(data, digest)
-                        backend.put(chunk_key(digest), obj)
+                        self.session.put_chunk_object(chunk_key(digest), obj)
                         stats.chunks_new = 1
                         stats.new_plain_bytes = len(data)
                         stats.bytes_written = len(obj)
@@ -849,6 +931,7 @@ class DiskWriter:
             for fut in pending:
                 fut.exception()
         self._raise_error()
+        self.session.flush_durable()
 
     def commit(self) -> str:
         """Make the disk's index the commit point; returns its key. See the module docstring."""

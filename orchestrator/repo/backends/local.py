@@ -4,6 +4,16 @@ Writes never leave a torn file under a final name: data goes to a temporary name
 in the same directory, is fsynced, then renamed (``put``) or hard-linked (``put_if_absent``, which
 fails atomically if the name exists), and the directory is fsynced. Temporary names left by a crash
 are invisible to ``list`` and removed by :meth:`LocalBackend.remove_stale_temporaries`.
+
+Group durability (used by the backup writer for chunks): :meth:`LocalBackend.stage` writes an
+object to its temporary name without fsync; :meth:`LocalBackend.publish` then makes a whole batch
+durable at once: fsync every file (in parallel threads: fsync releases the GIL, and concurrent
+fsyncs share the file system's journal commits), rename each one to its final name only after
+its own fsync succeeded, and fsync each touched directory once. The guarantees of ``put`` hold
+object by object (a final name only ever names a complete, fsynced file), and when ``publish``
+returns every object of the batch is durable under its final name. What costs is the number of
+journal commits, not the bytes: one fsync of the file and one of its directory per 2 MiB chunk
+made ``put`` several times slower than a plain copy with fdatasync.
 """
 
 from __future__ import annotations
@@ -13,8 +23,11 @@ import errno
 import os
 import secrets
 import stat as stat_mod
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from orchestrator.repo.backends.base import Backend, ObjectInfo, check_key, check_prefix
 from orchestrator.repo.errors import BackendError, NotFound
@@ -31,7 +44,37 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+@dataclass
+class StagedObject:
+    """An object written to its temporary name, not yet fsynced nor published."""
+
+    key: str
+    path: str  # final name
+    tmp: str  # temporary name in the same directory
+    size: int
+
+
+def _fsync_file(path: str) -> None:
+    # fsync through a new descriptor: Linux flushes the file's dirty pages whatever the
+    # descriptor was opened for, so the writer's descriptor need not stay open until publish
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_staged_quiet(obj: StagedObject):
+    try:
+        _fsync_file(obj.tmp)
+    except OSError as exc:
+        return obj, exc
+    return None
+
+
 class LocalBackend(Backend):
+    FSYNC_THREADS = 8
+
     def __init__(self, root: str | os.PathLike[str], *, create: bool = False):
         """Directories are made by the first write, so opening a mistyped path creates nothing
         (reads find nothing: NotFound, empty listings). ``create=True`` makes the root now."""
@@ -45,6 +88,8 @@ class LocalBackend(Backend):
             except OSError as exc:
                 raise BackendError(f"cannot create directory {self.root}: {exc.strerror}") from exc
         self._link_works = True
+        self._fsync_pool: ThreadPoolExecutor | None = None
+        self._fsync_pool_lock = threading.Lock()
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -80,13 +125,22 @@ class LocalBackend(Backend):
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
         os.close(fd)
+        return tmp
+
+    def _write_temp_synced(self, path: str, data: bytes) -> str:
+        tmp = self._write_temp(path, data)
+        try:
+            _fsync_file(tmp)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return tmp
 
     # -- contract ----------------------------------------------------------------------------
@@ -106,7 +160,7 @@ class LocalBackend(Backend):
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
-            tmp = self._write_temp(path, data)
+            tmp = self._write_temp_synced(path, data)
             try:
                 os.replace(tmp, path)
             except BaseException:
@@ -122,7 +176,7 @@ class LocalBackend(Backend):
         try:
             if os.path.lexists(path):
                 return False
-            tmp = self._write_temp(path, data)
+            tmp = self._write_temp_synced(path, data)
             try:
                 created = self._publish_exclusive(tmp, path)
             finally:
@@ -208,6 +262,72 @@ class LocalBackend(Backend):
         for directory in directories:
             with contextlib.suppress(FileNotFoundError):
                 _fsync_dir(directory)
+
+    # -- group durability (see the module docstring) -----------------------------------------
+
+    def stage(self, key: str, data: bytes) -> StagedObject:
+        """Write ``data`` to a temporary name next to ``key``'s final name, without fsync.
+        Invisible to readers until :meth:`publish`; :meth:`discard` removes it."""
+        path = self._path(key)
+        try:
+            tmp = self._write_temp(path, data)
+        except OSError as exc:
+            raise self._error("cannot write", key, exc) from exc
+        return StagedObject(key, path, tmp, len(data))
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._fsync_pool_lock:
+            if self._fsync_pool is None:
+                self._fsync_pool = ThreadPoolExecutor(
+                    self.FSYNC_THREADS, thread_name_prefix="fsync"
+                )
+            return self._fsync_pool
+
+    def publish(self, batch: list[StagedObject]) -> None:
+        """Make every staged object of ``batch`` durable under its final name (replacing an
+        existing object, like ``put``): fsync all files (in parallel), then rename each, then
+        fsync each touched directory once. On error nothing unfsynced is ever renamed; the
+        objects not yet renamed are removed, and the error names the first one that failed."""
+        if not batch:
+            return
+        renamed: set[int] = set()
+        try:
+            if len(batch) == 1:
+                failures = [f for f in [_fsync_staged_quiet(batch[0])] if f is not None]
+            else:
+                failures = [
+                    f for f in self._pool().map(_fsync_staged_quiet, batch) if f is not None
+                ]
+            if failures:
+                obj, exc = failures[0]
+                raise self._error("cannot write", obj.key, exc) from exc
+            directories: dict[str, StagedObject] = {}
+            for obj in batch:
+                try:
+                    os.replace(obj.tmp, obj.path)
+                except OSError as exc:
+                    raise self._error("cannot write", obj.key, exc) from exc
+                renamed.add(id(obj))
+                directories.setdefault(os.path.dirname(obj.path), obj)
+            for directory, obj in directories.items():
+                try:
+                    _fsync_dir(directory)
+                except OSError as exc:
+                    raise self._error("cannot write", obj.key, exc) from exc
+        finally:
+            self.discard([obj for obj in batch if id(obj) not in renamed])
+
+    def discard(self, batch: Iterable[StagedObject]) -> None:
+        """Remove staged objects that will not be published (best effort)."""
+        for obj in batch:
+            with contextlib.suppress(OSError):
+                os.unlink(obj.tmp)
+
+    def close(self) -> None:
+        with self._fsync_pool_lock:
+            pool, self._fsync_pool = self._fsync_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     # -- local extras ------------------------------------------------------------------------
 

@@ -183,21 +183,44 @@ class XapiContext:
             raise SourceUnavailable(f"agent plugin: {' '.join(map(str, exc.details))}") from None
         return json.loads(text)
 
-    def close_export(self, ticket: str | None, wait: float = 10.0) -> None:
-        """Revoke a ticket (best effort; a hung agent cannot hold the job: tickets expire)."""
+    def side_api(self):
+        """Another XML-RPC connection on the same XAPI session, for calls made from another
+        thread (an xmlrpc.client proxy is one HTTP connection: not shareable between threads).
+        No second login: the session reference is reused."""
+        import xmlrpc.client
+
+        import XenAPI
+
+        ctx = xapi_session.ssl_context(self.target)
+        transport = xmlrpc.client.SafeTransport(context=ctx) if ctx is not None else None
+        side = XenAPI.Session(self.target.url, transport=transport)
+        side._session = self.session._session
+        return side.xenapi
+
+    def close_export_async(self, ticket: str | None) -> threading.Thread | None:
+        """Revoke a ticket in the background (best effort; tickets expire anyway), on its own
+        connection, so it overlaps the commit and the snapshot rotation."""
         if not ticket:
-            return
+            return None
         host = self.host_ref()
 
         def call():
             try:
-                self.x.host.call_plugin(host, "fastpath", "close_export", {"ticket": ticket})
+                self.side_api().host.call_plugin(
+                    host, "fastpath", "close_export", {"ticket": ticket}
+                )
             except Exception:
                 pass
 
         t = threading.Thread(target=call, name="close-export", daemon=True)
         t.start()
-        t.join(wait)
+        return t
+
+    def close_export(self, ticket: str | None, wait: float = 10.0) -> None:
+        """Revoke a ticket (best effort; a hung agent cannot hold the job: tickets expire)."""
+        t = self.close_export_async(ticket)
+        if t is not None:
+            t.join(wait)
 
 
 class BaseRefused(SourceError):
@@ -520,8 +543,12 @@ def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
         if isinstance(exc, SourceError | RepoError | OSError):
             raise CommandFailed(f"backup of VM {vm_uuid} failed: {_msg(exc)}") from exc
         raise
-    _close_sources(ctx, disks)
+    # Revoking the tickets (a plugin call each) overlaps the rotation; joined before returning.
+    revoking = _close_sources(ctx, disks, wait=False)
     _rotate(ctx, disks, snap_ref, prev_snapshot, args)
+    deadline = time.monotonic() + 10.0
+    for t in revoking:
+        t.join(max(0.0, deadline - time.monotonic()))
     stats = backup_session.stats().to_json()
     return {
         "ok": True,
@@ -568,15 +595,25 @@ def _disk_json(d: Disk, r) -> dict[str, Any]:
     }
 
 
-def _close_sources(ctx: XapiContext, disks: list[Disk]) -> None:
+def _close_sources(ctx: XapiContext, disks: list[Disk], *, wait: bool = True):
+    """Close every disk's source and revoke its ticket (all revocations in parallel). With
+    ``wait=False`` returns the revoking threads for the caller to join."""
+    threads = []
     for d in disks:
         if d.source is not None:
             try:
                 d.source.close()
             except Exception:
                 pass
-        ctx.close_export(d.ticket)
+        t = ctx.close_export_async(d.ticket)
         d.ticket = None
+        if t is not None:
+            threads.append(t)
+    if wait:
+        deadline = time.monotonic() + 10.0
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+    return threads
 
 
 def _choose_base(ctx: XapiContext, repo, disk: Disk, point, prev: dict | None) -> None:

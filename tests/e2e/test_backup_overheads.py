@@ -37,3 +37,36 @@ def test_tickets_are_revoked_when_backup_returns(sim, repo_factory):
         assert len(mine) == len(snaps), mine  # one ticket per disk was opened
         assert all(t["revoked"] for t in mine), mine
         before |= {t["id"] for t in mine}
+
+
+def test_disks_opened_in_parallel_back_up_and_restore(sim, repo_factory, tmp_path):
+    """A VM given a second disk: both sources are opened at once (each on its own XAPI
+    connection), both disks are backed up through the agent, full then incremental, every
+    ticket is revoked, and each disk restores to what XAPI's export gives."""
+    x = sim.x
+    vm = sim.vm(2)
+    vm_ref = x.VM.get_by_uuid(vm)
+    first = x.VDI.get_by_uuid(sim.vm_disk(2))
+    sr = x.VDI.get_SR(first)
+    extra = x.VDI.create({"SR": sr, "virtual_size": str(6 << 20), "name_label": "data"})
+    x.VBD.create({"VM": vm_ref, "VDI": extra, "userdevice": "1", "mode": "RW"})
+    sim.write(vm, count=6, length=256 << 10, seed=11)
+    repo = repo_factory("local")
+    args = ["backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", "nbd"]
+    before = {t["id"] for t in agent_tickets(sim)}
+    for step in ("full", "incremental"):
+        r = fastpath(*args)
+        assert len(r["disks"]) == 2, r
+        for d in r["disks"]:
+            assert d["transport"] == "nbd", d
+            assert d["incremental"] == (step == "incremental"), d
+        snaps = {d["snapshot_vdi"] for d in r["disks"]}
+        mine = [t for t in agent_tickets(sim) if t["id"] not in before and t["vdi"] in snaps]
+        assert len(mine) == 2 and all(t["revoked"] for t in mine), mine
+        before |= {t["id"] for t in mine}
+        for d in r["disks"]:
+            out = tmp_path / f"{step}-{d['vdi']}.raw"
+            fastpath("restore", repo, r["id"], "--disk", d["vdi"], "-o", out)
+            expected = sim.export_raw(d["snapshot_vdi"])
+            assert out.read_bytes()[: len(expected)] == expected
+        sim.write(vm, count=3, length=128 << 10, seed=12)

@@ -356,14 +356,13 @@ def main(argv=None) -> int:
     from hostsim.cli import configure_plugin, start_agent
     from hostsim.host import Pool
 
-    if not args.keep_xapi_stall:
-        # hostsim's XML-RPC handler writes the response headers and body in two sends; with
-        # Nagle on the server and delayed ACKs on the client every call then waits ~40 ms,
-        # ~2 s per backup command (about 45 calls) that a real XAPI does not cost. The pool
-        # runs in this process, so its handler can send at once here (to be fixed in hostsim).
+    if args.keep_xapi_stall:
+        # hostsim's XML-RPC handler sends headers and body in two writes; with Nagle on, every
+        # call waits for the client's delayed ACK (~40 ms, ~2 s per backup command), a stall a
+        # real XAPI does not have. hostsim turns Nagle off; this puts the stall back to measure it.
         import hostsim.server
 
-        hostsim.server.Handler.disable_nagle_algorithm = True
+        hostsim.server.Handler.disable_nagle_algorithm = False
 
     agent_proc = None
     pool = None

@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--keep-xapi-stall",
         action="store_true",
-        help="leave hostsim's XML-RPC server as it is (each call stalls ~40 ms: see below)",
+        help="put back the ~40 ms per-call Nagle stall of a naive XML-RPC server (see below)",
     )
     args = p.parse_args(argv)
     size = parse_size("256M" if args.quick else args.size)

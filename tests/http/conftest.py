@@ -11,6 +11,7 @@ The chain (written with agent.vhd's writer) is built so that every path of the s
 The base of incremental tickets is the root: its changed blocks are the child's (1 and 2).
 """
 
+import gc
 import os
 import socket
 import ssl
@@ -189,6 +190,10 @@ def wait_for(cond, timeout=10.0):
 
 
 def fd_count():
+    """Open fds of this (test) process. Collects garbage first: objects of earlier tests in the
+    same worker (sockets, files) otherwise close whenever the collector runs, in the middle of a
+    test's before/after comparison."""
+    gc.collect()
     return len(os.listdir("/proc/self/fd"))
 
 

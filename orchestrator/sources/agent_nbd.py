@@ -10,20 +10,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
-from orchestrator.sources.base import BLOCK_SIZE, DiskPlan, Source, SourceError, split_round_robin
+from orchestrator.sources.base import BLOCK_SIZE, DiskPlan, SourceError
 from orchestrator.sources.nbdclient import (
     CONTEXT_ALLOCATION,
     CONTEXT_CHANGED,
     STATE_ZERO,
     NbdBlockReader,
     NbdEndpoint,
+    NbdSource,
     TlsConfig,
     _close_handle,
     block_status_blocks,
 )
 
 
-class AgentNbdSource(Source):
+class AgentNbdSource(NbdSource):
     name = "nbd"
 
     def __init__(
@@ -52,8 +53,6 @@ class AgentNbdSource(Source):
         self.depth = depth
         self.retries = retries
         self.backoff = backoff
-        self._tls: TlsConfig | None = None
-        self._reader: NbdBlockReader | None = None
 
     @classmethod
     def from_plugin(cls, export: dict, **kw) -> AgentNbdSource:
@@ -143,15 +142,3 @@ class AgentNbdSource(Source):
         )
         self.plan = DiskPlan(size, BLOCK_SIZE, todo, incremental, self.name, notes)
         return self.plan
-
-    def _workers(self, blocks):
-        assert self._reader is not None
-        return [self._reader.worker(part) for part in split_round_robin(blocks, self.connections)]
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self.retries_total = self._reader.retry_count
-            self._reader.close()
-        if self._tls is not None:
-            self._tls.close()
-            self._tls = None

@@ -28,7 +28,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from orchestrator.sources.base import SourceError, SourceUnavailable, Stopped
+from orchestrator.sources.base import (
+    Source,
+    SourceError,
+    SourceUnavailable,
+    Stopped,
+    split_round_robin,
+)
 
 NBD_MAGIC = b"NBDMAGIC"
 IHAVEOPT = b"IHAVEOPT"
@@ -384,3 +390,26 @@ def _close_handle(h) -> None:
             close()
         except Exception:
             pass
+
+
+class NbdSource(Source):
+    """A Source whose blocks come from an NbdBlockReader over ``connections`` connections, with an
+    optional TLS setup: what the agent's NBD and XAPI's NBD sources share once they are open."""
+
+    connections = 1
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._tls: TlsConfig | None = None
+        self._reader: NbdBlockReader | None = None
+
+    def _workers(self, blocks):
+        assert self._reader is not None
+        return [self._reader.worker(part) for part in split_round_robin(blocks, self.connections)]
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        if self._tls is not None:
+            self._tls.close()
+            self._tls = None

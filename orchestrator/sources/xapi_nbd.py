@@ -15,12 +15,16 @@ from collections.abc import Sequence
 from orchestrator.sources.base import (
     BLOCK_SIZE,
     DiskPlan,
-    Source,
     SourceUnavailable,
     fold_cbt_bitmap,
-    split_round_robin,
 )
-from orchestrator.sources.nbdclient import NbdBlockReader, NbdEndpoint, TlsConfig, _close_handle
+from orchestrator.sources.nbdclient import (
+    NbdBlockReader,
+    NbdEndpoint,
+    NbdSource,
+    TlsConfig,
+    _close_handle,
+)
 
 
 def changed_blocks_cbt(xenapi, base_ref: str, snap_ref: str, size: int) -> list[int]:
@@ -28,7 +32,7 @@ def changed_blocks_cbt(xenapi, base_ref: str, snap_ref: str, size: int) -> list[
     return fold_cbt_bitmap(bitmap, size)
 
 
-class XapiNbdSource(Source):
+class XapiNbdSource(NbdSource):
     name = "xapi-nbd"
 
     def __init__(
@@ -49,8 +53,6 @@ class XapiNbdSource(Source):
         self.connections = connections
         self.retries = retries
         self.backoff = backoff
-        self._tls: TlsConfig | None = None
-        self._reader: NbdBlockReader | None = None
         self.info: dict | None = None
 
     def describe(self) -> str:
@@ -96,14 +98,3 @@ class XapiNbdSource(Source):
         )
         self.plan = DiskPlan(size, BLOCK_SIZE, todo, incremental, self.name, notes)
         return self.plan
-
-    def _workers(self, blocks):
-        assert self._reader is not None
-        return [self._reader.worker(part) for part in split_round_robin(blocks, self.connections)]
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-        if self._tls is not None:
-            self._tls.close()
-            self._tls = None

@@ -354,7 +354,12 @@ def admin_call(path, request, timeout=30):
     sock.settimeout(timeout)
     try:
         sock.connect(path)
-        sock.sendall(_dump(request))
+        try:
+            sock.sendall(_dump(request))
+        except (BrokenPipeError, ConnectionResetError):
+            # The agent may answer and close before reading (a refused peer): its answer, if
+            # any, is still there to read.
+            pass
         buf = b""
         while b"\n" not in buf:
             data = sock.recv(65536)

@@ -119,16 +119,23 @@ def test_nbd_try_it_block_runs(tmp_path):
         for line in block.splitlines():
             name = line.split("=", 1)[0]
             lines.append(f"{name}={shlex.quote(settings[name])}" if name in settings else line)
-        script = "set -euo pipefail\ntrap 'kill ${AGENT_PID:-} 2>/dev/null || true' EXIT\n"
+        # set -x: if a step ever hangs, the failure names it (a CI run once timed out here).
+        script = "set -xeuo pipefail\ntrap 'kill ${AGENT_PID:-} 2>/dev/null || true' EXIT\n"
         script += "\n".join(lines)
-        proc = subprocess.run(
-            ["bash", "-c", script],
-            cwd=str(tmp_path),
-            env=env_for_docs(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        try:
+            proc = subprocess.run(
+                ["bash", "-c", script],
+                cwd=str(tmp_path),
+                env=env_for_docs(tmp_path),
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+        except subprocess.TimeoutExpired as exc:
+            err = (
+                exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
+            )
+            pytest.fail("the nbd.md block hung; last steps:\n%s" % (err or "")[-3000:])
         if "Address already in use" not in proc.stderr:
             break
     assert proc.returncode == 0, proc.stdout[-3000:] + "\n---\n" + proc.stderr[-3000:]

@@ -392,19 +392,40 @@ def _find_vm(x, uuid: str):
         raise CommandFailed(f"VM {uuid}: {_msg(exc)}") from None
 
 
+class Phases:
+    """Wall-clock seconds per step of a backup, for ``--json`` (``phases``) and the bench:
+    where a command's time goes besides reading and storing data."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def mark(self, name: str) -> None:
+        """The step ``name`` ended now (it began at the previous mark)."""
+        now = time.monotonic()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 4)
+        self._last = now
+
+
 def run_backup_vm(args: argparse.Namespace, ui: Progress):
     if args.cbt_purge and args.transport == "xapi-export":
         raise UsageError("--cbt-purge needs CBT; xapi-export cannot use it")
+    phases = Phases()
     target = xapi_session.resolve_target(args)
     session = xapi_session.connect(target)
+    phases.mark("xapi_login")
     try:
         with open_repo(args) as repo:
-            return _backup_vm(args, ui, session, target, repo)
+            phases.mark("repo_open")
+            result = _backup_vm(args, ui, session, target, repo, phases)
     finally:
         xapi_session.logout(session)
+    phases.mark("close")
+    result["phases"] = phases.seconds
+    return result
 
 
-def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
+def _backup_vm(args, ui: Progress, session, target, repo, phases: Phases) -> dict[str, Any]:
     started = time.monotonic()
     x = session.xenapi
     ctx = XapiContext(session, target, args, ui)
@@ -419,7 +440,9 @@ def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
 
     # The writer lease first: it protects the base index we read and tells a concurrent run
     # of the same VM that we are here.
+    phases.mark("find_vm")
     backup_session = repo.begin_backup(vm_uuid)
+    phases.mark("lease_and_lookup")
     try:
         _refuse_concurrent(repo, backup_session, vm_uuid)
         # Leftovers of an interrupted run: our snapshots that are not the current base.
@@ -443,8 +466,10 @@ def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
                     ui.log(f"CBT enabled on {rec['uuid']}")
 
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        phases.mark("cleanup_and_cbt")
         snap_ref = x.VM.snapshot(vm_ref, f"{tag}{when}")
         snap_uuid = x.VM.get_uuid(snap_ref)
+        phases.mark("snapshot")
         ui.log(f"snapshot {snap_uuid} of VM {vm_rec['name_label']} ({vm_uuid})")
     except BaseException:
         backup_session.abort()
@@ -473,10 +498,12 @@ def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
             )
             _choose_base(ctx, repo, disk, point, prev_disks.get(live["uuid"]))
             disks.append(disk)
+        phases.mark("choose_base")
 
         jobs = []
         total = 0
         opened = _open_all(ctx, disks, args.transport)
+        phases.mark("open_exports")
         for disk, (src, plan, why) in zip(disks, opened):
             src.max_in_flight = max(1, args.read_ahead)
             kind = "incremental" if plan.incremental else "full"
@@ -500,6 +527,7 @@ def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
                 job["on_bytes"] = task.advance
             results = copy_disks(jobs, cancel=cancel, parallel=args.parallel_disks)
             task.done(f"{total} bytes read")
+        phases.mark("data")
         metadata = {
             "source": "xapi",
             "xapi": target.url,
@@ -531,6 +559,7 @@ def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
             },
         }
         rp_id = backup_session.commit(metadata)
+        phases.mark("commit")
     except BaseException as exc:
         cancel.set()
         backup_session.abort()
@@ -545,9 +574,11 @@ def _backup_vm(args, ui: Progress, session, target, repo) -> dict[str, Any]:
     # Revoking the tickets (a plugin call each) overlaps the rotation; joined before returning.
     revoking = _close_sources(ctx, disks, wait=False)
     _rotate(ctx, disks, snap_ref, prev_snapshot, args)
+    phases.mark("rotate")
     deadline = time.monotonic() + 10.0
     for t in revoking:
         t.join(max(0.0, deadline - time.monotonic()))
+    phases.mark("revoke")
     stats = backup_session.stats().to_json()
     return {
         "ok": True,

@@ -70,3 +70,24 @@ def test_disks_opened_in_parallel_back_up_and_restore(sim, repo_factory, tmp_pat
             expected = sim.export_raw(d["snapshot_vdi"])
             assert out.read_bytes()[: len(expected)] == expected
         sim.write(vm, count=3, length=128 << 10, seed=12)
+
+
+def test_json_result_says_where_the_time_went(sim, repo_factory):
+    """`backup vm --json` carries ``phases``: seconds per step in the order the job runs
+    them, each a real measurement (the data step carries the copy; the steps add up to no more
+    than the command's own wall time)."""
+    repo = repo_factory("local")
+    r = fastpath("backup", "vm", sim.vm(1), "--hostsim", sim.root, "--repo", repo)
+    phases = r["phases"]
+    expected = {
+        "xapi_login", "repo_open", "find_vm", "lease_and_lookup", "cleanup_and_cbt",
+        "snapshot", "choose_base", "open_exports", "data", "commit", "rotate", "revoke", "close",
+    }  # fmt: skip
+    assert set(phases) == expected, phases
+    assert all(isinstance(v, float) and v >= 0 for v in phases.values()), phases
+    assert phases["data"] > 0 and phases["open_exports"] > 0, phases
+    assert phases["data"] >= max(d["seconds"] for d in r["disks"]) - 0.01, (phases, r["disks"])
+    assert (
+        sum(phases.values())
+        <= r["seconds"] + sum(phases[k] for k in ("xapi_login", "repo_open", "close")) + 0.01
+    )

@@ -25,6 +25,7 @@ from ``VmHWM`` (the process's lifetime peak).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -675,6 +676,16 @@ def run_bench(opts: Options) -> dict[str, Any]:
     for tool in ("nbdcopy", "qemu-nbd", "curl", TIME):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} is not installed")
+    starts_moto = (
+        opts.s3
+        and any(v.startswith("s3") for v in opts.variants)
+        and not (opts.repo and opts.repo.startswith("s3://"))
+    )
+    if starts_moto and importlib.util.find_spec("moto") is None:
+        raise RuntimeError(
+            "the S3 rows need moto's server, which is not installed: "
+            "pip install 'xcp-fastpath[bench]', or leave S3 out with --no-s3"
+        )
     size = parse_size(opts.size)
     os.makedirs(opts.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="fastpath-bench-")
@@ -749,7 +760,11 @@ def finish(result: dict[str, Any], opts: Options) -> dict[str, Any]:
     png = os.path.join(opts.out, "bench.png")
     js = os.path.join(opts.out, "bench.json")
     result["files"] = {"markdown": md, "chart": png, "json": js}
-    report.chart(qs, png, f"fastpath bench ({result['target']}, runs={opts.runs})")
+    if importlib.util.find_spec("matplotlib") is None:
+        result["files"]["chart"] = None
+        opts.say("no chart: matplotlib is not installed (pip install 'xcp-fastpath[bench]')")
+    else:
+        report.chart(qs, png, f"fastpath bench ({result['target']}, runs={opts.runs})")
     with open(md, "w") as f:
         f.write(render(result) + "\n")
     with open(js, "w") as f:

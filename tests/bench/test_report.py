@@ -102,3 +102,21 @@ def test_usage_errors_exit_2(args, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1  # one line
     assert not os.listdir(tmp_path)
+
+
+def test_missing_moto_is_named_before_anything_starts(monkeypatch, tmp_path):
+    """Without moto (only the `bench` extra brings it) the S3 rows cannot run: the command says
+    which package is missing and how to skip those rows, before building any disk."""
+    import importlib.util
+
+    from orchestrator.benchcmd import run
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "moto" else real(name, *a)
+    )
+    built = []
+    monkeypatch.setattr(run.Bench, "start_hostsim", lambda *a: built.append(a))
+    with pytest.raises(RuntimeError, match=r"xcp-fastpath\[bench\].*--no-s3"):
+        run.run_bench(run.Options(out=str(tmp_path / "out")))
+    assert not built and not (tmp_path / "out").exists()

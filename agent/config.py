@@ -22,6 +22,10 @@ idle_timeout = 300
 list_exports = no
 [http]
 listen = 0.0.0.0:8843
+max_connections = 64
+header_timeout = 10                     ; seconds to send a request's headers
+idle_timeout = 60                       ; seconds a kept-alive connection may stay silent
+send_timeout = 60                       ; seconds a client may stall reading a response
 [tls]
 mode = require                          ; off | optional | require
 cert = /etc/xensource/xapi-ssl.pem
@@ -54,6 +58,10 @@ DEFAULTS = {
     "lvm_lvs": "lvs",
     "lvm_lvchange": "lvchange",
     "lvm_dev_dir": "/dev",
+    "http_max_connections": 64,
+    "http_header_timeout": 10.0,
+    "http_idle_timeout": 60.0,
+    "http_send_timeout": 60.0,
 }
 
 
@@ -99,6 +107,12 @@ class Config(object):
         for key in ("gc_abort_timeout", "sr_lock_timeout"):
             if getattr(self, key) < 0:
                 raise ConfigError("%s must not be negative" % key)
+        for key in ("http_header_timeout", "http_idle_timeout", "http_send_timeout"):
+            if not getattr(self, key) > 0:
+                raise ConfigError("[http] %s must be positive" % key[len("http_") :])
+        for key in ("max_connections", "http_max_connections"):
+            if getattr(self, key) < 1:
+                raise ConfigError("%s must be at least 1" % key)
 
     def lvm_enabled(self):
         """True when LVM SRs are served: enabled = yes, or auto and `lvs` is on PATH."""
@@ -158,6 +172,14 @@ def load(path=None, **overrides):
             ):
                 if cp.has_option("nbd", key):
                     values[key] = conv(cp.get("nbd", key))
+            for key, conv in (
+                ("max_connections", int),
+                ("header_timeout", float),
+                ("idle_timeout", float),
+                ("send_timeout", float),
+            ):
+                if cp.has_option("http", key):
+                    values["http_" + key] = conv(cp.get("http", key))
             if cp.has_option("nbd", "list_exports"):
                 values["list_exports"] = cp.getboolean("nbd", "list_exports")
             if cp.has_option("tls", "mode"):

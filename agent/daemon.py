@@ -29,6 +29,7 @@ from agent import sr as sr_mod
 from agent import tickets as tickets_mod
 from agent.export import Counters
 from agent.http import HttpServer, prometheus_lines
+from agent.httpproto import Limits
 from agent.nbd.server import NBDServer
 
 log = logging.getLogger("fastpath.agent")
@@ -94,6 +95,12 @@ class Agent(object):
             self._open_export,
             tls_context=self.ssl_context,
             tls_mode=cfg.tls_mode,
+            limits=Limits(
+                max_connections=cfg.http_max_connections,
+                header_timeout=cfg.http_header_timeout,
+                idle_timeout=cfg.http_idle_timeout,
+                send_timeout=cfg.http_send_timeout,
+            ),
             metrics_extra=lambda: prometheus_lines("fastpath_nbd", self.nbd.stats()),
         )
         self.admin = tickets_mod.AdminServer(cfg.admin_socket, self.handle_admin)

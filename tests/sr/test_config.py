@@ -89,3 +89,34 @@ def test_storage_says_where_it_looked(tmp_path):
     assert vdi in msg and str(root) in msg and "LVM" in msg and "exit 5" in msg
     assert isinstance(storage.locks, smlock.SMLocks)
     assert not os.path.exists(str(tmp_path / "lock"))
+
+
+def test_http_limits_from_the_ini_reach_the_server(tmp_path):
+    """[http] max_connections and timeouts are read, checked and handed to the HTTP server."""
+    from agent import daemon
+
+    text = (
+        "[agent]\nsr_roots = %s\nadmin_socket = %s\nsm_lock_dir =\n[lvm]\nenabled = no\n"
+        "[nbd]\nlisten = 127.0.0.1:0\n[http]\nlisten = 127.0.0.1:0\nmax_connections = 3\n"
+        "header_timeout = 2.5\nidle_timeout = 7\nsend_timeout = 9\n[tls]\nmode = off\n"
+    ) % (tmp_path, tmp_path / "admin.sock")
+    cfg = config.load(_conf(tmp_path, text))
+    assert (cfg.http_max_connections, cfg.http_header_timeout) == (3, 2.5)
+    agent = daemon.Agent(cfg)
+    limits = agent.http.limits
+    assert (limits.max_connections, limits.header_timeout) == (3, 2.5)
+    assert (limits.idle_timeout, limits.send_timeout) == (7.0, 9.0)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("header_timeout = 0", "header_timeout must be positive"),
+        ("send_timeout = -1", "send_timeout must be positive"),
+        ("max_connections = 0", "http_max_connections must be at least 1"),
+        ("idle_timeout = soon", "bad config"),
+    ],
+)
+def test_bad_http_limits_are_refused(tmp_path, line, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(_conf(tmp_path, "[http]\n%s\n" % line))

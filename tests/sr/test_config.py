@@ -120,3 +120,20 @@ def test_http_limits_from_the_ini_reach_the_server(tmp_path):
 def test_bad_http_limits_are_refused(tmp_path, line, message):
     with pytest.raises(config.ConfigError, match=message):
         config.load(_conf(tmp_path, "[http]\n%s\n" % line))
+
+
+def test_shipped_config_and_documented_ini_say_the_defaults(tmp_path):
+    """systemd/agent.conf (installed as /etc/fastpath/agent.conf) and the INI block of
+    docs/install-dom0.md parse, and every value they state is the built-in default: the files
+    people read cannot drift from what the agent does without them."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    doc = open(os.path.join(root, "docs", "install-dom0.md")).read()
+    block = re.search(r"```ini\n(.*?)```", doc, re.S).group(1)
+    block = re.sub(r"(?m)^\s+;.*\n", "", block)  # continuation comment lines
+    block = re.sub(r"(?ms)^\[plugin\].*?(?=^\[|\Z)", "", block)  # read by the plugin only
+    documented = _conf(tmp_path, block)
+    defaults = config.load().to_dict()
+    for path in (os.path.join(root, "systemd", "agent.conf"), documented):
+        assert config.load(path).to_dict() == defaults, path

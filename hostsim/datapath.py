@@ -1,24 +1,42 @@
 """XAPI's own data paths: GET /export_raw_vdi and PUT /import_raw_vdi, done the XAPI way.
 
-export (format=vhd): like tapdisk + `vhd-tool stream`: the chain is decoded to raw (every block read
-through the chain, sector by sector) and re-encoded as a new dynamic VHD, one stream. The blocks sent
-are those allocated in the chain (with base=: only in the files of the chain that are not in the base's
-chain), as vhd-tool learns from the VHD metadata. format=raw streams the whole virtual disk.
+export (format=vhd) comes in two models, chosen per pool (`set_export_model`, `hostsim serve
+--export-model`; DEFAULT_EXPORT_MODEL when unset):
+- "processes" (default): the architecture of a real host, in separate processes: a tapdisk that opens
+  the VHD chain (O_DIRECT) and serves raw sectors over a blktap-like ring, a vhd-tool that takes the
+  blocks from the VHD metadata, reads them from tapdisk and writes the VHD stream, and (over HTTPS) the
+  stunnel hop. See hostsim/xapiexport/ for each modelled fact and its source.
+- "inline": one function in the XAPI process decodes the chain (page-cached reads) and re-encodes it.
+Both send the same bytes: the blocks allocated in the chain (with base=: only in the files of the chain
+that are not in the base's chain), as vhd-tool learns from the VHD metadata, in the layout of
+hostsim/xapiexport/layout.py. format=raw streams the whole virtual disk (inline in both models).
 
 import (format=raw|vhd): a raw image or a dynamic VHD into an existing VDI.
 """
 
 import os
-import struct
+import socket
 import tempfile
 
-from agent.vhd import format as fmt
 from hostsim import vhdfile
 from hostsim.errors import XapiError
 from hostsim.server import check_session
 from hostsim.store import NULL_REF
+from hostsim.xapiexport.layout import BLOCK, vhd_stream_layout
 
-BLOCK = 2 << 20
+EXPORT_MODELS = ("processes", "inline")
+DEFAULT_EXPORT_MODEL = "processes"
+
+
+def set_export_model(pool, model):
+    """Choose how this pool's export_raw_vdi?format=vhd runs: "processes" or "inline"."""
+    if model not in EXPORT_MODELS:
+        raise ValueError("unknown export model %r (one of %s)" % (model, ", ".join(EXPORT_MODELS)))
+    pool.export_model = model
+
+
+def export_model(pool):
+    return getattr(pool, "export_model", None) or DEFAULT_EXPORT_MODEL
 
 
 def install(server, pool):
@@ -40,7 +58,9 @@ def _with_task(pool, fn, handler, query):
         ok = bool(fn(pool, handler, query))
     except XapiError as e:
         error = e.description
-        if not handler.wfile.closed:
+        if getattr(e, "headers_sent", False):
+            _end_connection(handler)  # the client has a 200 and part of a body: cut it short
+        elif not handler.wfile.closed:
             _error(handler, 500, " ".join(e.description))
     except OSError as e:
         error = ["INTERNAL_ERROR", "connection: %s" % e]
@@ -51,6 +71,14 @@ def _with_task(pool, fn, handler, query):
                 st.update("task", task, status="success", progress=1.0, finished=xapi_time())
             else:
                 st.update("task", task, status="failure", error_info=error, finished=xapi_time())
+
+
+def _end_connection(handler):
+    handler.close_connection = True
+    try:
+        handler.connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _error(handler, code, text):
@@ -83,36 +111,6 @@ def _authorize(pool, handler, query):
         return None
 
 
-def vhd_stream_layout(size, blocks, block_size=BLOCK):
-    """(prefix bytes, block -> offset in stream, total length) of a dynamic VHD with these blocks."""
-    n = (size + block_size - 1) // block_size
-    footer = fmt.Footer(
-        data_offset=fmt.FOOTER_SIZE,
-        original_size=size,
-        current_size=size,
-        disk_type=fmt.DISK_DYNAMIC,
-    )
-    footer.cylinders, footer.heads, footer.sectors_per_track = fmt.chs_geometry(size)
-    table_offset = fmt.FOOTER_SIZE + fmt.HEADER_SIZE
-    table_bytes = fmt.sectors_padded(n * 4)
-    header = fmt.Header(table_offset=table_offset, max_table_entries=n, block_size=block_size)
-    bitmap = fmt.bitmap_bytes(block_size)
-    pos = table_offset + table_bytes
-    bat = [fmt.BAT_UNUSED] * n
-    offsets = {}
-    for b in blocks:
-        bat[b] = pos // 512
-        offsets[b] = pos
-        pos += bitmap + block_size
-    prefix = (
-        footer.build()
-        + header.build()
-        + struct.pack(">%dI" % n, *bat)
-        + b"\x00" * (table_bytes - 4 * n)
-    )
-    return prefix, footer.build(), pos + fmt.FOOTER_SIZE, bitmap
-
-
 def export_raw_vdi(pool, handler, query):
     vdi = _authorize(pool, handler, query)
     if vdi is None:
@@ -138,13 +136,15 @@ def export_raw_vdi(pool, handler, query):
     if form != "vhd":
         return _error(handler, 400, "unknown format %r" % form)
     stop = ()
+    base_uuid = None
     if query.get("base"):
         try:
             base = _find_vdi(api, query["base"])
         except XapiError as e:
             return _error(handler, 404, " ".join(e.description))
         try:
-            stop = {vf.uuid for vf in sr.chain(api.store.field("VDI", base, "uuid"))}
+            base_uuid = api.store.field("VDI", base, "uuid")
+            stop = {vf.uuid for vf in sr.chain(base_uuid)}
         except XapiError as e:
             return _error(handler, 400, "base has no data: " + " ".join(e.description))
     blocks = sr.allocated_blocks(uuid, stop_at=stop)
@@ -153,6 +153,9 @@ def export_raw_vdi(pool, handler, query):
     handler.send_header("Content-Type", "application/octet-stream")
     handler.send_header("Content-Length", str(total))
     handler.end_headers()
+    if export_model(pool) == "processes":
+        _export_processes(pool, handler, query, sr, uuid, base_uuid)
+        return True
     handler.wfile.write(prefix)
     bitmap = b"\xff" * bitmap_size
     for b in blocks:
@@ -163,6 +166,27 @@ def export_raw_vdi(pool, handler, query):
         handler.wfile.write(data + bytes(BLOCK - n))
     handler.wfile.write(footer)
     return True
+
+
+def _export_processes(pool, handler, query, sr, uuid, base_uuid):
+    """tapdisk + vhd-tool (+ the stunnel hop over HTTPS), after the 200 headers, as xapi does
+    (vhd-tool gets the base VDI's VHD as --relative-to and reads its chain's metadata itself)."""
+    from hostsim.xapiexport.pipeline import ExportFailed, Pipeline
+
+    base = sr.vhd_path(base_uuid) if base_uuid else None
+    task = query.get("task_id")
+    st = pool.api.store
+
+    def progress(pct):
+        if task and st.exists("task", task):
+            st.update("task", task, progress=min(pct, 100) / 100.0)
+
+    try:
+        Pipeline(sr.vhd_path(uuid), base).run(handler.connection, progress)
+    except (ExportFailed, OSError) as e:
+        err = XapiError("VDI_IO_ERROR", "Device I/O errors", str(e))
+        err.headers_sent = True
+        raise err from e
 
 
 def _read_body(handler, length, sink):
@@ -264,4 +288,14 @@ def _import_vhd(handler, sr, uuid, length, size):
         os.unlink(tmp)
 
 
-__all__ = ["NULL_REF", "export_raw_vdi", "import_raw_vdi", "install", "vhd_stream_layout"]
+__all__ = [
+    "DEFAULT_EXPORT_MODEL",
+    "EXPORT_MODELS",
+    "NULL_REF",
+    "export_model",
+    "export_raw_vdi",
+    "import_raw_vdi",
+    "install",
+    "set_export_model",
+    "vhd_stream_layout",
+]

@@ -7,6 +7,7 @@ one per SR, looked up by SR uuid.
 """
 
 import base64
+import copy
 import inspect
 import logging
 import threading
@@ -45,32 +46,233 @@ def as_int(value, field="value"):
         raise XapiError(E.FIELD_TYPE_ERROR, field) from None
 
 
+# XAPI error codes used only here (Api_errors in xen-api's ocaml/xapi-consts/api_errors.ml).
+INVALID_VALUE = "INVALID_VALUE"
+VALUE_NOT_SUPPORTED = "VALUE_NOT_SUPPORTED"
+DEVICE_ALREADY_EXISTS = "DEVICE_ALREADY_EXISTS"
+INVALID_DEVICE = "INVALID_DEVICE"
+VBD_CDS_MUST_BE_READONLY = "VBD_CDS_MUST_BE_READONLY"
+VBD_NOT_REMOVABLE_MEDIA = "VBD_NOT_REMOVABLE_MEDIA"
+VDI_READONLY = "VDI_READONLY"
+VM_BIOS_STRINGS_ALREADY_SET = "VM_BIOS_STRINGS_ALREADY_SET"
+
+
+def field_not_found(name):
+    """What XAPI answers for a constructor record without a required field: the dispatcher's
+    Dispatcher_FieldNotFound exception, printed into INTERNAL_ERROR."""
+    return XapiError(E.INTERNAL_ERROR, 'Server_helpers.Dispatcher_FieldNotFound("%s")' % name)
+
+
+def unmarshal_field(cls, name, ty, value):
+    """One field of a constructor record, checked like XAPI's generated *_of_rpc functions.
+
+    int64 travel as strings (or XML-RPC <int>), enums as their names (case-insensitive), maps
+    are string -> string, sets lists of strings, refs strings. A value of the wrong type fails
+    inside XAPI's unmarshaller, which the dispatcher reports as INTERNAL_ERROR; hostsim's text
+    names the class, the field and the expected type.
+    """
+
+    def bad(expected):
+        return XapiError(
+            E.INTERNAL_ERROR,
+            "Unmarshalling error: %s.%s expects %s, got %r" % (cls, name, expected, value),
+        )
+
+    if isinstance(ty, tuple):
+        if isinstance(value, str) and value.lower() in ty:
+            return value.lower()
+        raise bad("one of " + "|".join(ty))
+    if ty in ("string", "ref"):
+        if isinstance(value, str):
+            return value
+        raise bad(ty)
+    if ty == "int":
+        if isinstance(value, bool):
+            raise bad("int64")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise bad("int64") from None
+    if ty == "float":
+        if isinstance(value, bool):
+            raise bad("float")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad("float") from None
+    if ty == "bool":
+        if isinstance(value, bool):
+            return value
+        raise bad("bool")
+    if ty == "map":
+        if isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            return dict(value)
+        raise bad("(string -> string) map")
+    if ty == "set":
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise bad("string set")
+    raise AssertionError(ty)
+
+
+# -- VM.create: XAPI's constructor record ------------------------------------------------------
+#
+# XAPI (ocaml/idl/datamodel_vm.ml, the VM class; xapi-project/xen-api) generates VM.create from
+# the VM fields that are not DynamicRO: each is read from the <struct> by
+# Server_helpers.my_assoc, which raises Dispatcher_FieldNotFound for a field that has no
+# ~default_value (ocaml/idl/ocaml_backend/gen_server.ml, server_helpers.ml); the dispatcher turns
+# that exception into INTERNAL_ERROR [Printexc.to_string exn] (exnHelper.ml), i.e.
+# ["INTERNAL_ERROR", 'Server_helpers.Dispatcher_FieldNotFound("user_version")'].  Fields the
+# struct has but the datamodel does not know are ignored.  Xapi_vm.create then adds a random
+# other_config:mac_seed when none is given, derives domain_type from HVM_boot_policy when it is
+# "unspecified", and creates the VM Halted; "parameter validation is delayed until VM.start"
+# (xapi_vm.ml), where Xapi_vm_helpers.validate_basic_parameters checks VCPUs and memory.
+#
+# name -> (type, default); REQUIRED marks the fields without a default.
+REQUIRED = object()
+ON_NORMAL_EXIT = ("destroy", "restart")
+ON_CRASH = (
+    "destroy",
+    "coredump_and_destroy",
+    "restart",
+    "coredump_and_restart",
+    "preserve",
+    "rename_restart",
+)
+DOMAIN_TYPES = ("hvm", "pv", "pv_in_pvh", "pvh", "unspecified")
+VM_CREATE_FIELDS = {
+    "name_label": ("string", REQUIRED),
+    "name_description": ("string", REQUIRED),
+    "user_version": ("int", REQUIRED),
+    "is_a_template": ("bool", REQUIRED),
+    "affinity": ("ref", REQUIRED),
+    "memory_target": ("int", 0),
+    "memory_static_max": ("int", REQUIRED),
+    "memory_dynamic_max": ("int", REQUIRED),
+    "memory_dynamic_min": ("int", REQUIRED),
+    "memory_static_min": ("int", REQUIRED),
+    "VCPUs_params": ("map", REQUIRED),
+    "VCPUs_max": ("int", REQUIRED),
+    "VCPUs_at_startup": ("int", REQUIRED),
+    "actions_after_shutdown": (ON_NORMAL_EXIT, REQUIRED),
+    "actions_after_reboot": (ON_NORMAL_EXIT, REQUIRED),
+    "actions_after_crash": (ON_CRASH, REQUIRED),
+    "PV_bootloader": ("string", REQUIRED),
+    "PV_kernel": ("string", REQUIRED),
+    "PV_ramdisk": ("string", REQUIRED),
+    "PV_args": ("string", REQUIRED),
+    "PV_bootloader_args": ("string", REQUIRED),
+    "PV_legacy_args": ("string", REQUIRED),
+    "HVM_boot_policy": ("string", REQUIRED),
+    "HVM_boot_params": ("map", REQUIRED),
+    "HVM_shadow_multiplier": ("float", 1.0),
+    "platform": ("map", REQUIRED),
+    "PCI_bus": ("string", REQUIRED),
+    "other_config": ("map", REQUIRED),
+    "recommendations": ("string", REQUIRED),
+    "xenstore_data": ("map", {}),
+    "ha_always_run": ("bool", False),
+    "ha_restart_priority": ("string", ""),
+    "tags": ("set", []),
+    "blocked_operations": ("map", {}),
+    "protection_policy": ("ref", NULL_REF),
+    "is_snapshot_from_vmpp": ("bool", False),
+    "snapshot_schedule": ("ref", NULL_REF),
+    "is_vmss_snapshot": ("bool", False),
+    "appliance": ("ref", NULL_REF),
+    "start_delay": ("int", 0),
+    "shutdown_delay": ("int", 0),
+    "order": ("int", 0),
+    "suspend_SR": ("ref", NULL_REF),
+    "version": ("int", 0),
+    "generation_id": ("string", "0:0"),
+    "hardware_platform_version": ("int", 0),
+    "has_vendor_device": ("bool", False),
+    "reference_label": ("string", ""),
+    "domain_type": (DOMAIN_TYPES, "unspecified"),
+    "NVRAM": ("map", {}),
+}
+
+
 def vm_defaults(**kw):
-    rec = {
-        "uuid": new_uuid(),
-        "name_label": "",
-        "name_description": "",
-        "power_state": "Halted",
-        "is_a_template": False,
-        "is_default_template": False,
-        "is_a_snapshot": False,
-        "is_control_domain": False,
-        "snapshot_of": NULL_REF,
-        "snapshots": [],
-        "snapshot_time": xapi_time(0),
-        "parent": NULL_REF,
-        "children": [],
-        "VBDs": [],
-        "resident_on": NULL_REF,
-        "affinity": NULL_REF,
-        "memory_static_max": 1 << 30,
-        "VCPUs_max": 1,
-        "other_config": {},
-        "tags": [],
-        "blocked_operations": {},
-        "allowed_operations": [],
-        "current_operations": {},
-    }
+    """A complete VM record as XAPI's database holds one: VM.create's fields (XAPI's defaults,
+    and for the fields without one the values of a plain 1 GiB, 1 vCPU HVM guest) plus the
+    DynamicRO fields XAPI fills itself."""
+    rec = {}
+    for name, (_ty, default) in VM_CREATE_FIELDS.items():
+        if default is not REQUIRED:
+            rec[name] = copy.deepcopy(default)
+    rec.update(
+        {
+            "uuid": new_uuid(),
+            "name_label": "",
+            "name_description": "",
+            "user_version": 1,
+            "is_a_template": False,
+            "affinity": NULL_REF,
+            "memory_target": 1 << 30,
+            "memory_static_max": 1 << 30,
+            "memory_dynamic_max": 1 << 30,
+            "memory_dynamic_min": 1 << 30,
+            "memory_static_min": 1 << 29,
+            "VCPUs_params": {},
+            "VCPUs_max": 1,
+            "VCPUs_at_startup": 1,
+            "actions_after_shutdown": "destroy",
+            "actions_after_reboot": "restart",
+            "actions_after_crash": "restart",
+            "PV_bootloader": "",
+            "PV_kernel": "",
+            "PV_ramdisk": "",
+            "PV_args": "",
+            "PV_bootloader_args": "",
+            "PV_legacy_args": "",
+            "HVM_boot_policy": "BIOS order",
+            "HVM_boot_params": {"order": "cdn"},
+            "platform": {"acpi": "1", "apic": "true", "pae": "true", "nx": "true"},
+            "PCI_bus": "",
+            "other_config": {},
+            "recommendations": "",
+            "domain_type": "hvm",
+            # DynamicRO: what XAPI sets, never the caller
+            "power_state": "Halted",
+            "is_default_template": False,
+            "is_a_snapshot": False,
+            "is_control_domain": False,
+            "snapshot_of": NULL_REF,
+            "snapshots": [],
+            "snapshot_time": xapi_time(0),
+            "snapshot_info": {},
+            "snapshot_metadata": "",
+            "transportable_snapshot_id": "",
+            "parent": NULL_REF,
+            "children": [],
+            "suspend_VDI": NULL_REF,
+            "resident_on": NULL_REF,
+            "memory_overhead": 0,
+            "VBDs": [],
+            "VIFs": [],
+            "VUSBs": [],
+            "VGPUs": [],
+            "VTPMs": [],
+            "consoles": [],
+            "crash_dumps": [],
+            "attached_PCIs": [],
+            "domid": -1,
+            "domarch": "",
+            "last_boot_CPU_flags": {},
+            "metrics": NULL_REF,
+            "guest_metrics": NULL_REF,
+            "last_booted_record": "",
+            "blobs": {},
+            "bios_strings": {},
+            "requires_reboot": False,
+            "allowed_operations": [],
+            "current_operations": {},
+        }
+    )
     rec.update(kw)
     return rec
 
@@ -444,20 +646,57 @@ class Xapi:
     # -- VBD -----------------------------------------------------------------------------------
 
     def vbd__create(self, record):
+        """XAPI's VBD.create (xapi_vbd.ml): the VDI's type must be attachable, CDs are read-only,
+        only CDs may be empty, no RW VBD on a read-only VDI, userdevice unique in the VM."""
+        if not isinstance(record, dict):
+            raise XapiError(E.INTERNAL_ERROR, 'Failure("bad __structure")')
         vm = record.get("VM", NULL_REF)
         vdi = record.get("VDI", NULL_REF)
-        self.store.get("VM", vm)
-        if vdi != NULL_REF:
-            self.store.get("VDI", vdi)
+        vm_rec = self.store.get("VM", vm)
+        vbd_type = record.get("type", "Disk")
+        mode = record.get("mode", "RW")
+        empty = bool(record.get("empty", vdi == NULL_REF))
+        userdevice = str(record.get("userdevice", "0"))
+        vdi_rec = None
+        if not empty or vdi != NULL_REF:
+            vdi_rec = self.store.get("VDI", vdi)
+        if not empty and vdi_rec["type"] == "cbt_metadata":
+            raise XapiError(E.VDI_INCOMPATIBLE_TYPE, vdi, vdi_rec["type"])
+        if vbd_type == "CD" and mode != "RO":
+            raise XapiError(VBD_CDS_MUST_BE_READONLY)
+        if vbd_type != "CD" and empty:
+            raise XapiError(VBD_NOT_REMOVABLE_MEDIA, "in constructor")
+        if mode == "RW" and vdi_rec is not None and vdi_rec["read_only"]:
+            raise XapiError(VDI_READONLY, vdi)
+        if not userdevice.isdigit():
+            raise XapiError(INVALID_DEVICE, userdevice)
+        for other in vm_rec["VBDs"]:
+            if self.store.field("VBD", other, "userdevice") == userdevice:
+                raise XapiError(DEVICE_ALREADY_EXISTS, userdevice)
         return self._new_vbd(
             vm,
             vdi,
-            userdevice=str(record.get("userdevice", "0")),
-            mode=record.get("mode", "RW"),
+            userdevice=userdevice,
+            mode=mode,
             bootable=bool(record.get("bootable", False)),
+            vbd_type=vbd_type,
+            empty=empty,
+            unpluggable=bool(record.get("unpluggable", True)),
+            other_config=dict(record.get("other_config", {})),
         )
 
-    def _new_vbd(self, vm, vdi, userdevice="0", mode="RW", bootable=False):
+    def _new_vbd(
+        self,
+        vm,
+        vdi,
+        userdevice="0",
+        mode="RW",
+        bootable=False,
+        vbd_type="Disk",
+        empty=None,
+        unpluggable=True,
+        other_config=None,
+    ):
         running = self.store.field("VM", vm, "power_state") == "Running"
         ref = self.store.add(
             "VBD",
@@ -467,11 +706,12 @@ class Xapi:
                 "device": "xvd" + chr(ord("a") + int(userdevice)) if userdevice.isdigit() else "",
                 "userdevice": userdevice,
                 "mode": mode,
-                "type": "Disk",
+                "type": vbd_type,
                 "bootable": bootable,
-                "empty": vdi == NULL_REF,
+                "empty": vdi == NULL_REF if empty is None else empty,
+                "unpluggable": unpluggable,
                 "currently_attached": running,
-                "other_config": {},
+                "other_config": other_config or {},
                 "allowed_operations": [],
                 "current_operations": {},
             },
@@ -496,12 +736,79 @@ class Xapi:
 
     # -- VM ------------------------------------------------------------------------------------
 
+    def vm__create(self, record):
+        """XAPI's VM.create: every field of VM_CREATE_FIELDS without a default is required (the
+        first missing one, in datamodel order, is named in XAPI's INTERNAL_ERROR), unknown
+        fields are ignored, a random other_config:mac_seed is added when absent, domain_type
+        "unspecified" is derived from HVM_boot_policy, and the VM is Halted. Values are not
+        validated here (XAPI: "parameter validation is delayed until VM.start")."""
+        if not isinstance(record, dict):
+            raise XapiError(E.INTERNAL_ERROR, 'Failure("bad __structure")')
+        fields = {}
+        for name, (ty, default) in VM_CREATE_FIELDS.items():
+            if name in record:
+                fields[name] = unmarshal_field("VM", name, ty, record[name])
+            elif default is REQUIRED:
+                raise field_not_found(name)
+            else:
+                fields[name] = copy.deepcopy(default)
+        fields["other_config"].setdefault("mac_seed", new_uuid())
+        if fields["domain_type"] == "unspecified":
+            fields["domain_type"] = "pv" if fields["HVM_boot_policy"] == "" else "hvm"
+        return self.store.add("VM", vm_defaults(**fields))
+
+    def _validate_basic_parameters(self, vm, rec):
+        """Xapi_vm_helpers.validate_basic_parameters, run by VM.start: VCPUs, shadow multiplier,
+        actions_after_crash. (Memory constraints are coerced there, so they rarely fail.)"""
+        vmax, vstart = rec["VCPUs_max"], rec["VCPUs_at_startup"]
+        if vmax < 1:
+            raise XapiError(INVALID_VALUE, "VCPUs_max", vmax)
+        if vstart < 1:
+            raise XapiError(INVALID_VALUE, "VCPUs-at-startup", vstart)
+        if vstart > vmax:
+            raise XapiError(
+                VALUE_NOT_SUPPORTED, "VCPUs-at-startup", vstart, "value greater than VCPUs-max"
+            )
+        if rec["HVM_shadow_multiplier"] < 1.0:
+            raise XapiError(INVALID_VALUE, "HVM_shadow_multiplier", rec["HVM_shadow_multiplier"])
+        crash = rec["actions_after_crash"]
+        if crash == "rename_restart":
+            raise XapiError(
+                VALUE_NOT_SUPPORTED,
+                "VM.actions_after_crash",
+                crash,
+                "option would leak a domain; VMs and not domains are managed by this API",
+            )
+        if crash.startswith("coredump") and rec["domain_type"] != "pv":
+            raise XapiError(
+                VALUE_NOT_SUPPORTED,
+                "VM.actions_after_crash",
+                crash,
+                "cannot invoke a coredump of an HVM, PVH or PV-in-PVH domain",
+            )
+
+    def vm__set_bios_strings(self, vm, value):
+        """XAPI's VM.set_bios_strings: only once (VM_BIOS_STRINGS_ALREADY_SET), a Halted VM,
+        string values of at most 512 characters."""
+        rec = self.store.get("VM", vm)
+        if rec["bios_strings"]:
+            raise XapiError(VM_BIOS_STRINGS_ALREADY_SET)
+        if rec["power_state"] != "Halted":
+            raise XapiError(E.VM_BAD_POWER_STATE, vm, "halted", rec["power_state"].lower())
+        value = unmarshal_field("VM", "bios_strings", "map", value)
+        for k, v in value.items():
+            if len(v) > 512:
+                raise XapiError(INVALID_VALUE, k, "length exceeds 512 characters")
+        self.store.update("VM", vm, bios_strings=value)
+        return ""
+
     def vm__start(self, vm, start_paused, force):
         rec = self.store.get("VM", vm)
         if rec["is_a_template"] or rec["is_a_snapshot"]:
             raise XapiError(E.VM_IS_TEMPLATE, vm, "start")
         if rec["power_state"] != "Halted":
             raise XapiError(E.VM_BAD_POWER_STATE, vm, "halted", rec["power_state"].lower())
+        self._validate_basic_parameters(vm, rec)
         self._set_power(vm, "Running")
         return ""
 
@@ -549,20 +856,29 @@ class Xapi:
             new_vdi = self._copy_vdi(vrec["VDI"], snapshot=snapshot)
             disks.append((new_vdi, vrec))
         now = xapi_time()
-        fields = vm_defaults(
+        config = {k: copy.deepcopy(rec[k]) for k in VM_CREATE_FIELDS if k in rec}
+        config.update(
             name_label=new_name,
-            name_description=rec["name_description"],
             is_a_template=snapshot or rec["is_a_template"],
             is_a_snapshot=snapshot,
             snapshot_of=vm if snapshot else NULL_REF,
             snapshot_time=now if snapshot else xapi_time(0),
             parent=vm if not snapshot else rec["parent"],
-            memory_static_max=rec["memory_static_max"],
-            other_config=dict(rec["other_config"]),
+            bios_strings=copy.deepcopy(rec.get("bios_strings", {})),
         )
+        fields = vm_defaults(**config)
         new_vm = self.store.add("VM", fields)
         for new_vdi, vrec in disks:
-            self._new_vbd(new_vm, new_vdi, vrec["userdevice"], vrec["mode"], vrec["bootable"])
+            self._new_vbd(
+                new_vm,
+                new_vdi,
+                vrec["userdevice"],
+                vrec["mode"],
+                vrec["bootable"],
+                vbd_type=vrec["type"],
+                unpluggable=vrec.get("unpluggable", True),
+                other_config=dict(vrec.get("other_config", {})),
+            )
         if snapshot:
             self.store.list_add("VM", vm, "snapshots", new_vm)
         else:

@@ -207,6 +207,9 @@ def cmd_serve(args):
         os.unlink(state)
     disk_size = parse_size(args.disk_size)
     pool = Pool(root, user=args.user, password=args.password, gc_interval=args.gc_interval)
+    from hostsim import datapath
+
+    datapath.set_export_model(pool, args.export_model)
     tpl, vms = build_demo(pool, args.vms, disk_size, seed=args.seed, cbt=not args.no_cbt)
     nbd_listen = parse_listen(args.nbd_listen) if args.nbd_listen else None
     url = pool.start(listen=parse_listen(args.xapi_listen), tls=args.tls, nbd_listen=nbd_listen)
@@ -380,6 +383,12 @@ def build_parser():
     s.add_argument("--agent-tls", choices=("off", "optional", "require"), default="require")
     s.add_argument("--user", default="root")
     s.add_argument("--password", default="hostsim")
+    s.add_argument(
+        "--export-model",
+        choices=("processes", "inline"),
+        default="processes",
+        help="export_raw_vdi?format=vhd as tapdisk + vhd-tool processes (like XAPI) or inline",
+    )
     s.set_defaults(fn=cmd_serve)
     w = sub.add_parser("write", help="guest writes into a VM's disks")
     w.add_argument("--root")

@@ -1,0 +1,504 @@
+"""hostsim's "processes" model of XAPI's export (tapdisk + vhd-tool + stunnel hop) against "inline".
+
+The processes model must send the same stream as the inline one (footer uuid/timestamp aside: every
+export gets a fresh footer), and the streams are judged by peers we did not write: qemu-img (check,
+compare, map of the exported VHD) against libvhdi (pyvhdi with set_parent) reading the source chain.
+Failures (the client going away, tapdisk or vhd-tool dying) must end the export with a short body,
+leave no process behind and leave hostsim serving. Guest writes are 64 KiB aligned, so libvhdi's
+bitmap bug stays out of the way, and chains have equal sizes.
+"""
+
+import errno
+import json
+import mmap
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+import XenAPI
+
+from agent.vhd import format as fmt
+from hostsim import datapath, guest
+from hostsim.xapiexport import blkif, layout, pipeline, tapdisk
+
+MiB = 1 << 20
+KiB = 1 << 10
+TIMEOUT = 60
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+
+def run(*cmd):
+    if shutil.which(cmd[0]) is None:
+        pytest.skip("%s is not installed (scripts/setup-system.sh installs it)" % cmd[0])
+    return subprocess.run(cmd, capture_output=True, timeout=TIMEOUT, check=True)
+
+
+def libvhdi_content(pyvhdi, pool, uuid):
+    files = []
+    try:
+        for vf in pool.sr.chain(uuid):
+            f = pyvhdi.file()
+            f.open(vf.path)
+            files.append(f)
+        for child, parent in zip(files, files[1:]):
+            child.set_parent(parent)
+        return files[0].read_buffer_at_offset(files[0].get_media_size(), 0)
+    finally:
+        for f in files:
+            f.close()
+
+
+def connect(pool, tls, rcvbuf=None):
+    host, port = pool.server.server_address[:2]
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    raw.settimeout(TIMEOUT)
+    raw.connect(("127.0.0.1", port))
+    if not tls:
+        return raw
+    ctx = ssl.create_default_context(cafile=pool.cert_path)
+    ctx.check_hostname = False
+    return ctx.wrap_socket(raw)
+
+
+def start_get(sock, session, **query):
+    """Send the GET, read the headers; returns (status, headers dict, bytes of body already read)."""
+    q = "&".join("%s=%s" % kv for kv in {"session_id": session, **query}.items())
+    sock.sendall(("GET /export_raw_vdi?%s HTTP/1.1\r\nHost: x\r\n\r\n" % q).encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed before the headers"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def read_body(sock, length, already=b""):
+    got = bytearray(already)
+    while len(got) < length:
+        try:
+            chunk = sock.recv(min(1 << 20, length - len(got)))
+        except (ConnectionResetError, ssl.SSLError):
+            break
+        if not chunk:
+            break
+        got += chunk
+    return bytes(got)
+
+
+def export(pool, session, tls=False, **query):
+    with connect(pool, tls) as s:
+        status, headers, body = start_get(s, session, **query)
+        assert status == 200, (status, body[:200])
+        length = int(headers["Content-Length"])
+        data = read_body(s, length, body)
+        assert len(data) == length
+        return data
+
+
+def same_stream(a, b):
+    """Equal streams, except the fresh footer each export gets (uuid, timestamp, checksum)."""
+    assert len(a) == len(b)
+    assert a[512:-512] == b[512:-512]
+    fa, fb = fmt.Footer.parse(a[:512]), fmt.Footer.parse(a[-512:])
+    ga = fmt.Footer.parse(b[:512])
+    assert a[:512] == a[-512:] and b[:512] == b[-512:]
+    for name in ("data_offset", "original_size", "current_size", "disk_type", "cylinders"):
+        assert getattr(fa, name) == getattr(ga, name) == getattr(fb, name)
+
+
+def wait_gone(pids, timeout=TIMEOUT):
+    """Bounded wait for processes to be gone (reaped). Not a speed check: a cleanup deadline."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive and not pipeline.live():
+            return
+        time.sleep(0.05)
+    raise AssertionError("left behind: %s, live pipelines %s" % (alive, pipeline.live()))
+
+
+def wait_pipeline(timeout=TIMEOUT):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        running = pipeline.live()
+        if running and all(running[0]):
+            return running[0]
+        time.sleep(0.02)
+    raise AssertionError("no export pipeline started")
+
+
+def settled(pool, ref, timeout=TIMEOUT):
+    """The task's record once the handler finished it (it ends after the client has its bytes)."""
+    end = time.monotonic() + timeout
+    while pool.api.store.get("task", ref)["status"] == "pending" and time.monotonic() < end:
+        time.sleep(0.02)
+    return pool.api.store.get("task", ref)
+
+
+# -- fixtures -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def disk(hostsim_pool, xapi_session):
+    """A 10 MiB disk on a 2-deep chain (data in both levels), its snapshot, and the pool."""
+    pool, x = hostsim_pool, xapi_session.xenapi
+    vm = pool.create_vm("alpha", [10 * MiB])
+    vdi = pool.vm_vdis(vm)[0]
+    guest.guest_write(pool, vdi, "mixed", count=12, length=128 * KiB, seed=7)
+    snap = x.VDI.snapshot(vdi, {})
+    guest.guest_write(
+        pool, vdi, "text", count=5, length=64 * KiB, seed=8, region=(4 * MiB, 8 * MiB)
+    )
+    return vdi, snap
+
+
+@pytest.fixture
+def tls_pool(tmp_path):
+    from hostsim.host import Pool
+
+    pool = Pool(tmp_path / "tls")
+    pool.start(tls=True)
+    session = XenAPI.Session(pool.server.url, ignore_ssl=True)
+    session.xenapi.login_with_password("root", "hostsim", "2.21", "pytest")
+    yield pool, session
+    try:
+        session.xenapi.session.logout()
+    except Exception:
+        pass
+    pool.stop()
+
+
+def big_disk(pool, size=24 * MiB):
+    """A fully allocated disk: long enough a stream to interrupt it mid-way."""
+    vm = pool.create_vm("big", [size])
+    vdi = pool.vm_vdis(vm)[0]
+    guest.guest_write(pool, vdi, "random", count=size // MiB, length=MiB, seed=3)
+    return vdi
+
+
+# -- the stream ---------------------------------------------------------------------------------------
+
+
+def test_default_model_is_processes(hostsim_pool):
+    assert datapath.export_model(hostsim_pool) == "processes"
+    with pytest.raises(ValueError):
+        datapath.set_export_model(hostsim_pool, "threads")
+
+
+def test_full_export_same_as_inline_and_judged_by_peers(
+    hostsim_pool, xapi_session, disk, tmp_path, pyvhdi_module
+):
+    pool, s = hostsim_pool, xapi_session.handle
+    vdi, _ = disk
+    datapath.set_export_model(pool, "inline")
+    inline = export(pool, s, vdi=vdi, format="vhd")
+    datapath.set_export_model(pool, "processes")
+    procs = export(pool, s, vdi=vdi, format="vhd")
+    same_stream(inline, procs)
+    out = tmp_path / "procs.vhd"
+    out.write_bytes(procs)
+    raw = tmp_path / "source.raw"
+    raw.write_bytes(libvhdi_content(pyvhdi_module, pool, xapi_session.xenapi.VDI.get_uuid(vdi)))
+    run("qemu-img", "info", "-f", "vpc", str(out))  # (qemu has no check for vpc)
+    run("qemu-img", "compare", "-f", "vpc", "-F", "raw", str(out), str(raw))
+    assert not pipeline.live()
+
+
+def test_export_with_base_same_as_inline_and_judged_by_peers(
+    hostsim_pool, xapi_session, disk, tmp_path, pyvhdi_module
+):
+    pool, s = hostsim_pool, xapi_session.handle
+    x = xapi_session.xenapi
+    vdi, snap = disk
+    snap2 = x.VDI.snapshot(vdi, {})  # the delta snap -> snap2 holds the writes made after snap
+    datapath.set_export_model(pool, "inline")
+    inline = export(pool, s, vdi=snap2, format="vhd", base=snap)
+    datapath.set_export_model(pool, "processes")
+    procs = export(pool, s, vdi=snap2, format="vhd", base=x.VDI.get_uuid(snap))
+    same_stream(inline, procs)
+    out = tmp_path / "delta.vhd"
+    out.write_bytes(procs)
+    run("qemu-img", "info", "-f", "vpc", str(out))
+    source = libvhdi_content(pyvhdi_module, pool, x.VDI.get_uuid(snap2))
+    mapped = json.loads(run("qemu-img", "map", "--output=json", "-f", "vpc", str(out)).stdout)
+    data = [m for m in mapped if m["data"]]
+    assert data, "the delta has no data"
+    conv = tmp_path / "delta.raw"
+    run("qemu-img", "convert", "-f", "vpc", "-O", "raw", str(out), str(conv))
+    delta = conv.read_bytes()
+    for m in data:
+        a, n = m["start"], m["length"]
+        assert delta[a : a + n] == source[a : a + n]
+    # the writes after the first snapshot (4..8 MiB) are all inside the delta
+    written = {
+        o // layout.BLOCK
+        for o in range(4 * MiB, 8 * MiB, 64 * KiB)
+        if source[o : o + 64 * KiB] != bytes(64 * KiB)
+    }
+    carried = {
+        o // layout.BLOCK
+        for m in data
+        for o in range(m["start"], m["start"] + m["length"], 64 * KiB)
+    }
+    assert written <= carried
+
+
+def test_tls_export_through_the_stunnel_hop_same_as_inline(tls_pool, pyvhdi_module, tmp_path):
+    pool, session = tls_pool
+    x = session.xenapi
+    vm = pool.create_vm("tls", [6 * MiB])
+    vdi = pool.vm_vdis(vm)[0]
+    guest.guest_write(pool, vdi, "binary", count=6, length=256 * KiB, seed=11)
+    datapath.set_export_model(pool, "inline")
+    inline = export(pool, session.handle, tls=True, vdi=vdi, format="vhd")
+    datapath.set_export_model(pool, "processes")
+    procs = export(pool, session.handle, tls=True, vdi=vdi, format="vhd")
+    same_stream(inline, procs)
+    out, raw = tmp_path / "t.vhd", tmp_path / "t.raw"
+    out.write_bytes(procs)
+    raw.write_bytes(libvhdi_content(pyvhdi_module, pool, x.VDI.get_uuid(vdi)))
+    run("qemu-img", "compare", "-f", "vpc", "-F", "raw", str(out), str(raw))
+
+
+def test_task_progress_and_success(hostsim_pool, xapi_session, disk):
+    pool = hostsim_pool
+    vdi, _ = disk
+    task = pool.api.new_task("export")
+    export(pool, xapi_session.handle, vdi=vdi, format="vhd", task_id=task)
+    rec = settled(pool, task)
+    assert rec["status"] == "success"
+    assert float(rec["progress"]) == 1.0
+
+
+# -- failures -----------------------------------------------------------------------------------------
+
+
+def _interrupted(pool, session, x, tls, action):
+    """Start an export of a big disk with a tiny receive window, do `action(pids, sock)` mid-stream,
+    read what comes; returns (bytes received, Content-Length, task record)."""
+    vdi = big_disk(pool)
+    task = pool.api.new_task("export")
+    sock = connect(pool, tls, rcvbuf=4096)
+    try:
+        status, headers, body = start_get(sock, session, vdi=vdi, format="vhd", task_id=task)
+        assert status == 200
+        length = int(headers["Content-Length"])
+        body += sock.recv(64 * KiB)
+        pids = wait_pipeline()
+        action(pids, sock)
+        got = b"" if sock.fileno() < 0 else read_body(sock, length, body)
+    finally:
+        sock.close()
+    wait_gone(pids)
+    return got, length, settled(pool, task), vdi
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_client_going_away_ends_the_pipeline(request, tls):
+    if tls:
+        pool, session = request.getfixturevalue("tls_pool")
+    else:
+        pool, session = (
+            request.getfixturevalue("hostsim_pool"),
+            request.getfixturevalue("xapi_session"),
+        )
+    x = session.xenapi
+
+    def hang_up(pids, sock):
+        sock.close()
+
+    _, _, task, vdi = _interrupted(pool, session.handle, x, tls, hang_up)
+    assert task["status"] == "failure"
+    # hostsim still serves: the next export is whole
+    data = export(pool, session.handle, tls=tls, vdi=vdi, format="vhd")
+    assert len(data) > 24 * MiB
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["tapdisk", "vhd-tool"])
+def test_a_dying_child_cuts_the_stream_short(hostsim_pool, xapi_session, victim):
+    pool, x = hostsim_pool, xapi_session.xenapi
+
+    def kill(pids, sock):
+        os.kill(pids[victim], signal.SIGKILL)
+
+    got, length, task, vdi = _interrupted(pool, xapi_session.handle, x, False, kill)
+    assert len(got) < length  # a short body, never a complete-looking one
+    assert task["status"] == "failure"
+    assert "VDI_IO_ERROR" in task["error_info"]
+    assert len(export(pool, xapi_session.handle, vdi=vdi, format="vhd")) == length
+
+
+# -- the block path -----------------------------------------------------------------------------------
+
+
+def test_split_read_follows_blktap_limits():
+    reqs = blkif.split_read(4 * MiB, 2 * MiB)
+    assert len(reqs) == 47
+    assert all(n == 44 * KiB for _, n, _ in reqs[:-1]) and reqs[-1][1] == 24 * KiB
+    assert [o for o, _, _ in reqs] == [4 * MiB + i * 44 * KiB for i in range(47)]
+    # a buffer position inside a page: the first request ends at the 11th page it touches
+    first = blkif.split_read(0, 64 * KiB, buf_offset=1024)[0]
+    assert first == (0, 11 * 4096 - 1024, 1024)
+    with pytest.raises(ValueError):
+        blkif.split_read(100, 512)
+    assert blkif.check_request(0, 89, 1000) == -errno.EINVAL
+    assert blkif.check_request(0, 0, 1000) == -errno.EINVAL
+    assert blkif.check_request(990, 11, 1000) == -errno.EIO
+    assert blkif.check_request(912, 88, 1000) == 0
+
+
+def _spawn_tapdisk(path):
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hostsim.xapiexport.tapdisk",
+            "--ring-fd",
+            str(theirs.fileno()),
+            "--vhd",
+            str(path),
+        ],
+        pass_fds=[theirs.fileno()],
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    mine.settimeout(TIMEOUT)
+    return proc, mine
+
+
+def _recv_exact(sock, n):
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, "tapdisk closed the ring"
+        out += chunk
+    return bytes(out)
+
+
+def test_tapdisk_serves_the_chain_and_refuses_bad_requests(
+    hostsim_pool, xapi_session, disk, pyvhdi_module
+):
+    pool = hostsim_pool
+    vdi, _ = disk
+    uuid = xapi_session.xenapi.VDI.get_uuid(vdi)
+    source = libvhdi_content(pyvhdi_module, pool, uuid)
+    size_sectors = len(source) // 512
+    proc, ring = _spawn_tapdisk(pool.sr.vhd_path(uuid))
+    try:
+        reqs = [
+            (1, 0, 88),  # the largest request
+            (2, 4 * MiB // 512 + 8, 40),  # inside the second level's writes
+            (3, 0, 89),  # more than 11 pages: EINVAL
+            (4, size_sectors - 8, 16),  # past the end: EIO
+            (5, size_sectors - 88, 88),  # the last sectors
+        ]
+        ring.sendall(b"".join(blkif.REQ.pack(*r) for r in reqs))
+        answers = {}
+        for _ in reqs:
+            rid, status = blkif.RSP.unpack(_recv_exact(ring, blkif.RSP.size))
+            count = {r[0]: r[2] for r in reqs}[rid]
+            answers[rid] = (status, _recv_exact(ring, count * 512) if status == 0 else None)
+        for rid, first, count in reqs:
+            status, data = answers[rid]
+            if rid == 3:
+                assert status == -errno.EINVAL
+            elif rid == 4:
+                assert status == -errno.EIO
+            else:
+                assert status == 0
+                assert data == source[first * 512 : (first + count) * 512]
+        ring.sendall(b"\x00" * 7)  # half a request, then the ring closes: tapdisk just ends
+        ring.close()
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stderr.close()
+
+
+def test_tapdisk_fails_cleanly_on_a_missing_vhd(tmp_path):
+    proc, ring = _spawn_tapdisk(tmp_path / "nope.vhd")
+    try:
+        assert proc.wait(TIMEOUT) == 1
+        assert b"cannot open" in proc.stderr.read()
+        assert ring.recv(16) == b""
+    finally:
+        ring.close()
+        proc.stderr.close()
+
+
+def _o_direct_works(directory):
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    probe = os.path.join(directory, "probe")
+    with open(probe, "wb") as f:
+        f.write(b"\x01" * 8192)
+    try:
+        fd = os.open(probe, os.O_RDONLY | flag)
+    except OSError:
+        return False
+    try:
+        buf = mmap.mmap(-1, 4096)
+        try:
+            os.preadv(fd, [buf], 0)
+            return True
+        except OSError:
+            return False
+        finally:
+            buf.close()
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def test_tapdisk_reads_with_o_direct_where_the_file_system_allows(hostsim_pool, xapi_session, disk):
+    pool = hostsim_pool
+    vdi, _ = disk
+    uuid = xapi_session.xenapi.VDI.get_uuid(vdi)
+    if not _o_direct_works(pool.sr.path):
+        pytest.skip("the test file system refuses O_DIRECT: tapdisk falls back (not testable here)")
+    d = tapdisk.Disk(pool.sr.vhd_path(uuid))
+    try:
+        assert len(d.levels) == 2
+        assert all(d.direct), d.notes
+        mem = mmap.mmap(-1, blkif.MAX_REQUEST_BYTES)
+        try:
+            d.read_into(0, 88, memoryview(mem))
+            assert all(d.direct), d.notes  # the reads themselves did not fall back
+            assert bytes(mem) == pool.sr.read(uuid, 0, blkif.MAX_REQUEST_BYTES)
+        finally:
+            mem.close()
+    finally:
+        d.close()
+
+
+def test_serve_flag_selects_the_model():
+    from hostsim.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["serve"]).export_model == "processes"
+    assert p.parse_args(["serve", "--export-model", "inline"]).export_model == "inline"
+    with pytest.raises(SystemExit):
+        p.parse_args(["serve", "--export-model", "threads"])

@@ -11,8 +11,11 @@ Outputs:
 - ``FILE.raw`` (any other name): a sparse raw image (zero chunks are holes).
 - ``-``: raw bytes on stdout (zeros written out).
 - ``--to-xapi URL --sr UUID``: a new VDI per disk (``VDI.create``) filled through XAPI's
-  ``PUT /import_raw_vdi?format=vhd`` with the same VHD stream; ``--new-vm NAME`` also creates a VM
-  with those disks when the pool supports ``VM.create``.
+  ``PUT /import_raw_vdi?format=vhd`` with the same VHD stream; ``--new-vm NAME`` also creates a
+  Halted VM from the backed-up VM record (``VM.create`` with the complete record XAPI requires;
+  what the backup lacks gets a plain valid default, listed in the result's ``new_vm.defaults``)
+  and attaches the new VDIs with their original userdevice (``VBD.create``). If the VM cannot be
+  made, no half-made VM is left and the restored VDIs are kept and named.
 """
 
 from __future__ import annotations
@@ -183,6 +186,8 @@ def run_restore(args: argparse.Namespace, ui: Progress):
         raise UsageError("give -o OUT (FILE.vhd, FILE.raw, DIR or -) or --to-xapi URL --sr UUID")
     if args.output and args.xapi:
         raise UsageError("-o and --to-xapi are exclusive")
+    if args.new_vm and not args.xapi:
+        raise UsageError("--new-vm needs --to-xapi URL --sr UUID")
     if args.output == "-" and args.json:
         raise UsageError("-o - writes the disk on stdout: --json is not possible")
     started = time.monotonic()
@@ -196,20 +201,24 @@ def run_restore(args: argparse.Namespace, ui: Progress):
                     f"restore point {point.id} has no disk {args.disk} (disks: {', '.join(disks)})"
                 )
             disks = {args.disk: disks[args.disk]}
+        new_vm = None
         if args.xapi:
-            out = _restore_to_xapi(args, ui, repo, point, meta, disks)
+            out, new_vm = _restore_to_xapi(args, ui, repo, point, meta, disks)
         else:
             out = _restore_to_files(args, ui, repo, point, disks)
     if args.output == "-":
         # stdout carries the disk: the summary goes to stderr
         ui.log(f"restored {point.id} to stdout ({out[0]['bytes']} bytes, verified)")
         return None
-    return {
+    result = {
         "ok": True,
         "id": point.id,
         "disks": out,
         "seconds": round(time.monotonic() - started, 3),
     }
+    if new_vm is not None:
+        result["new_vm"] = new_vm
+    return result
 
 
 def _restore_to_files(args, ui, repo, point, disks) -> list[dict[str, Any]]:
@@ -247,7 +256,7 @@ def _restore_to_files(args, ui, repo, point, disks) -> list[dict[str, Any]]:
     return out
 
 
-def _restore_to_xapi(args, ui, repo, point, meta, disks) -> list[dict[str, Any]]:
+def _restore_to_xapi(args, ui, repo, point, meta, disks) -> tuple[list, dict | None]:
     import http.client
 
     import XenAPI
@@ -333,42 +342,305 @@ def _restore_to_xapi(args, ui, repo, point, meta, disks) -> list[dict[str, Any]]
         raise
     try:
         if args.new_vm:
-            vm_uuid = _create_vm(x, args.new_vm, meta, out)
+            vm_info = create_vm(x, args.new_vm, meta, point, out, ui)
             for d in out:
-                d["new_vm"] = vm_uuid
+                d["new_vm"] = vm_info["uuid"]
+            return out, vm_info
     finally:
         xapi_session.logout(session)
-    return out
+    return out, None
 
 
-def _create_vm(x, name: str, meta: dict[str, Any], disks: list[dict[str, Any]]) -> str:
+# -- --new-vm: VM.create + VBD.create ------------------------------------------------------------
+#
+# XAPI's VM.create takes one <struct> with every VM field that is not DynamicRO; the fields
+# without a ~default_value in XAPI's datamodel (xapi-project/xen-api ocaml/idl/datamodel_vm.ml,
+# the VM class) are required, and a struct missing one is refused with
+# INTERNAL_ERROR 'Server_helpers.Dispatcher_FieldNotFound("<field>")' (gen_server.ml reads
+# them with Server_helpers.my_assoc). Fields the struct carries that the datamodel does not know
+# are ignored, so sending newer optional fields to an older pool is harmless.
+VM_REQUIRED_FIELDS = (
+    "name_label",
+    "name_description",
+    "user_version",
+    "is_a_template",
+    "affinity",
+    "memory_static_max",
+    "memory_dynamic_max",
+    "memory_dynamic_min",
+    "memory_static_min",
+    "VCPUs_params",
+    "VCPUs_max",
+    "VCPUs_at_startup",
+    "actions_after_shutdown",
+    "actions_after_reboot",
+    "actions_after_crash",
+    "PV_bootloader",
+    "PV_kernel",
+    "PV_ramdisk",
+    "PV_args",
+    "PV_bootloader_args",
+    "PV_legacy_args",
+    "HVM_boot_policy",
+    "HVM_boot_params",
+    "platform",
+    "PCI_bus",
+    "other_config",
+    "recommendations",
+)
+
+# Configuration copied from the backed-up VM record when the restore point has it. Left out on
+# purpose: references into the source pool (affinity, appliance, suspend_SR, protection_policy,
+# snapshot_schedule), HA settings (a restored copy must not be restarted by HA next to its
+# original), blocked_operations (could block our own clean-up), generation_id (a restored
+# Windows VM must see a new VM generation ID), and every DynamicRO/runtime field.
+VM_COPIED_FIELDS = (
+    "user_version",
+    "memory_target",
+    "memory_static_max",
+    "memory_dynamic_max",
+    "memory_dynamic_min",
+    "memory_static_min",
+    "VCPUs_params",
+    "VCPUs_max",
+    "VCPUs_at_startup",
+    "actions_after_shutdown",
+    "actions_after_reboot",
+    "actions_after_crash",
+    "PV_bootloader",
+    "PV_kernel",
+    "PV_ramdisk",
+    "PV_args",
+    "PV_bootloader_args",
+    "PV_legacy_args",
+    "HVM_boot_policy",
+    "HVM_boot_params",
+    "HVM_shadow_multiplier",
+    "platform",
+    "PCI_bus",
+    "recommendations",
+    "xenstore_data",
+    "tags",
+    "start_delay",
+    "shutdown_delay",
+    "order",
+    "hardware_platform_version",
+    "has_vendor_device",
+    "reference_label",
+    "domain_type",
+    "NVRAM",
+)
+
+# other_config keys that describe the source VM instance or our own bookkeeping, not the
+# guest's configuration: a new mac_seed gives the copy its own MAC addresses, "disks" is a
+# template's provisioning spec, the rest are fastpath's and snapshot marks.
+DROPPED_OTHER_CONFIG = ("mac_seed", "default_template", "import_task", "disks")
+DROPPED_OTHER_CONFIG_PREFIXES = ("xcp-fastpath", "fastpath", "snapshot")
+
+GiB = 1 << 30
+NULL_REF = "OpaqueRef:NULL"
+
+
+def vm_create_record(name: str, vm_meta: dict[str, Any], point_id: str) -> tuple[dict, list]:
+    """(VM.create record, fields that were not in the backup and got a default).
+
+    ``vm_meta`` is the VM record the backup stored (XenAPI values: int64 as strings). Missing
+    fields get a plain, valid configuration derived from what is there: memory fixed at
+    memory_static_max (static_min = dynamic_min = dynamic_max = target), every vCPU online at
+    boot, an HVM guest booting from its disk, XAPI's template actions (destroy on shutdown,
+    restart on reboot and crash).
+    """
+    got = {k: vm_meta[k] for k in VM_COPIED_FIELDS if vm_meta.get(k) is not None}
+    smax = str(got.get("memory_static_max") or GiB)
+    vcpus = str(got.get("VCPUs_max") or 1)
+    hvm_policy = got.get("HVM_boot_policy")
+    if hvm_policy is None:
+        hvm_policy = "" if got.get("domain_type") in ("pv", "pvh", "pv_in_pvh") else "BIOS order"
+    defaults = {
+        "user_version": "1",
+        "memory_static_max": smax,
+        "memory_dynamic_max": smax,
+        "memory_dynamic_min": smax,
+        "memory_static_min": smax,
+        "memory_target": smax,
+        "VCPUs_params": {},
+        "VCPUs_max": vcpus,
+        "VCPUs_at_startup": vcpus,
+        "actions_after_shutdown": "destroy",
+        "actions_after_reboot": "restart",
+        "actions_after_crash": "restart",
+        "PV_bootloader": "",
+        "PV_kernel": "",
+        "PV_ramdisk": "",
+        "PV_args": "",
+        "PV_bootloader_args": "",
+        "PV_legacy_args": "",
+        "HVM_boot_policy": hvm_policy,
+        "HVM_boot_params": {"order": "dc"} if hvm_policy else {},
+        "platform": (
+            {"acpi": "1", "apic": "true", "pae": "true", "nx": "true", "hpet": "true"}
+            if hvm_policy
+            else {}
+        ),
+        "PCI_bus": "",
+        "recommendations": "",
+        "domain_type": "hvm" if hvm_policy else "pv",
+    }
+    record: dict[str, Any] = {}
+    defaulted = []
+    for k, v in defaults.items():
+        if k in got:
+            record[k] = got[k]
+        else:
+            record[k] = v
+            defaulted.append(k)
+    for k, v in got.items():
+        record.setdefault(k, v)
+    other = {
+        str(k): str(v)
+        for k, v in (vm_meta.get("other_config") or {}).items()
+        if k not in DROPPED_OTHER_CONFIG and not str(k).startswith(DROPPED_OTHER_CONFIG_PREFIXES)
+    }
+    other["fastpath-restored-from-vm"] = str(vm_meta.get("uuid") or "")
+    other["fastpath-restore-point"] = point_id
+    record.update(
+        {
+            "name_label": name,
+            "name_description": str(vm_meta.get("name_description") or ""),
+            "is_a_template": False,
+            "affinity": NULL_REF,
+            "other_config": other,
+            "ha_always_run": False,
+            "ha_restart_priority": "",
+            "blocked_operations": {},
+        }
+    )
+    for k in ("memory_target", "memory_static_max", "memory_dynamic_max", "memory_dynamic_min"):
+        record[k] = str(record[k])
+    for k in ("memory_static_min", "VCPUs_max", "VCPUs_at_startup", "user_version"):
+        record[k] = str(record[k])
+    for k in ("start_delay", "shutdown_delay", "order", "hardware_platform_version"):
+        if k in record:
+            record[k] = str(record[k])
+    if "HVM_shadow_multiplier" in record:
+        record["HVM_shadow_multiplier"] = float(record["HVM_shadow_multiplier"])
+    missing = [k for k in VM_REQUIRED_FIELDS if k not in record]
+    assert not missing, missing
+    return record, sorted(defaulted)
+
+
+def _vbd_plan(disks: list[dict[str, Any]], dmeta: dict[str, Any]) -> list[dict[str, Any]]:
+    """One VBD per restored disk: the original userdevice (unique, in order), bootable and mode
+    when the backup has them; else the first disk is the bootable one and disks are RW."""
+    used: set[str] = set()
+    plan = []
+
+    def key(d):
+        u = str(d.get("userdevice") or "")
+        return (0, int(u)) if u.isdigit() else (1, 0)
+
+    ordered = sorted(disks, key=key)
+    for d in ordered:
+        u = str(d.get("userdevice") or "")
+        if not u.isdigit() or u in used:
+            u = next(str(n) for n in range(len(disks) + len(used) + 1) if str(n) not in used)
+        used.add(u)
+        info = dmeta.get(d["vdi"], {})
+        plan.append(
+            {
+                "vdi": d["vdi"],
+                "new_vdi": d["new_vdi"],
+                "userdevice": u,
+                "bootable": info.get("bootable"),
+                "mode": info.get("mode") or "RW",
+                "unpluggable": info.get("unpluggable"),
+            }
+        )
+    if not any(p["bootable"] for p in plan) and plan:
+        plan[0]["bootable"] = True
+    for p in plan:
+        p["bootable"] = bool(p["bootable"])
+        p["unpluggable"] = True if p["unpluggable"] is None else bool(p["unpluggable"])
+    return plan
+
+
+def _kept(disks: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{d['new_vdi']} (disk {d['vdi']})" for d in disks)
+
+
+def create_vm(x, name: str, meta: dict, point, disks: list[dict[str, Any]], ui=None) -> dict:
+    """Create VM ``name`` from the backed-up VM record with the restored disks attached.
+
+    A failure leaves no half-made VM (it is destroyed, its VBDs with it) and keeps the restored
+    VDIs; the error names them.
+    """
     import XenAPI
 
-    vm_meta = (meta.get("metadata") or {}).get("vm") or {}
-    record = {
-        "name_label": name,
-        "name_description": f"restored from {vm_meta.get('uuid', '?')}",
-        "memory_static_max": str(vm_meta.get("memory_static_max") or 1 << 30),
-        "other_config": {},
-    }
+    md = meta.get("metadata") or {}
+    vm_meta = md.get("vm") or {}
+    record, defaulted = vm_create_record(name, vm_meta, point.id)
+    plan = _vbd_plan(disks, md.get("disks") or {})
+    result = {"id": point.id, "disks": disks, "kept_vdis": [d["new_vdi"] for d in disks]}
     try:
         vm = x.VM.create(record)
     except XenAPI.Failure as exc:
         raise CommandFailed(
-            f"cannot create VM {name!r} ({' '.join(map(str, exc.details))}); the disks were "
-            f"restored: {', '.join(d['new_vdi'] for d in disks)}"
+            f"cannot create VM {name!r}: VM.create: {' '.join(map(str, exc.details))}; no VM "
+            f"was created; the restored disks are kept: {_kept(disks)}",
+            result,
         ) from None
-    for k, d in enumerate(disks):
-        x.VBD.create(
-            {
-                "VM": vm,
-                "VDI": x.VDI.get_by_uuid(d["new_vdi"]),
-                "userdevice": str(d.get("userdevice") or k),
-                "mode": "RW",
-                "type": "Disk",
-                "bootable": k == 0,
-                "empty": False,
-                "other_config": {},
-            }
-        )
-    return x.VM.get_uuid(vm)
+    step = "VM.get_uuid"
+    try:
+        vm_uuid = x.VM.get_uuid(vm)
+        vbds = []
+        for p in plan:
+            step = f"VBD.create for disk {p['vdi']} (userdevice {p['userdevice']})"
+            x.VBD.create(
+                {
+                    "VM": vm,
+                    "VDI": x.VDI.get_by_uuid(p["new_vdi"]),
+                    "userdevice": p["userdevice"],
+                    "bootable": p["bootable"],
+                    "mode": p["mode"],
+                    "type": "Disk",
+                    "unpluggable": p["unpluggable"],
+                    "empty": False,
+                    "other_config": {},
+                    "qos_algorithm_type": "",
+                    "qos_algorithm_params": {},
+                }
+            )
+            vbds.append(p)
+    except BaseException as exc:
+        why = " ".join(map(str, exc.details)) if isinstance(exc, XenAPI.Failure) else repr(exc)
+        try:
+            x.VM.destroy(vm)
+            cleaned = "the half-made VM was destroyed"
+        except Exception as exc2:  # say exactly what is left behind
+            cleaned = f"the half-made VM {vm} could NOT be destroyed ({exc2}); remove it by hand"
+        if isinstance(exc, KeyboardInterrupt):
+            if ui is not None:
+                ui.log(f"interrupted: {cleaned}; the restored disks are kept: {_kept(disks)}")
+            raise
+        raise CommandFailed(
+            f"cannot create VM {name!r}: {step}: {why}; {cleaned}; the restored disks are "
+            f"kept: {_kept(disks)}",
+            result,
+        ) from None
+    notes = []
+    bios = vm_meta.get("bios_strings")
+    if bios:
+        try:
+            x.VM.set_bios_strings(vm, {str(k): str(v) for k, v in bios.items()})
+        except XenAPI.Failure as exc:
+            notes.append(f"BIOS strings not set: {' '.join(map(str, exc.details))}")
+    if defaulted and ui is not None:
+        ui.log(f"VM {name}: not in the backup, defaults used for: {', '.join(defaulted)}")
+    return {
+        "uuid": vm_uuid,
+        "name": name,
+        "restored_from": vm_meta.get("uuid"),
+        "vbds": vbds,
+        "defaults": defaulted,
+        "notes": notes,
+    }

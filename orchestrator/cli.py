@@ -263,6 +263,13 @@ def _register_builtin(registry: Registry) -> None:
     p.add_argument("repo", metavar="REPO", help="a directory or s3://bucket/prefix")
     p.add_argument("--encrypt", action="store_true", help="encrypt chunks (AES-256-GCM)")
     p.add_argument("--passphrase-file", metavar="FILE")
+    p.add_argument(
+        "--compression",
+        default="zstd:1",
+        metavar="zstd:LEVEL|none",
+        help="chunk compression (default zstd:1; zstd:-1..-100 are zstd's fast levels: less "
+        "CPU, larger chunks; none: store plain)",
+    )
 
     p = registry.add("list", cmd_list, help="list restore points")
     add_repo_argument(p)
@@ -287,7 +294,15 @@ def cmd_repo_init(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
         passphrase = get_passphrase(args.passphrase_file, confirm=True)
     elif args.passphrase_file:
         raise UsageError("--passphrase-file needs --encrypt")
-    repo = Repository.init(args.repo, encrypt=args.encrypt, passphrase=passphrase)
+    from orchestrator.repo.codec import _parse_compression
+
+    try:
+        _parse_compression(args.compression)
+    except ValueError as exc:
+        raise UsageError(f"--compression: {exc}") from None
+    repo = Repository.init(
+        args.repo, encrypt=args.encrypt, passphrase=passphrase, compression=args.compression
+    )
     try:
         return {
             "ok": True,

@@ -240,6 +240,8 @@ def _parse_compression(spec: str) -> int | None:
     if name != "zstd":
         raise ValueError(f"unknown compression {spec!r}")
     value = int(level or "1")
-    if not 1 <= value <= 22:
-        raise ValueError(f"zstd level out of range in {spec!r}")
+    # 1..22 are zstd's normal levels; -1..-100 its "fast" levels (less CPU, bigger output),
+    # for hosts where compression is what limits a backup. 0 would mean zstd's default (3).
+    if not (1 <= value <= 22 or -100 <= value <= -1):
+        raise ValueError(f"zstd level out of range in {spec!r} (1..22, or -1..-100 for fast)")
     return value

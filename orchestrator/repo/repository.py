@@ -362,6 +362,7 @@ class Repository:
         *,
         encrypt: bool = False,
         passphrase: str | None = None,
+        compression: str = "zstd:1",
         concurrency: int = 16,
         **backend_options: Any,
     ) -> Repository:
@@ -370,7 +371,7 @@ class Repository:
             if isinstance(url, Backend)
             else open_backend(url, concurrency=concurrency, **backend_options)
         )
-        init_repo(backend, encrypt=encrypt, passphrase=passphrase)
+        init_repo(backend, encrypt=encrypt, passphrase=passphrase, compression=compression)
         config, codec = load_repo(backend, passphrase)
         return cls(backend, config, codec)
 

@@ -213,3 +213,44 @@ def test_metadata_commands_work_on_an_encrypted_repo_without_passphrase(tmp_path
         keyless.begin_backup(vm)
     assert not list(keyless.backend.list("locks/writers/"))
     keyless.close()
+
+
+def test_init_with_a_fast_zstd_level_backs_up_and_restores(tmp_path):
+    """`repo init --compression zstd:-5` (a zstd fast level): the chunks are compressed with it,
+    and a disk backed up from a VHD that qemu-img wrote restores to qemu-img's own reading."""
+    raw = tmp_path / "disk.raw"
+    text = b"".join(b"line %d of a log file, status=ok\n" % i for i in range(60000))
+    raw.write_bytes(text[: 3 << 20] + bytes(1 << 20) + os.urandom(1 << 20) + text[: 1 << 20])
+    vhd = tmp_path / "disk.vhd"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic", raw, vhd],
+        check=True,
+        timeout=60,
+    )
+    url = tmp_path / "repo"
+    doc = as_json(fastpath("repo", "init", url, "--compression", "zstd:-5", "--json"))
+    assert doc["compression"] == "zstd:-5"
+    b = fastpath("backup", "vdi", "--source", vhd, "--repo", url, "--vdi", str(uuid.uuid4()),
+                 "--vm", str(uuid.UUID(int=9)), "--json")  # fmt: skip
+    assert b.returncode == 0, b.stderr
+    rp = as_json(b)["id"]
+    stats = as_json(fastpath("stats", url, "--json"))
+    assert stats["compression"] == "zstd:-5" and stats["compression_ratio"] > 1.5, stats
+    out = tmp_path / "restored.raw"
+    r = fastpath("restore", url, rp, "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    expected = subprocess.run(
+        ["qemu-img", "convert", "-f", "vpc", "-O", "raw", vhd, tmp_path / "q.raw"],
+        check=True,
+        timeout=60,
+    )
+    assert expected.returncode == 0
+    assert out.read_bytes()[: raw.stat().st_size] == raw.read_bytes()
+    assert out.read_bytes() == (tmp_path / "q.raw").read_bytes()
+
+
+@pytest.mark.parametrize("spec", ["zstd:0", "zstd:23", "zstd:-101", "lz4", "zstd:x"])
+def test_init_refuses_an_unknown_compression(tmp_path, spec):
+    r = fastpath("repo", "init", tmp_path / "r", "--compression", spec)
+    assert r.returncode == 2 and "--compression" in one_line_error(r), r.stderr
+    assert not (tmp_path / "r").exists()

@@ -150,6 +150,7 @@ class Disk:
     notes: list[str] = field(default_factory=list)
     source: Source | None = None
     ticket: str | None = None
+    export: dict | None = None  # the plugin's answer for ``ticket`` (addresses, fingerprint)
 
 
 class XapiContext:
@@ -171,6 +172,10 @@ class XapiContext:
 
         import XenAPI
 
+        # The answer always carries the HTTP address too (one ticket serves both protocols):
+        # the ticket is revoked there, by DELETE, when the backup is done.
+        if "http" not in transports.split(","):
+            transports += ",http"
         args = {"vdi": vdi, "transports": transports, "ttl": "86400"}
         if base:
             args["base"] = base
@@ -197,14 +202,21 @@ class XapiContext:
         side._session = self.session._session
         return side.xenapi
 
-    def close_export_async(self, ticket: str | None) -> threading.Thread | None:
+    def close_export_async(
+        self, ticket: str | None, export: dict | None = None
+    ) -> threading.Thread | None:
         """Revoke a ticket in the background (best effort; tickets expire anyway), on its own
-        connection, so it overlaps the commit and the snapshot rotation."""
+        connection, so it overlaps the commit and the snapshot rotation. With the plugin's
+        answer (``export``), straight at the agent: ``DELETE`` of the export's URL, as the
+        ticket's holder, pinned to the agent's certificate (one HTTPS request instead of a
+        plugin call, which XAPI runs as a new process); through the plugin if that fails."""
         if not ticket:
             return None
         host = self.host_ref()
 
         def call():
+            if export is not None and _revoke_at_agent(export):
+                return
             try:
                 self.side_api().host.call_plugin(
                     host, "fastpath", "close_export", {"ticket": ticket}
@@ -216,11 +228,32 @@ class XapiContext:
         t.start()
         return t
 
-    def close_export(self, ticket: str | None, wait: float = 10.0) -> None:
+    def close_export(self, ticket: str | None, wait: float = 10.0, export=None) -> None:
         """Revoke a ticket (best effort; a hung agent cannot hold the job: tickets expire)."""
-        t = self.close_export_async(ticket)
+        t = self.close_export_async(ticket, export)
         if t is not None:
             t.join(wait)
+
+
+def _revoke_at_agent(export: dict, timeout: float = 3.0) -> bool:
+    """DELETE the export at the agent's HTTP API; True when the agent says it is revoked."""
+    from orchestrator.sources import httpclient
+
+    url = (export.get("http") or {}).get("url")
+    if not url:
+        return False
+    try:
+        conn = httpclient.connect(url, export.get("fingerprint"), timeout)
+        conn.connect()  # a firewalled port fails here, within the short timeout
+        try:
+            conn.request("DELETE", "/" + url.split("/", 3)[3])
+            resp = conn.getresponse()
+            resp.read(4096)
+            return resp.status == 200
+        finally:
+            conn.close()
+    except Exception:
+        return False
 
 
 class BaseRefused(SourceError):
@@ -250,6 +283,7 @@ def open_disk_source(ctx: XapiContext, disk: Disk, transport: str) -> tuple[Sour
             disk.base_mode, disk.base_index = "full", None
             export = ctx.open_export(disk.snap_uuid, None, transport)
         disk.ticket = export.get("ticket")
+        disk.export = export
         try:
             if transport == "nbd":
                 src = AgentNbdSource.from_plugin(
@@ -263,8 +297,8 @@ def open_disk_source(ctx: XapiContext, disk: Disk, transport: str) -> tuple[Sour
                 )
             plan = src.open(blocks)
         except BaseException:
-            ctx.close_export(disk.ticket)
-            disk.ticket = None
+            ctx.close_export(disk.ticket, export=export)
+            disk.ticket = disk.export = None
             raise
         return src, plan
     if transport == "xapi-nbd":
@@ -571,7 +605,8 @@ def _backup_vm(args, ui: Progress, session, target, repo, phases: Phases) -> dic
         if isinstance(exc, SourceError | RepoError | OSError):
             raise CommandFailed(f"backup of VM {vm_uuid} failed: {_msg(exc)}") from exc
         raise
-    # Revoking the tickets (a plugin call each) overlaps the rotation; joined before returning.
+    # Revoking the tickets (at the agent, else a plugin call each) overlaps the rotation;
+    # joined before returning.
     revoking = _close_sources(ctx, disks, wait=False)
     _rotate(ctx, disks, snap_ref, prev_snapshot, args)
     phases.mark("rotate")
@@ -668,8 +703,8 @@ def _close_sources(ctx: XapiContext, disks: list[Disk], *, wait: bool = True):
                 d.source.close()
             except Exception:
                 pass
-        t = ctx.close_export_async(d.ticket)
-        d.ticket = None
+        t = ctx.close_export_async(d.ticket, d.export)
+        d.ticket = d.export = None
         if t is not None:
             threads.append(t)
     if wait:

@@ -91,3 +91,37 @@ def test_json_result_says_where_the_time_went(sim, repo_factory):
         sum(phases.values())
         <= r["seconds"] + sum(phases[k] for k in ("xapi_login", "repo_open", "close")) + 0.01
     )
+
+
+def agent_http_requests(sim) -> dict[str, int]:
+    """The agent's HTTP request counters by status, from its /metrics."""
+    import re
+    import urllib.request
+
+    import ssl
+
+    host, port = sim.info["agent"]["http"][:2]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the counters are not secret; the test reads its own agent
+    url = f"https://{host}:{port}/metrics"
+    text = urllib.request.urlopen(url, timeout=30, context=ctx).read().decode()
+    return {
+        m.group(1): int(float(m.group(2)))
+        for m in re.finditer(r'fastpath_http_requests_total\{status="(\d+)"\} (\S+)', text)
+    }
+
+
+def test_nbd_backup_revokes_its_tickets_at_the_agent(sim, repo_factory):
+    """An NBD backup makes no HTTP request for data, yet its tickets end up revoked with one
+    HTTP request each (DELETE of the export at the agent), not through a plugin call."""
+    repo = repo_factory("local")
+    vm = sim.vm(3)
+    before = agent_http_requests(sim).get("200", 0)
+    known = {t["id"] for t in agent_tickets(sim)}
+    r = fastpath("backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", "nbd")
+    snaps = {d["snapshot_vdi"] for d in r["disks"]}
+    mine = [t for t in agent_tickets(sim) if t["id"] not in known and t["vdi"] in snaps]
+    assert mine and all(t["revoked"] for t in mine), mine
+    # + 1: the first /metrics request is counted after it answered
+    assert agent_http_requests(sim).get("200", 0) - before == len(mine) + 1

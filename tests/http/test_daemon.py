@@ -105,3 +105,43 @@ def test_http_client_pinned_by_fingerprint_gets_info_extents_and_metrics(served)
         assert "fastpath_nbd_" in text  # the daemon appends the NBD server's counters
     finally:
         conn.close()
+
+
+def test_the_ticket_holder_revokes_it_with_delete(served, tls_files, tmp_path):
+    """DELETE /v1/exports/<ticket> (curl, HTTPS) ends the ticket for both protocols: the
+    agent's ticket list says revoked, nbdinfo can no longer open the export, a repeated DELETE
+    answers the same, and a made-up ticket or a sub-resource is refused."""
+    agent, vdis, _models = served
+    resp = agent.admin(op="create_ticket", vdi=vdis[1])
+    url = resp["http"]["url"]
+    cacert = ["--cacert", tls_files["ca"]]
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    shutil.copy(tls_files["ca"], tls_dir / "ca-cert.pem")
+    nbd = resp["nbd"]
+    uri = "nbds://%s:%d/%s?tls-certificates=%s" % (
+        nbd["host"], nbd["port"], resp["export_name"], tls_dir
+    )  # fmt: skip
+
+    def nbdinfo():
+        return subprocess.run(["nbdinfo", "--size", uri], capture_output=True, timeout=60)
+
+    assert nbdinfo().stdout.strip() == str(6 * MiB).encode()
+    r = curl(*cacert, "-X", "DELETE", "-w", " %{http_code}", url)
+    assert r.returncode == 0 and r.stdout.endswith(b" 200"), r
+    assert json.loads(r.stdout.rsplit(b" ", 1)[0]) == {"revoked": True}
+    listed = agent.admin(op="list_tickets")["tickets"]
+    assert [t["revoked"] for t in listed if t["id"] == resp["export_name"]] == [True]
+    assert nbdinfo().returncode != 0
+    r = curl(*cacert, "-w", " %{http_code}", url + "/raw", "-r", "0-9")
+    assert r.stdout.endswith(b" 410") and b"ticket_revoked" in r.stdout
+    again = curl(*cacert, "-X", "DELETE", "-w", " %{http_code}", url)
+    assert again.stdout.endswith(b" 200") and b"ticket_revoked" in again.stdout
+    other = agent.admin(op="create_ticket", vdi=vdis[0])
+    base = url.rsplit("/", 1)[0]
+    made_up = curl(*cacert, "-X", "DELETE", "-w", " %{http_code}", base + "/" + "ab" * 16)
+    assert made_up.stdout.endswith(b" 403") and b"invalid_ticket" in made_up.stdout
+    sub = curl(*cacert, "-X", "DELETE", "-w", " %{http_code}", other["http"]["url"] + "/raw")
+    assert sub.stdout.endswith(b" 405"), sub
+    listed = agent.admin(op="list_tickets")["tickets"]
+    assert [t["revoked"] for t in listed if t["id"] == other["export_name"]] == [False]

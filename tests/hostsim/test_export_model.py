@@ -502,3 +502,51 @@ def test_serve_flag_selects_the_model():
     assert p.parse_args(["serve", "--export-model", "inline"]).export_model == "inline"
     with pytest.raises(SystemExit):
         p.parse_args(["serve", "--export-model", "threads"])
+
+
+def test_keep_alive_connection_serves_a_second_export(hostsim_pool, xapi_session, disk):
+    """vhd-tool wrote on the client's socket itself; the connection stays usable afterwards."""
+    import http.client
+
+    pool = hostsim_pool
+    vdi, _ = disk
+    port = pool.server.server_address[1]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        q = "/export_raw_vdi?session_id=%s&vdi=%s&format=vhd" % (xapi_session.handle, vdi)
+        bodies = []
+        for _ in range(2):
+            conn.request("GET", q)
+            r = conn.getresponse()
+            assert r.status == 200
+            bodies.append(r.read())
+        same_stream(bodies[0], bodies[1])
+    finally:
+        conn.close()
+
+
+def test_a_chain_tapdisk_cannot_open_fails_the_export(hostsim_pool, xapi_session, disk):
+    """A leaf whose footer checksum is wrong: hostsim's own reader does not check it, tapdisk and
+    vhd-tool (agent.vhd) refuse it; the client gets the 200 and a short body, the task fails."""
+    pool = hostsim_pool
+    vdi, _ = disk
+    uuid = xapi_session.xenapi.VDI.get_uuid(vdi)
+    path = pool.sr.vhd_path(uuid)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        for at in (0, size - 512):
+            f.seek(at + 64)  # the footer's checksum field
+            old = f.read(4)
+            f.seek(at + 64)
+            f.write(bytes(b ^ 0xFF for b in old))
+    task = pool.api.new_task("export")
+    with connect(pool, False) as s:
+        status, headers, body = start_get(
+            s, xapi_session.handle, vdi=vdi, format="vhd", task_id=task
+        )
+        assert status == 200
+        got = read_body(s, int(headers["Content-Length"]), body)
+    assert len(got) < int(headers["Content-Length"])
+    rec = settled(pool, task)
+    assert rec["status"] == "failure" and "VDI_IO_ERROR" in rec["error_info"]
+    wait_gone([])

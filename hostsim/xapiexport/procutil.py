@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import select
 import signal
 import sys
 
@@ -41,7 +42,13 @@ def send_all(sock, buffers):
 
 
 def write_all(fd, data):
+    """write() until done; on a non-blocking fd (a socket the server gave a timeout) wait for room,
+    as vhd-tool's direct_copy does (`pollwait(out_fd, POLLOUT)` on EAGAIN, direct_copy_stubs.c)."""
     view = memoryview(data).cast("B")
     while view:
-        n = os.write(fd, view)
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
         view = view[n:]

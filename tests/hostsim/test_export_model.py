@@ -550,3 +550,32 @@ def test_a_chain_tapdisk_cannot_open_fails_the_export(hostsim_pool, xapi_session
     rec = settled(pool, task)
     assert rec["status"] == "failure" and "VDI_IO_ERROR" in rec["error_info"]
     wait_gone([])
+
+
+def test_vhdtool_writes_whole_buffers_to_a_non_blocking_socket():
+    """A server socket with a timeout is non-blocking underneath: vhd-tool waits for room (EAGAIN)."""
+    import threading
+
+    from hostsim.xapiexport import procutil
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    data = os.urandom(4 * MiB)
+    got = bytearray()
+
+    def reader():
+        while len(got) < len(data):
+            chunk = b.recv(MiB)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        procutil.write_all(a.fileno(), data)
+    finally:
+        t.join(TIMEOUT)
+        a.close()
+        b.close()
+    assert bytes(got) == data

@@ -600,6 +600,7 @@ def create_vm(x, name: str, meta: dict, point, disks: list[dict[str, Any]], ui=N
                     "VM": vm,
                     "VDI": x.VDI.get_by_uuid(p["new_vdi"]),
                     "userdevice": p["userdevice"],
+                    "device": "",
                     "bootable": p["bootable"],
                     "mode": p["mode"],
                     "type": "Disk",

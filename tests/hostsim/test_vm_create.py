@@ -216,6 +216,13 @@ def test_wrong_parameter_count_and_non_struct(xapi_session):
     assert failure(e)[0] == "INTERNAL_ERROR"
 
 
+def test_int64_as_xmlrpc_int_or_string(xapi_session):
+    """XAPI's int64_of_rpc takes both <int> and the string form clients use above 2**31."""
+    x = xapi_session.xenapi
+    ref = x.VM.create(full_record(VCPUs_max=4, VCPUs_at_startup="4", user_version=2))
+    assert (x.VM.get_VCPUs_max(ref), x.VM.get_user_version(ref)) == ("4", "2")
+
+
 def test_enums_are_case_insensitive_and_stored_lowercase(xapi_session):
     x = xapi_session.xenapi
     ref = x.VM.create(full_record(actions_after_crash="Preserve"))

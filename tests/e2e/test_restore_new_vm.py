@@ -5,7 +5,8 @@ A three-disk VM (userdevices 0, 1, 3) is backed up, then restored as a new VM: t
 carries the backed-up configuration (the rest is defaulted and listed), its VBDs point at the new
 VDIs with the original userdevice order and bootable flags, the new VM starts, and every restored
 SR file is byte-identical to the source disk as qemu-img reads both files (a copy of the source
-VHD taken before the backup: qemu reads neither through our code). Failure paths: VM.create
+VHD taken before the backup: qemu reads neither through our code); local plain, local encrypted
+and S3 (moto) encrypted repositories. Failure paths: VM.create
 refused, a VBD.create failing half-way: no half-made VM remains, the restored VDIs are kept,
 named in the error, and hold the right bytes.
 """
@@ -108,14 +109,18 @@ def vms_named(pool, name):
     return pool.api.store.where("VM", name_label=name)
 
 
-@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
-def test_restore_as_a_new_vm(source, repo_factory, encrypted):
+@pytest.mark.parametrize(
+    "kind,encrypted",
+    [("local", False), ("local", True), ("s3", True)],
+    ids=["local-plain", "local-encrypted", "s3-encrypted"],
+)
+def test_restore_as_a_new_vm(source, repo_factory, kind, encrypted):
     pool, vm_uuid, vdis, copies = source
     st = pool.api.store
     src_ref = st.by_uuid_ref("VM", vm_uuid)
     src = st.get("VM", src_ref)
     src_vbds = {st.field("VBD", b, "userdevice"): st.get("VBD", b) for b in src["VBDs"]}
-    repo = repo_factory("local", encrypted)
+    repo = repo_factory(kind, encrypted)
     r = backup(pool, vm_uuid, repo)
     assert sorted(d["vdi"] for d in r["disks"]) == sorted(vdis.values())
 

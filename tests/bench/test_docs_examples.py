@@ -5,6 +5,7 @@ And every `fastpath …` command line shown in the docs names a command that exi
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -93,6 +94,74 @@ def test_every_fastpath_command_in_the_docs_exists():
         assert proc.returncode == 0, (command, proc.stderr)
 
 
+def _group_pids(pgid):
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # state, ppid, pgrp
+            pids.append(int(name))
+    return pids
+
+
+def _describe(pid):
+    """What a process left in the group is doing: its command line, and its Python stacks."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:300]
+    except OSError:
+        return f"{pid}: gone"
+    if not cmd:
+        return f"{pid}: exited (not reaped yet)"
+    out = f"{pid}: {cmd}"
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if "python" in cmd and os.path.exists(spy):
+        try:
+            dump = subprocess.run(
+                [spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30
+            )
+            out += "\n" + (dump.stdout or dump.stderr)[-3000:]
+        except subprocess.TimeoutExpired:
+            out += "\n(py-spy timed out)"
+    return out
+
+
+def run_in_own_group(script, tmp_path, timeout):
+    """bash -c script in a process group of its own. Whatever the block started in the background
+    (the agent) holds our stdout/stderr pipes, so a process that does not exit hangs the pipes
+    even after bash is gone: on timeout, fail naming every process left (with its Python stacks),
+    and in every case kill the group, so nothing outlives the test."""
+    proc = subprocess.Popen(
+        ["bash", "-c", script],
+        cwd=str(tmp_path),
+        env=env_for_docs(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    left = None
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        left = "\n\n".join(_describe(pid) for pid in _group_pids(proc.pid))
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if left is not None:
+        pytest.fail(f"the block hung; last steps:\n{err[-3000:]}\nprocesses left:\n{left}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 @pytest.mark.slow
 def test_nbd_try_it_block_runs(tmp_path):
     """docs/nbd.md's "Try it" block on a temporary SR (its three settings replaced)."""
@@ -122,20 +191,7 @@ def test_nbd_try_it_block_runs(tmp_path):
         # set -x: if a step ever hangs, the failure names it (a CI run once timed out here).
         script = "set -xeuo pipefail\ntrap 'kill ${AGENT_PID:-} 2>/dev/null || true' EXIT\n"
         script += "\n".join(lines)
-        try:
-            proc = subprocess.run(
-                ["bash", "-c", script],
-                cwd=str(tmp_path),
-                env=env_for_docs(tmp_path),
-                capture_output=True,
-                text=True,
-                timeout=180,
-            )
-        except subprocess.TimeoutExpired as exc:
-            err = (
-                exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
-            )
-            pytest.fail("the nbd.md block hung; last steps:\n%s" % (err or "")[-3000:])
+        proc = run_in_own_group(script, tmp_path, timeout=180)
         if "Address already in use" not in proc.stderr:
             break
     assert proc.returncode == 0, proc.stdout[-3000:] + "\n---\n" + proc.stderr[-3000:]

@@ -18,9 +18,17 @@ into block requests, puts them on a shared ring and tapdisk answers them. What h
   `_posts/2013-03-03-notes-on-blktap.md`. When the ring is full the driver stops the queue
   (`blk_stop_queue` on -EBUSY in blktap_device_run_queue, device.c) until tapdisk answers.
 
-hostsim's stand-in for the ring is a unix stream socket between the two processes:
-  request  REQ = id u64, first sector u64, sector count u32 (reads only: the export is read-only)
-  response RSP = id u64, status i32 (0 or -errno), then count * 512 bytes of data when status is 0.
+- Data pages: each ring slot (`usr_idx`) owns BLKTAP_SEGMENT_MAX pages mapped into tapdisk
+  (`MMAP_VADDR(ring->user_vstart, request->usr_idx, seg)`, blktap-dkms `ring.c`); tapdisk reads the
+  VHD straight into them, and on completion the driver copies them into the reader's pages
+  (`blktap_request_bounce`: `memcpy(s, p, sg->length)` for a read, blktap-dkms `request.c`, called
+  from `blktap_ring_unmap_request`). One copy between tapdisk and the reader.
+
+hostsim's stand-in: the data area is a shared memory file (memfd) of BLKTAP_RING_SIZE slots of
+MAX_REQUEST_BYTES, mapped by both processes; tapdisk reads into the request's slot, and the reader
+copies the slot into its buffer (the bounce). Requests and responses go over a unix stream socket:
+  request  REQ = id u64, slot u32, first sector u64, sector count u32 (reads only)
+  response RSP = id u64, status i32 (0 or -errno); the data is in the slot.
 Responses may come back in any order (tapdisk completes aio out of order); the id says which.
 """
 
@@ -34,7 +42,9 @@ BLKTAP_RING_SIZE = 32
 MAX_REQUEST_BYTES = BLKTAP_SEGMENT_MAX * PAGE_SIZE  # 44 KiB
 MAX_REQUEST_SECTORS = MAX_REQUEST_BYTES // SECTOR  # 88
 
-REQ = struct.Struct("!QQI")
+RING_DATA_BYTES = BLKTAP_RING_SIZE * MAX_REQUEST_BYTES  # 1408 KiB
+
+REQ = struct.Struct("!QIQI")
 RSP = struct.Struct("!Qi")
 
 
@@ -62,10 +72,15 @@ def split_read(offset, length, buf_offset=0):
     return out
 
 
-def check_request(first, count, size_sectors):
-    """0 if tapdisk can serve sectors [first, first + count), else a negative errno (the request fails,
-    the ring stays up: like a blkif response with BLKTAP_RSP_ERROR)."""
-    if count <= 0 or count > MAX_REQUEST_SECTORS:
+def slot_range(slot):
+    """Byte range of a ring slot's pages in the shared data area."""
+    return slot * MAX_REQUEST_BYTES, (slot + 1) * MAX_REQUEST_BYTES
+
+
+def check_request(first, count, size_sectors, slot=0):
+    """0 if tapdisk can serve sectors [first, first + count) into ring slot `slot`, else a negative
+    errno (the request fails, the ring stays up: like a blkif response with BLKTAP_RSP_ERROR)."""
+    if count <= 0 or count > MAX_REQUEST_SECTORS or not 0 <= slot < BLKTAP_RING_SIZE:
         return -errno.EINVAL
     if first < 0 or first + count > size_sectors:
         return -errno.EIO

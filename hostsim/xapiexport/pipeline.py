@@ -31,6 +31,8 @@ import sys
 import tempfile
 import threading
 
+from hostsim.xapiexport import blkif
+
 RELAY_CHUNK = 256 << 10  # one recv from vhd-tool, written as TLS records by the ssl module
 CHILD_EXIT_TIMEOUT = 30
 
@@ -95,6 +97,7 @@ class Pipeline:
 
         tls = isinstance(client, ssl.SSLSocket)
         ring_xapi = ring_tap = relay_in = relay_out = None
+        data_fd = None
         logs = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
         progress_r = None
         with _live_lock:
@@ -102,13 +105,25 @@ class Pipeline:
         try:
             ring_tap, ring_vhdtool = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             ring_xapi = ring_vhdtool
+            # the ring's data pages, mapped by both tapdisk and the reader (blkif.py)
+            data_fd = os.memfd_create("blktap-ring-data")
+            os.ftruncate(data_fd, blkif.RING_DATA_BYTES)
             me = str(os.getpid())
-            tap_args = ["--ring-fd", str(ring_tap.fileno()), "--vhd", self.leaf, "--parent-pid", me]
+            tap_args = [
+                "--ring-fd",
+                str(ring_tap.fileno()),
+                "--data-fd",
+                str(data_fd),
+                "--vhd",
+                self.leaf,
+                "--parent-pid",
+                me,
+            ]
             if not self.direct:
                 tap_args.append("--buffered")
             self.tapdisk = subprocess.Popen(
                 _python_module("hostsim.xapiexport.tapdisk", *tap_args),
-                pass_fds=[ring_tap.fileno()],
+                pass_fds=[ring_tap.fileno(), data_fd],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=logs[0],
@@ -123,6 +138,8 @@ class Pipeline:
             vt_args = [
                 "--tapdev-fd",
                 str(ring_vhdtool.fileno()),
+                "--data-fd",
+                str(data_fd),
                 "--vhd",
                 self.leaf,
                 "--destination-fd",
@@ -135,13 +152,15 @@ class Pipeline:
                 vt_args += ["--relative-to", self.base]
             self.vhdtool = subprocess.Popen(
                 _python_module("hostsim.xapiexport.vhdtool", *vt_args),
-                pass_fds=[ring_vhdtool.fileno(), dest],
+                pass_fds=[ring_vhdtool.fileno(), data_fd, dest],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=logs[1],
             )
             ring_vhdtool.close()
             ring_xapi = None
+            os.close(data_fd)
+            data_fd = None
             if relay_out is not None:
                 relay_out.close()
                 relay_out = None
@@ -161,6 +180,8 @@ class Pipeline:
             for s in (ring_tap, ring_xapi, relay_in, relay_out):
                 if s is not None:
                     s.close()
+            if data_fd is not None:
+                os.close(data_fd)
             if progress_r is not None:
                 progress_r.close()
             _reap(self.vhdtool, 10)

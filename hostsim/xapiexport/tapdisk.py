@@ -18,10 +18,12 @@ Modelled facts:
   a parent smaller than the child reads as zeros), as tapdisk's vhd driver does, with agent.vhd's
   per-file `sectors_present`.
 - Requests are served concurrently, up to the ring size (tapdisk submits its reads as asynchronous I/O
-  and completes them out of order): BLKTAP_RING_SIZE worker threads, each with one page-aligned
-  44 KiB buffer (O_DIRECT needs aligned memory).
+  and completes them out of order): BLKTAP_RING_SIZE worker threads. Each reads into the pages of the
+  request's ring slot, shared with the reader (--data-fd, a memfd: blktap maps the request's pages into
+  tapdisk), page-aligned as O_DIRECT needs.
 
-Usage: python -m hostsim.xapiexport.tapdisk --ring-fd N --vhd LEAF.vhd [--parent-pid PID] [--buffered]
+Usage: python -m hostsim.xapiexport.tapdisk --ring-fd N --data-fd D --vhd LEAF.vhd [--parent-pid PID]
+       [--buffered]
 Exit status: 0 when the ring's other end closed (vhd-tool done: the VDI is detached), 1 on a failure to
 open the chain, 2 on a usage error.
 """
@@ -143,40 +145,32 @@ class Disk:
         self.chain.close()
 
 
-def serve(sock, disk):
-    """Answer ring requests until the other end closes. Returns normally on a clean close."""
+def serve(sock, disk, data):
+    """Answer ring requests until the other end closes, the data landing in `data` (the shared ring
+    data area, BLKTAP_RING_SIZE slots). Returns normally on a clean close."""
     requests = queue.Queue()
     send_lock = threading.Lock()
     failed = []
 
     def worker():
-        mem = mmap.mmap(-1, blkif.MAX_REQUEST_BYTES)  # page-aligned: O_DIRECT needs it
-        view = memoryview(mem)
-        try:
-            while True:
-                item = requests.get()
-                if item is None:
-                    return
-                rid, first, count = item
-                status = blkif.check_request(first, count, disk.size_sectors)
-                n = count * blkif.SECTOR
-                if status == 0:
-                    try:
-                        disk.read_into(first, count, view[:n])
-                    except OSError as e:
-                        status = -(e.errno or errno.EIO)
+        while True:
+            item = requests.get()
+            if item is None:
+                return
+            rid, slot, first, count = item
+            status = blkif.check_request(first, count, disk.size_sectors, slot)
+            if status == 0:
+                a, _ = blkif.slot_range(slot)
                 try:
-                    with send_lock:
-                        if status == 0:
-                            procutil.send_all(sock, [blkif.RSP.pack(rid, 0), view[:n]])
-                        else:
-                            procutil.send_all(sock, [blkif.RSP.pack(rid, status)])
+                    disk.read_into(first, count, data[a : a + count * blkif.SECTOR])
                 except OSError as e:
-                    failed.append(e)
-                    return
-        finally:
-            view.release()
-            mem.close()
+                    status = -(e.errno or errno.EIO)
+            try:
+                with send_lock:
+                    sock.sendall(blkif.RSP.pack(rid, status))
+            except OSError as e:
+                failed.append(e)
+                return
 
     workers = [
         threading.Thread(target=worker, name="tapdisk-aio-%d" % i, daemon=True)
@@ -209,6 +203,7 @@ def serve(sock, disk):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="tapdisk (hostsim)")
     p.add_argument("--ring-fd", type=int, required=True)
+    p.add_argument("--data-fd", type=int, required=True)
     p.add_argument("--vhd", required=True)
     p.add_argument("--parent-pid", type=int)
     p.add_argument("--buffered", action="store_true", help="no O_DIRECT (for comparison only)")
@@ -216,18 +211,29 @@ def main(argv=None):
     procutil.die_with_parent(args.parent_pid)
     sock = socket.socket(fileno=args.ring_fd)
     try:
+        mem = mmap.mmap(args.data_fd, blkif.RING_DATA_BYTES)
+    except (OSError, ValueError) as e:
+        procutil.note("tapdisk", "cannot map the ring's data pages: %s" % e)
+        sock.close()
+        return 1
+    os.close(args.data_fd)
+    try:
         disk = Disk(args.vhd, direct=not args.buffered)
     except Exception as e:
         procutil.note("tapdisk", "cannot open %s: %s" % (args.vhd, e))
         sock.close()
+        mem.close()
         return 1
     for n in disk.notes:
         procutil.note("tapdisk", n)
+    data = memoryview(mem)
     try:
-        serve(sock, disk)
+        serve(sock, disk, data)
     finally:
         sock.close()
         disk.close()
+        data.release()
+        mem.close()
     return 0
 
 

@@ -20,11 +20,13 @@ mirage/ocaml-vhd `lib/f.ml` (`vhd_common ~raw`):
   the device into one page-aligned buffer, then write() of it to the destination, one block at a time;
 - `--direct`: the device is read unbuffered (O_DIRECT). hostsim's "device" is the tapdisk ring, and
   the kernel's part of a device read is done here: the read is cut into blktap requests
-  (blkif.split_read: at most 11 pages each) with at most BLKTAP_RING_SIZE = 32 in flight.
+  (blkif.split_read: at most 11 pages each) with at most BLKTAP_RING_SIZE = 32 in flight, and each
+  completed request's slot is copied into the read buffer (blktap's bounce, blkif.py).
 Not modelled (it would only make XAPI's way slower): vhd-tool builds its element stream sector by
 sector in OCaml/Lwt (4096 elements per 2 MiB block before coalescing).
 
-Usage: python -m hostsim.xapiexport.vhdtool --tapdev-fd N --vhd LEAF.vhd [--relative-to BASE.vhd]
+Usage: python -m hostsim.xapiexport.vhdtool --tapdev-fd N --data-fd D --vhd LEAF.vhd
+       [--relative-to BASE.vhd]
        --destination-fd M [--progress] [--parent-pid PID]
 Exit status 0 when the whole stream was written, 1 on any failure (message on stderr).
 """
@@ -43,10 +45,12 @@ XFER_BUFSIZ = 2 << 20
 class Tapdev:
     """Reads of the raw device, done as the block layer would over the blktap ring."""
 
-    def __init__(self, sock, size):
+    def __init__(self, sock, data, size):
         self.sock = sock
+        self.data = data  # the ring's data pages, shared with tapdisk
         self.size = size
         self._next_id = 1
+        self._free = list(range(blkif.BLKTAP_RING_SIZE - 1, -1, -1))
         self._hdr = bytearray(blkif.RSP.size)
 
     def read_into(self, offset, view):
@@ -55,25 +59,28 @@ class Tapdev:
         todo = blkif.split_read(offset, len(view))
         todo.reverse()
         while todo or pending:
-            while todo and len(pending) < blkif.BLKTAP_RING_SIZE:
+            while todo and self._free:  # a full ring stops the queue until tapdisk answers
                 off, n, at = todo.pop()
+                slot = self._free.pop()
                 rid = self._next_id
                 self._next_id += 1
-                pending[rid] = (at, n)
-                self.sock.sendall(blkif.REQ.pack(rid, off // blkif.SECTOR, n // blkif.SECTOR))
+                pending[rid] = (at, n, slot)
+                self.sock.sendall(blkif.REQ.pack(rid, slot, off // blkif.SECTOR, n // blkif.SECTOR))
             self._recv_exact(memoryview(self._hdr))
             rid, status = blkif.RSP.unpack(self._hdr)
-            slot = pending.pop(rid, None)
-            if slot is None:
+            req = pending.pop(rid, None)
+            if req is None:
                 raise blkif.RingError("tapdisk answered request %d, which is not pending" % rid)
+            at, n, slot = req
+            self._free.append(slot)
             if status != 0:
                 raise OSError(
                     -status,
                     "tapdisk failed the read of %d bytes at %d: %s"
-                    % (slot[1], offset + slot[0], os.strerror(-status)),
+                    % (n, offset + at, os.strerror(-status)),
                 )
-            at, n = slot
-            self._recv_exact(view[at : at + n])
+            a, _ = blkif.slot_range(slot)
+            view[at : at + n] = self.data[a : a + n]  # blktap_request_bounce: the one copy
 
     def _recv_exact(self, view):
         while len(view):
@@ -117,11 +124,11 @@ class Progress:
                 self.fd = None  # xapi stopped listening: keep streaming
 
 
-def stream(tapdev_sock, dest_fd, leaf, base=None, progress_fd=None):
+def stream(tapdev_sock, data, dest_fd, leaf, base=None, progress_fd=None):
     size, blocks = plan(leaf, base)
     prefix, footer, total, bitmap_size = layout.vhd_stream_layout(size, blocks)
     bitmap = b"\xff" * bitmap_size
-    dev = Tapdev(tapdev_sock, size)
+    dev = Tapdev(tapdev_sock, data, size)
     progress = Progress(total, progress_fd)
     mem = mmap.mmap(-1, XFER_BUFSIZ)  # posix_memalign(pagesize, XFER_BUFSIZ) in direct_copy_stubs.c
     buf = memoryview(mem)
@@ -157,6 +164,7 @@ def stream(tapdev_sock, dest_fd, leaf, base=None, progress_fd=None):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="vhd-tool (hostsim)")
     p.add_argument("--tapdev-fd", type=int, required=True)
+    p.add_argument("--data-fd", type=int, required=True)
     p.add_argument("--vhd", required=True)
     p.add_argument("--relative-to")
     p.add_argument("--destination-fd", type=int, required=True)
@@ -165,9 +173,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     procutil.die_with_parent(args.parent_pid)
     sock = socket.socket(fileno=args.tapdev_fd)
+    mem = data = None
     try:
+        mem = mmap.mmap(args.data_fd, blkif.RING_DATA_BYTES)
+        os.close(args.data_fd)
+        data = memoryview(mem)
         stream(
             sock,
+            data,
             args.destination_fd,
             args.vhd,
             args.relative_to,
@@ -178,6 +191,10 @@ def main(argv=None):
         return 1
     finally:
         sock.close()
+        if data is not None:
+            data.release()
+        if mem is not None:
+            mem.close()
         try:
             os.close(args.destination_fd)
         except OSError:

@@ -364,26 +364,23 @@ def test_split_read_follows_blktap_limits():
     assert blkif.check_request(0, 0, 1000) == -errno.EINVAL
     assert blkif.check_request(990, 11, 1000) == -errno.EIO
     assert blkif.check_request(912, 88, 1000) == 0
+    assert blkif.check_request(0, 8, 1000, slot=32) == -errno.EINVAL
+    assert blkif.RING_DATA_BYTES == 32 * 44 * KiB
 
 
 def _spawn_tapdisk(path):
+    """tapdisk on a ring: (process, our end of the ring socket, the shared data pages)."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hostsim.xapiexport.tapdisk",
-            "--ring-fd",
-            str(theirs.fileno()),
-            "--vhd",
-            str(path),
-        ],
-        pass_fds=[theirs.fileno()],
-        stderr=subprocess.PIPE,
-    )
+    data_fd = os.memfd_create("test-ring")
+    os.ftruncate(data_fd, blkif.RING_DATA_BYTES)
+    data = mmap.mmap(data_fd, blkif.RING_DATA_BYTES)
+    cmd = [sys.executable, "-m", "hostsim.xapiexport.tapdisk", "--ring-fd", str(theirs.fileno())]
+    cmd += ["--data-fd", str(data_fd), "--vhd", str(path)]
+    proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno(), data_fd], stderr=subprocess.PIPE)
     theirs.close()
+    os.close(data_fd)
     mine.settimeout(TIMEOUT)
-    return proc, mine
+    return proc, mine, data
 
 
 def _recv_exact(sock, n):
@@ -403,30 +400,26 @@ def test_tapdisk_serves_the_chain_and_refuses_bad_requests(
     uuid = xapi_session.xenapi.VDI.get_uuid(vdi)
     source = libvhdi_content(pyvhdi_module, pool, uuid)
     size_sectors = len(source) // 512
-    proc, ring = _spawn_tapdisk(pool.sr.vhd_path(uuid))
+    proc, ring, data = _spawn_tapdisk(pool.sr.vhd_path(uuid))
     try:
-        reqs = [
-            (1, 0, 88),  # the largest request
-            (2, 4 * MiB // 512 + 8, 40),  # inside the second level's writes
-            (3, 0, 89),  # more than 11 pages: EINVAL
-            (4, size_sectors - 8, 16),  # past the end: EIO
-            (5, size_sectors - 88, 88),  # the last sectors
+        reqs = [  # (id, slot, first sector, count)
+            (1, 0, 0, 88),  # the largest request
+            (2, 31, 4 * MiB // 512 + 8, 40),  # inside the second level's writes, last slot
+            (3, 1, 0, 89),  # more than 11 pages: EINVAL
+            (4, 2, size_sectors - 8, 16),  # past the end: EIO
+            (5, 32, 0, 8),  # no such slot: EINVAL
+            (6, 3, size_sectors - 88, 88),  # the last sectors
         ]
         ring.sendall(b"".join(blkif.REQ.pack(*r) for r in reqs))
-        answers = {}
-        for _ in reqs:
-            rid, status = blkif.RSP.unpack(_recv_exact(ring, blkif.RSP.size))
-            count = {r[0]: r[2] for r in reqs}[rid]
-            answers[rid] = (status, _recv_exact(ring, count * 512) if status == 0 else None)
-        for rid, first, count in reqs:
-            status, data = answers[rid]
-            if rid == 3:
-                assert status == -errno.EINVAL
-            elif rid == 4:
-                assert status == -errno.EIO
-            else:
-                assert status == 0
-                assert data == source[first * 512 : (first + count) * 512]
+        answers = dict(blkif.RSP.unpack(_recv_exact(ring, blkif.RSP.size)) for _ in reqs)
+        assert answers[3] == answers[5] == -errno.EINVAL
+        assert answers[4] == -errno.EIO
+        for rid, slot, first, count in reqs:
+            if rid in (3, 4, 5):
+                continue
+            assert answers[rid] == 0
+            a = slot * blkif.MAX_REQUEST_BYTES
+            assert data[a : a + count * 512] == source[first * 512 : (first + count) * 512]
         ring.sendall(b"\x00" * 7)  # half a request, then the ring closes: tapdisk just ends
         ring.close()
         assert proc.wait(TIMEOUT) == 0
@@ -435,10 +428,11 @@ def test_tapdisk_serves_the_chain_and_refuses_bad_requests(
             proc.kill()
             proc.wait(10)
         proc.stderr.close()
+        data.close()
 
 
 def test_tapdisk_fails_cleanly_on_a_missing_vhd(tmp_path):
-    proc, ring = _spawn_tapdisk(tmp_path / "nope.vhd")
+    proc, ring, data = _spawn_tapdisk(tmp_path / "nope.vhd")
     try:
         assert proc.wait(TIMEOUT) == 1
         assert b"cannot open" in proc.stderr.read()
@@ -446,6 +440,7 @@ def test_tapdisk_fails_cleanly_on_a_missing_vhd(tmp_path):
     finally:
         ring.close()
         proc.stderr.close()
+        data.close()
 
 
 def _o_direct_works(directory):

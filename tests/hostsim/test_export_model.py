@@ -574,3 +574,123 @@ def test_vhdtool_writes_whole_buffers_to_a_non_blocking_socket():
         a.close()
         b.close()
     assert bytes(got) == data
+
+
+def _fake_tapdisk(answer):
+    """vhd-tool's Tapdev against a stand-in tapdisk thread: answer(request tuple, sock, data)."""
+    import threading
+
+    from hostsim.xapiexport import vhdtool
+
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    mine.settimeout(TIMEOUT)
+    theirs.settimeout(TIMEOUT)
+    data = bytearray(blkif.RING_DATA_BYTES)
+
+    def serve():
+        buf = b""
+        try:
+            while True:
+                chunk = theirs.recv(4096)
+                if not chunk:
+                    return
+                buf += chunk
+                while len(buf) >= blkif.REQ.size:
+                    req, buf = blkif.REQ.unpack(buf[: blkif.REQ.size]), buf[blkif.REQ.size :]
+                    if answer(req, theirs, data) is False:
+                        theirs.close()
+                        return
+        except OSError:
+            return
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return vhdtool.Tapdev(mine, memoryview(data), 4 * MiB), mine, theirs, t
+
+
+@pytest.mark.parametrize(
+    "fault, error",
+    [("wrong id", blkif.RingError), ("eio", OSError), ("hang up", blkif.RingError)],
+)
+def test_vhdtool_refuses_a_misbehaving_tapdisk(fault, error):
+    def answer(req, sock, data):
+        rid, slot, first, count = req
+        if fault == "hang up":
+            return False
+        if fault == "wrong id":
+            sock.sendall(blkif.RSP.pack(rid + 1000, 0))
+        else:
+            sock.sendall(blkif.RSP.pack(rid, -errno.EIO))
+
+    dev, mine, theirs, t = _fake_tapdisk(answer)
+    buf = mmap.mmap(-1, 2 * MiB)
+    try:
+        with pytest.raises(error):
+            dev.read_into(0, memoryview(buf))
+    finally:
+        mine.close()
+        t.join(TIMEOUT)
+        theirs.close()
+        buf.close()
+
+
+def test_vhdtool_keeps_at_most_a_ring_of_requests_in_flight():
+    """The block layer stops the queue when the ring is full: never more than 32 outstanding, every
+    request at most 44 KiB, data copied from the request's slot; answered out of order."""
+    import threading
+
+    outstanding, peak, lock = [], [0], threading.Lock()
+
+    def answer(req, sock, data):
+        rid, slot, first, count = req
+        assert 0 < count <= blkif.MAX_REQUEST_SECTORS
+        with lock:
+            # a slot the reader still waits on, or beyond the ring: more than a ring in flight
+            assert 0 <= slot < blkif.BLKTAP_RING_SIZE
+            assert slot not in {r[1] for r in outstanding}
+            outstanding.append(req)
+            peak[0] = max(peak[0], len(outstanding))
+            if len(outstanding) < blkif.BLKTAP_RING_SIZE and first + count < 4 * MiB // 512:
+                return  # hold it: the reader must keep sending until the ring is full
+            batch, outstanding[:] = list(reversed(outstanding)), []
+        for r_id, r_slot, r_first, r_count in batch:
+            a = r_slot * blkif.MAX_REQUEST_BYTES
+            for k in range(r_count):  # each sector holds its own number
+                data[a + k * 512 : a + k * 512 + 8] = (r_first + k).to_bytes(8, "big")
+            sock.sendall(blkif.RSP.pack(r_id, 0))
+
+    dev, mine, theirs, t = _fake_tapdisk(answer)
+    buf = mmap.mmap(-1, 2 * MiB)
+    try:
+        dev.read_into(2 * MiB, memoryview(buf))
+        for k in range(0, 2 * MiB // 512, 97):
+            assert int.from_bytes(buf[k * 512 : k * 512 + 8], "big") == 2 * MiB // 512 + k
+        assert peak[0] == blkif.BLKTAP_RING_SIZE
+    finally:
+        mine.close()
+        t.join(TIMEOUT)
+        theirs.close()
+        buf.close()
+
+
+def test_concurrent_exports_each_get_their_pipeline(hostsim_pool, xapi_session, disk):
+    import threading
+
+    pool = hostsim_pool
+    vdi, snap = disk
+    results, errors = {}, []
+
+    def one(name, **q):
+        try:
+            results[name] = export(pool, xapi_session.handle, vdi=vdi, format="vhd", **q)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=("a",)), threading.Thread(target=one, args=("b",))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(TIMEOUT)
+    assert not errors
+    same_stream(results["a"], results["b"])
+    wait_gone([])

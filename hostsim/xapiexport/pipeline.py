@@ -4,7 +4,8 @@ Real xapi (xapi-project/xen-api `ocaml/xapi/export_raw_vdi.ml`, `vhd_tool_wrappe
 HTTP 200 headers on the client's socket, attach the VDI (and the base) read-only to dom0
 (`Sm_fs_ops.with_block_attached_device`: tapdisk), exec vhd-tool with the client's socket as its
 destination fd and a pipe as stdout, read progress from the pipe until EOF, `waitpid`; a non-zero exit
-becomes VDI_IO_ERROR "Device I/O errors"; then detach (tapdisk ends).
+becomes VDI_IO_ERROR "Device I/O errors"; then detach (tapdisk ends). Here the "device" vhd-tool
+gets is a ring: a socketpair for requests and a memfd for the data pages, shared by the two children.
 
 TLS: on XCP-ng the HTTPS port is stunnel (`stunnel@xapi`, config written by xapi:
 `accept = <https port>`, `connect = 80`, `socket = l:TCP_NODELAY=1` ...; xapi-project/xen-api

@@ -694,3 +694,64 @@ def test_concurrent_exports_each_get_their_pipeline(hostsim_pool, xapi_session, 
     assert not errors
     same_stream(results["a"], results["b"])
     wait_gone([])
+
+
+def test_tapdisk_falls_back_to_buffered_reads_when_o_direct_is_refused(
+    hostsim_pool, xapi_session, disk, monkeypatch
+):
+    """As tapdisk's drivers do: EINVAL for O_DIRECT at open (one file) or at a read (the other file)
+    switches that file to buffered reads, with a note; the data stays right."""
+    pool = hostsim_pool
+    vdi, _ = disk
+    uuid = xapi_session.xenapi.VDI.get_uuid(vdi)
+    leaf, parent = [vf.path for vf in pool.sr.chain(uuid)]
+    real_open, real_preadv = os.open, os.preadv
+    direct_fds = set()
+
+    def fake_open(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0):
+            if path == leaf:
+                raise OSError(errno.EINVAL, "O_DIRECT refused (test)")
+            fd = real_open(path, flags & ~os.O_DIRECT, *a)
+            direct_fds.add(fd)
+            return fd
+        return real_open(path, flags, *a)
+
+    def fake_preadv(fd, bufs, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "unaligned for O_DIRECT (test)")
+        return real_preadv(fd, bufs, offset)
+
+    monkeypatch.setattr(tapdisk.os, "open", fake_open)
+    monkeypatch.setattr(tapdisk.os, "preadv", fake_preadv)
+    if not getattr(os, "O_DIRECT", 0):
+        pytest.skip("no O_DIRECT on this platform")
+    d = tapdisk.Disk(pool.sr.vhd_path(uuid))
+    try:
+        assert d.direct == [False, True]
+        mem = mmap.mmap(-1, 2 * MiB)
+        try:
+            for first in range(0, d.size_sectors, blkif.MAX_REQUEST_SECTORS):
+                n = min(blkif.MAX_REQUEST_SECTORS, d.size_sectors - first)
+                view = memoryview(mem)[: n * 512]
+                d.read_into(first, n, view)
+                assert bytes(view) == pool.sr.read(uuid, first * 512, n * 512)
+                view.release()
+        finally:
+            mem.close()
+        assert d.direct == [False, False]
+        assert len(d.notes) == 2 and all("buffered" in n for n in d.notes)
+    finally:
+        d.close()
+
+
+def test_base_that_is_not_an_ancestor_gives_the_full_stream(hostsim_pool, xapi_session, disk):
+    pool, s = hostsim_pool, xapi_session.handle
+    vdi, _ = disk
+    other = pool.vm_vdis(pool.create_vm("other", [4 * MiB]))[0]
+    datapath.set_export_model(pool, "inline")
+    inline = export(pool, s, vdi=vdi, format="vhd", base=other)
+    datapath.set_export_model(pool, "processes")
+    procs = export(pool, s, vdi=vdi, format="vhd", base=other)
+    same_stream(inline, procs)
+    same_stream(procs, export(pool, s, vdi=vdi, format="vhd"))

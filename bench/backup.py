@@ -279,11 +279,11 @@ def host_side(ctx) -> list[dict]:
 # -- end to end --------------------------------------------------------------------------------
 
 
-def cli_backup(ctx, repo: str) -> dict:
+def cli_backup(ctx, repo: str, extra=()) -> dict:
     args = [
         "backup", "vm", ctx["vm_uuid"], "--xapi", ctx["url"], "--user", "root",
         "--password", "hostsim", "--xapi-cafile", ctx["cafile"], "--repo", repo,
-        "--transport", "nbd", "--json",
+        "--transport", "nbd", "--json", *extra,
     ]  # fmt: skip
     spawned = time.time()
     t = time.perf_counter()
@@ -357,6 +357,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.add_argument(
         "--skip-host-side", action="store_true", help="only question 2 (end to end backups)"
+    )
+    p.add_argument(
+        "--connections", type=int, help="backup --connections (default: the command's default)"
     )
     p.add_argument(
         "--keep-xapi-stall",
@@ -439,12 +442,13 @@ def main(argv=None) -> int:
         os.unlink(os.path.join(work, "copy.vhd"))
         vhd_bytes = os.path.getsize(flat)
         log(f"  copy+fdatasync of the VHD ({vhd_bytes / GB:.2f} GB): {base_copy:.2f} s")
-        full = cli_backup(ctx, repo)
+        extra = ["--connections", str(args.connections)] if args.connections else []
+        full = cli_backup(ctx, repo, extra)
         log(f"  full backup: {full['seconds']:.2f} s")
         incs = {}
         for share, seed in ((0.01, 1), (0.10, 2)):
             n = rewrite_share(pool, vdi_ref, size, share, seed)
-            incs[share] = cli_backup(ctx, repo)
+            incs[share] = cli_backup(ctx, repo, extra)
             incs[share]["blocks_rewritten"] = n
             log(f"  {share:.0%} incremental: {incs[share]['seconds']:.2f} s")
         session.xenapi.session.logout()

@@ -6,6 +6,8 @@
     sm.py        file SR with SM's VHD semantics: snapshot/clone, CBT logs, GC (coalesce, leaf-coalesce)
     vhdfile.py   in-place VHD writes, hidden flag, relink (on agent.vhd.format's structures)
     datapath.py  /export_raw_vdi and /import_raw_vdi done the XAPI way
+    xapiexport/  export_raw_vdi?format=vhd as processes (tapdisk with O_DIRECT behind blktap's
+                 ring limits, vhd-tool, the TLS hop): the default "processes" export model
     xapinbd.py   an NBD endpoint behaving like xapi-nbd
     plugins.py   host.call_plugin running plugin files with a XenAPIPlugin shim (plugin_shim/)
     guest.py     guest activity (text, binary, random, zeros, copies between VMs)

@@ -151,6 +151,7 @@ class Disk:
     source: Source | None = None
     ticket: str | None = None
     export: dict | None = None  # the plugin's answer for ``ticket`` (addresses, fingerprint)
+    vbd: dict = field(default_factory=dict)  # VBD_KEPT_FIELDS of the VM's VBD of this disk
 
 
 class XapiContext:
@@ -383,15 +384,30 @@ def _previous(repo, vm_uuid: str):
     return None, None
 
 
-def _vm_disks(x, vm_ref) -> list[tuple[str, str, dict]]:
+# What a restore needs to attach a disk as it was (restore --new-vm reads these).
+VBD_KEPT_FIELDS = ("bootable", "mode", "unpluggable")
+
+
+def _vm_disks(x, vm_ref) -> list[tuple[str, str, dict, dict]]:
+    """(userdevice, VDI ref, VDI record, VBD record) of the VM's disks, by userdevice."""
     out = []
     for vbd in x.VM.get_VBDs(vm_ref):
         rec = x.VBD.get_record(vbd)
         if rec.get("type") != "Disk" or rec["VDI"] == NULL_REF:
             continue
-        out.append((rec["userdevice"], rec["VDI"], x.VDI.get_record(rec["VDI"])))
+        out.append((rec["userdevice"], rec["VDI"], x.VDI.get_record(rec["VDI"]), rec))
     out.sort(key=lambda t: t[0])
     return out
+
+
+def vm_configuration(vm_rec: dict[str, Any]) -> dict[str, Any]:
+    """The VM record's configuration a restore needs to create the VM again (restore
+    --new-vm): identity, memory, vCPUs, boot, platform, NVRAM, BIOS strings...; no references
+    into the pool and no runtime state (orchestrator/jobs/restore.py says what it copies)."""
+    from orchestrator.jobs.restore import VM_COPIED_FIELDS
+
+    keys = ("uuid", "name_label", "name_description", "other_config", "bios_strings")
+    return {k: vm_rec[k] for k in (*keys, *VM_COPIED_FIELDS) if k in vm_rec}
 
 
 def destroy_snapshot(x, snap_ref: str, ui: Progress | None = None) -> None:
@@ -494,7 +510,7 @@ def _backup_vm(args, ui: Progress, session, target, repo, phases: Phases) -> dic
         if not disks_live:
             raise CommandFailed(f"VM {vm_uuid} has no disks")
         if args.cbt or args.cbt_purge:
-            for _dev, vdi_ref, rec in disks_live:
+            for _dev, vdi_ref, rec, _vbd in disks_live:
                 if not rec.get("cbt_enabled"):
                     x.VDI.enable_cbt(vdi_ref)
                     ui.log(f"CBT enabled on {rec['uuid']}")
@@ -512,11 +528,11 @@ def _backup_vm(args, ui: Progress, session, target, repo, phases: Phases) -> dic
     disks: list[Disk] = []
     try:
         by_origin = {}
-        for dev, vdi_ref, rec in _vm_disks(x, snap_ref):
+        for dev, vdi_ref, rec, _vbd in _vm_disks(x, snap_ref):
             origin = rec.get("snapshot_of")
             by_origin[origin] = (dev, vdi_ref, rec)
         prev_disks = prev_meta.get("disks", {})
-        for dev, live_ref, live in disks_live:
+        for dev, live_ref, live, vbd in disks_live:
             if live_ref not in by_origin:
                 raise CommandFailed(f"snapshot {snap_uuid} has no copy of disk {live['uuid']}")
             _d, sref, srec = by_origin[live_ref]
@@ -529,6 +545,7 @@ def _backup_vm(args, ui: Progress, session, target, repo, phases: Phases) -> dic
                 userdevice=dev,
                 name=live["name_label"],
                 cbt=bool(srec.get("cbt_enabled")),
+                vbd={k: vbd[k] for k in VBD_KEPT_FIELDS if k in vbd},
             )
             _choose_base(ctx, repo, disk, point, prev_disks.get(live["uuid"]))
             disks.append(disk)
@@ -566,22 +583,13 @@ def _backup_vm(args, ui: Progress, session, target, repo, phases: Phases) -> dic
             "source": "xapi",
             "xapi": target.url,
             "transport": args.transport,
-            "vm": {
-                k: vm_rec.get(k)
-                for k in (
-                    "uuid",
-                    "name_label",
-                    "name_description",
-                    "memory_static_max",
-                    "VCPUs_max",
-                    "other_config",
-                )
-            },
+            "vm": vm_configuration(vm_rec),
             "snapshot": {"uuid": snap_uuid, "time": when, "purged": bool(args.cbt_purge)},
             "disks": {
                 d.vdi_uuid: {
                     "snapshot_vdi": d.snap_uuid,
                     "userdevice": d.userdevice,
+                    **d.vbd,
                     "name_label": d.name,
                     "virtual_size": d.size,
                     "cbt": d.cbt,

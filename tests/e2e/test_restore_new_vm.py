@@ -160,7 +160,12 @@ def test_restore_as_a_new_vm(source, repo_factory, kind, encrypted):
                 assert field not in new["defaults"], field
                 assert str(rec[field]) == str(meta_vm[field]), field
         assert set(new["defaults"]) <= set(VM_COPIED_FIELDS)
-        assert {"memory_static_max", "VCPUs_max"}.isdisjoint(new["defaults"])
+        # backup vm stores the VM's whole configuration: nothing needed a default
+        assert new["defaults"] == [], new["defaults"]
+        assert rec["VCPUs_at_startup"] == str(src["VCPUs_at_startup"])
+        assert (
+            rec["platform"] == src["platform"] and rec["HVM_boot_params"] == src["HVM_boot_params"]
+        )
         # memory constraints valid: static_min <= dynamic_min <= dynamic_max <= static_max
         m = [int(rec[k]) for k in ("memory_static_min", "memory_dynamic_min")]
         m += [int(rec[k]) for k in ("memory_dynamic_max", "memory_static_max")]
@@ -287,8 +292,9 @@ def test_required_fields_agree_with_hostsims_datamodel():
 
 
 def test_record_from_todays_backup_metadata():
-    """What backup.py stores today (uuid, names, memory_static_max, VCPUs_max, other_config):
-    those are used, everything else XAPI requires is defaulted, and listed."""
+    """Restore points written before backup vm stored the whole configuration (uuid, names,
+    memory_static_max, VCPUs_max, other_config only): those are used, everything else XAPI
+    requires is defaulted, and listed."""
     from orchestrator.jobs.restore import VM_REQUIRED_FIELDS, vm_create_record
 
     meta = {

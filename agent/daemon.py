@@ -31,6 +31,7 @@ from agent.export import Counters
 from agent.http import HttpServer, prometheus_lines
 from agent.httpproto import Limits
 from agent.nbd.server import NBDServer
+from agent.signalstop import SignalStop
 
 log = logging.getLogger("fastpath.agent")
 
@@ -258,13 +259,10 @@ def cmd_serve(args):
     except (OSError, ssl.SSLError, config_mod.ConfigError) as exc:
         sys.stderr.write("fastpath-agent: cannot start: %s\n" % exc)
         return 1
-    stop = threading.Event()
-
-    def _on_signal(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    # Not a threading.Event: setting one from a signal handler deadlocks when the signal lands
+    # while the main thread holds its lock (in wait(), or in a first handler: `kill; kill`).
+    stop = SignalStop()
+    stop.install(signal.SIGTERM, signal.SIGINT)
     info = agent.addresses()
     log.info("agent ready: %s", json.dumps(info, sort_keys=True))
     if args.ready_file:
@@ -275,6 +273,7 @@ def cmd_serve(args):
     finally:
         agent.stop()
         log.info("agent stopped")
+        stop.close()
     return 0
 
 

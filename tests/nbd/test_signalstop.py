@@ -15,8 +15,6 @@ import subprocess
 import sys
 import threading
 
-import pytest
-
 from agent.signalstop import SignalStop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -197,12 +195,6 @@ sys.exit(rc if not t.is_alive() else 4)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/daemon.py cmd_serve still sets a threading.Event from its SIGTERM handler "
-    "(deadlocks deterministically here); the fix is to use agent.signalstop.SignalStop there, "
-    "and to remove this marker in the same commit",
-)
 def test_agent_serve_sigterm_handler_is_reentrant(tmp_path):
     """`fastpath-agent serve`'s own SIGTERM handler (captured as it installs it) re-entered at every
     line of itself, as `kill; kill` does: the agent must neither deadlock nor miss the stop, and it

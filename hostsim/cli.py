@@ -25,7 +25,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 log = logging.getLogger("hostsim")
@@ -214,13 +213,10 @@ def cmd_serve(args):
     nbd_listen = parse_listen(args.nbd_listen) if args.nbd_listen else None
     url = pool.start(listen=parse_listen(args.xapi_listen), tls=args.tls, nbd_listen=nbd_listen)
     agent_proc, agent_info = None, None
-    stop = threading.Event()
+    from agent.signalstop import SignalStop
 
-    def on_signal(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = SignalStop()  # a threading.Event set from a handler can deadlock (agent/signalstop.py)
+    stop.install(signal.SIGTERM, signal.SIGINT)
     try:
         if not args.no_agent and _agent_available():
             agent_proc, agent_info = start_agent(pool, root, args)

@@ -29,7 +29,6 @@ import json
 import os
 import signal
 import sys
-import threading
 
 BLOCK = 2 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -115,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(work, exist_ok=True)
     vms = build(pool, size, args.seed, args.data, work)
     url = pool.start(listen=("127.0.0.1", 0), tls=False, nbd_listen=("127.0.0.1", 0))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: stop.set())
-    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    from agent.signalstop import SignalStop
+
+    stop = SignalStop()  # a threading.Event set from a handler can deadlock (agent/signalstop.py)
+    stop.install(signal.SIGTERM, signal.SIGINT)
     agent_args = argparse.Namespace(
         agent_nbd_listen="127.0.0.1:0", agent_http_listen="127.0.0.1:0", agent_tls="off"
     )

@@ -96,9 +96,8 @@ def test_json_result_says_where_the_time_went(sim, repo_factory):
 def agent_http_requests(sim) -> dict[str, int]:
     """The agent's HTTP request counters by status, from its /metrics."""
     import re
-    import urllib.request
-
     import ssl
+    import urllib.request
 
     host, port = sim.info["agent"]["http"][:2]
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

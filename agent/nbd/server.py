@@ -209,9 +209,18 @@ class NBDServer(object):
                 self.counters.add("refused_connections")
                 client.close()
                 continue
-            self.counters.add("connections")
             t = threading.Thread(target=conn.run, name="nbd-conn-%d" % conn.id, daemon=True)
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as exc:
+                # Out of threads/memory: give the slot back and go on accepting (an exception
+                # here used to end the accept thread and leave the connection counted forever).
+                log.error("nbd: refused %s: cannot start its thread: %s", _peer(addr), exc)
+                self._forget(conn)
+                self.counters.add("refused_connections")
+                client.close()
+                continue
+            self.counters.add("connections")
 
     def _forget(self, conn):
         with self._lock:

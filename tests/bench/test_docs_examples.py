@@ -39,14 +39,8 @@ def test_operations_examples_run_as_written(tmp_path):
     script = "set -euo pipefail\n" + "\n".join(blocks)
     # if anything fails, do not leave hostsim or moto behind
     script = "trap 'kill ${HOSTSIM_PID:-} ${MOTO_PID:-} 2>/dev/null || true' EXIT\n" + script
-    proc = subprocess.run(
-        ["bash", "-c", script],
-        cwd=str(tmp_path),
-        env=env_for_docs(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # its own process group: hostsim or moto left running cannot hold our pipes past the timeout
+    proc = run_in_own_group(script, tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + "\n---\n" + proc.stderr[-3000:]
     out = proc.stdout
     assert "restore point" in out  # backup vm's summary

@@ -264,7 +264,10 @@ class Connection(object):
             self.broken = reason
         self._aborted.set()
         try:
-            self.raw_sock.shutdown(socket.SHUT_RDWR)
+            # The plain socket's shutdown, also on a TLS socket: SSLSocket.shutdown() drops its
+            # TLS object first, and a worker sending at that moment wrote its bytes (disk data)
+            # in clear text on the wire.
+            socket.socket.shutdown(self.raw_sock, socket.SHUT_RDWR)
         except OSError:
             pass
 

@@ -3,7 +3,10 @@ thread": the process is out of threads or memory). The accepted connection must 
 slot given back, and the server must go on accepting: before, the exception killed the accept
 thread (the server never accepted again) and the connection stayed counted for good."""
 
+import socket
+import ssl
 import threading
+import time
 import types
 
 import pytest
@@ -68,3 +71,72 @@ def test_connection_thread_that_cannot_start_is_closed_and_forgotten(
         server.stop()
     assert failing_thread_starts[0] == 0
     assert counters.snapshot().get("connections") == 1  # only the one served
+
+
+def test_abort_of_a_tls_connection_never_sends_clear_text(tmp_path, tls_files, monkeypatch):
+    """abort() (ticket revoked, server stopping) runs in another thread than the workers that send.
+    SSLSocket.shutdown() drops the TLS object before it shuts the socket down, and a worker sending
+    in between wrote its bytes (disk data) in clear text. Forced interleaving: a send runs at the
+    moment the socket is shut down; the client must get it encrypted (or not at all)."""
+    path = tmp_path / "small.bin"
+    path.write_bytes(bytes(4096))
+    store = TicketStore()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tls_files["cert"], tls_files["key"])
+    server = NBDServer(
+        store,
+        lambda ticket: FakeExport(str(path)),
+        port=0,
+        tls_mode="require",
+        ssl_context=ctx,
+        counters=Counters(),
+    ).start()
+    tid = store.create("fake-vdi").id
+    client = Raw(Address(server), timeout=10)
+    try:
+        client.greet()
+        client.option(5)  # STARTTLS
+        assert client.replies() == [(1, b"")]
+        cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        cctx.check_hostname = False
+        cctx.verify_mode = ssl.CERT_NONE
+        client.sock = cctx.wrap_socket(client.sock, server_hostname="127.0.0.1")
+        assert client.go(tid)[-1][0] == 1  # in transmission, over TLS
+        deadline = time.monotonic() + 10
+        while not server.connections() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (conn,) = server.connections()
+        assert conn.tls
+
+        real_shutdown = socket.socket.shutdown
+        injected = []
+
+        def shutdown(sock, how):
+            if sock is conn.raw_sock and not injected:
+                injected.append(True)
+                try:
+                    with conn.send_lock:  # a worker's reply, right now
+                        conn._send(b"secret disk bytes")
+                except server_mod.ConnectionClosed:
+                    pass
+            return real_shutdown(sock, how)
+
+        monkeypatch.setattr(socket.socket, "shutdown", shutdown)
+        conn.abort("ticket revoked (test)")
+        monkeypatch.undo()
+        assert injected
+        got = b""
+        try:
+            while True:
+                data = client.sock.recv(65536)
+                if not data:
+                    break
+                got += data
+        except ssl.SSLError as exc:
+            pytest.fail("the client got bytes that are not TLS records: %s" % exc)
+        except (ConnectionResetError, socket.timeout):
+            pass
+        assert got == b"secret disk bytes"  # sent, and encrypted
+    finally:
+        client.close()
+        server.stop()

@@ -376,12 +376,20 @@ class NbdBlockReader:
             raise
 
 
-def _close_handle(h) -> None:
-    """Disconnect politely when the connection is idle and healthy; otherwise just drop it
-    (``shutdown`` would wait for the in-flight commands of a hung server)."""
+def _close_handle(h, timeout: float = 5.0) -> None:
+    """Disconnect politely when the connection is idle and healthy (NBD_CMD_DISC, then up to
+    ``timeout`` seconds for the server to hang up); otherwise, or after that, just drop it.
+    Not ``h.shutdown()``: after DISC it polls without a bound until the server closes, so a server
+    that keeps the connection (or commands of a hung one) would hang the caller."""
     try:
         if h.aio_is_ready() and h.aio_in_flight() == 0:
-            h.shutdown()
+            h.aio_disconnect(0)
+            deadline = time.monotonic() + timeout
+            while not (h.aio_is_closed() or h.aio_is_dead()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                h.poll(max(1, int(min(left, 1.0) * 1000)))
     except Exception:
         pass
     close = getattr(h, "close", None)  # libnbd >= 1.16; 1.14 closes when collected

@@ -446,32 +446,47 @@ class Connection(object):
 
     def _answer_export(self, ev):
         name = ev.name
-        acquired = False
+        info = ev.option == p.OPT_INFO
         try:
-            if ev.option == p.OPT_INFO:
+            if info:
                 ticket = self.server.tickets.get(name)
             else:
                 ticket = self.server.tickets.acquire(name)
-                acquired = True
+                # Named before the export opens (which may wait on the chain and SM's locks), so
+                # a revocation from now on aborts this connection (_ticket_gone), and one that
+                # came before is seen by the check below. _cleanup releases the ticket from here.
+                self.ticket_id = ticket.id
         except TicketError as exc:
-            log.warning("nbd: %s: export %r refused: %s", self.peer, name[:40], exc)
-            self.server.counters.add("refused_tickets")
-            return self.proto.reject_export(p.REP_ERR_UNKNOWN, "export refused: %s" % exc)
+            return self._refuse(name, exc)
         try:
             export = self.server.exports.acquire(ticket)
         except Exception as exc:
-            if acquired:
-                self.server.tickets.release(name)
+            self._drop_ticket()
             log.warning("nbd: %s: cannot open export for ticket %s: %s", self.peer, name[:8], exc)
             return self.proto.reject_export(p.REP_ERR_UNKNOWN, "export unavailable: %s" % exc)
-        if ev.option == p.OPT_INFO:
+        try:
+            self.server.tickets.get(ticket.id)  # revoked or expired while the export opened?
+        except TicketError as exc:
+            self.server.exports.release(ticket.id)
+            self._drop_ticket()
+            return self._refuse(name, exc)
+        if info:
             try:
                 return self.proto.accept_export(export.size, export.description)
             finally:
                 self.server.exports.release(ticket.id)
-        self.ticket_id = ticket.id
         self.export = export
         return self.proto.accept_export(export.size, export.description)
+
+    def _drop_ticket(self):
+        if self.ticket_id is not None:
+            ticket_id, self.ticket_id = self.ticket_id, None
+            self.server.tickets.release(ticket_id)
+
+    def _refuse(self, name, exc):
+        log.warning("nbd: %s: export %r refused: %s", self.peer, name[:40], exc)
+        self.server.counters.add("refused_tickets")
+        return self.proto.reject_export(p.REP_ERR_UNKNOWN, "export refused: %s" % exc)
 
     # -- transmission ----------------------------------------------------------------------------
 

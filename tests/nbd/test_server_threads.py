@@ -140,3 +140,68 @@ def test_abort_of_a_tls_connection_never_sends_clear_text(tmp_path, tls_files, m
     finally:
         client.close()
         server.stop()
+
+
+@pytest.mark.parametrize("option", ["go", "export_name"])
+def test_ticket_revoked_while_its_export_opens_refuses_the_connection(tmp_path, option):
+    """A ticket revoked while a connection's handshake is opening its export (the chain opens, SM
+    locks): the revocation used to miss that connection (it named its ticket only once the export
+    was open), which then served the disk on a revoked ticket. Forced interleaving: the export's
+    open waits until the test has revoked the ticket."""
+    path = tmp_path / "small.bin"
+    path.write_bytes(bytes(range(256)) * 16)
+    store = TicketStore()
+    opening, go_on = threading.Event(), threading.Event()
+    exports = []
+
+    def open_export(ticket):
+        opening.set()
+        assert go_on.wait(30)
+        e = FakeExport(str(path))
+        exports.append(e)
+        return e
+
+    server = NBDServer(store, open_export, port=0, tls_mode="off", counters=Counters()).start()
+    tid = store.create("fake-vdi").id
+    client = Raw(Address(server), timeout=10)
+    result = []
+
+    def handshake():
+        try:
+            client.greet()
+            if option == "go":
+                result.append(client.go(tid))
+            else:
+                client.option(1, tid.encode())  # EXPORT_NAME: the size and flags, or a close
+                result.append(client.recv_exact(10))
+        except (EOFError, OSError) as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=handshake, daemon=True)
+    try:
+        t.start()
+        assert opening.wait(30)
+        store.revoke(tid)
+        go_on.set()
+        t.join(30)
+        assert result, "no answer to the handshake"
+        (answer,) = result
+        if option == "go":
+            if not isinstance(answer, Exception):
+                rtype, msg = answer[-1]
+                assert rtype == 0x80000006, answer  # NBD_REP_ERR_UNKNOWN
+                assert b"revoked" in msg
+        else:
+            assert isinstance(answer, (EOFError, ConnectionResetError)), answer
+        # nothing was served on the revoked ticket; once the client is gone, all is given back
+        client.close()
+        deadline = time.monotonic() + 10
+        while server.connections() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.connections() == []
+        assert store.list()[0].connections == 0
+        assert len(exports) <= 1 and all(e.closed for e in exports)
+    finally:
+        go_on.set()
+        client.close()
+        server.stop()

@@ -65,7 +65,12 @@ class Tapdev:
                 rid = self._next_id
                 self._next_id += 1
                 pending[rid] = (at, n, slot)
-                self.sock.sendall(blkif.REQ.pack(rid, slot, off // blkif.SECTOR, n // blkif.SECTOR))
+                try:
+                    self.sock.sendall(
+                        blkif.REQ.pack(rid, slot, off // blkif.SECTOR, n // blkif.SECTOR)
+                    )
+                except (BrokenPipeError, ConnectionResetError):
+                    raise blkif.RingError("tapdisk went away (ring closed)") from None
             self._recv_exact(memoryview(self._hdr))
             rid, status = blkif.RSP.unpack(self._hdr)
             req = pending.pop(rid, None)
@@ -84,7 +89,10 @@ class Tapdev:
 
     def _recv_exact(self, view):
         while len(view):
-            got = self.sock.recv_into(view)
+            try:
+                got = self.sock.recv_into(view)
+            except ConnectionResetError:
+                got = 0
             if got == 0:
                 raise blkif.RingError("tapdisk went away (ring closed)")
             view = view[got:]

@@ -624,13 +624,17 @@ def test_vhdtool_refuses_a_misbehaving_tapdisk(fault, error):
 
     dev, mine, theirs, t = _fake_tapdisk(answer)
     buf = mmap.mmap(-1, 2 * MiB)
+    view = memoryview(buf)
     try:
+        # "hang up": tapdisk closes the ring while the reader may still be sending requests
+        # (EPIPE) or waiting for answers (EOF): both are "tapdisk went away"
         with pytest.raises(error):
-            dev.read_into(0, memoryview(buf))
+            dev.read_into(0, view)
     finally:
         mine.close()
         t.join(TIMEOUT)
         theirs.close()
+        view.release()
         buf.close()
 
 

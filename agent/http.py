@@ -498,7 +498,10 @@ class HttpServer(object):
             conns = list(self._conns)
         for conn in conns:
             try:
-                conn.shutdown(socket.SHUT_RDWR)
+                # The plain socket's shutdown, also for a TLS connection: SSLSocket.shutdown()
+                # drops the TLS object first, and a thread sending at that moment would write
+                # disk bytes in clear text (see agent/nbd/server.py Connection.abort).
+                socket.socket.shutdown(conn, socket.SHUT_RDWR)
             except OSError:
                 pass
         deadline = time.time() + timeout

@@ -274,9 +274,13 @@ class AdminServer(object):
                     return
                 log.exception("admin accept")
                 continue
-            threading.Thread(
-                target=self._serve, args=(client,), name="admin-client", daemon=True
-            ).start()
+            try:
+                threading.Thread(
+                    target=self._serve, args=(client,), name="admin-client", daemon=True
+                ).start()
+            except RuntimeError:  # cannot start a thread (out of threads/memory): refuse this
+                log.error("admin: cannot start a thread for a client; closing it")  # client only
+                client.close()
 
     def _serve(self, client):
         with self._lock:

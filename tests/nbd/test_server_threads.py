@@ -205,3 +205,38 @@ def test_ticket_revoked_while_its_export_opens_refuses_the_connection(tmp_path, 
         go_on.set()
         client.close()
         server.stop()
+
+
+def test_admin_client_thread_that_cannot_start_is_closed_and_accepting_goes_on(
+    tmp_path, monkeypatch
+):
+    """The admin socket (the plugin's way in): a client whose thread cannot start is closed,
+    and the next client is served; before, the accept thread died and the agent could never
+    create a ticket again."""
+    from agent import tickets as tickets_mod
+
+    n = [1]
+
+    class Thread(threading.Thread):
+        def start(self):
+            if self.name == "admin-client" and n[0] > 0:
+                n[0] -= 1
+                raise RuntimeError("can't start new thread")
+            return super().start()
+
+    fake = types.SimpleNamespace(**vars(threading))
+    fake.Thread = Thread
+    monkeypatch.setattr(tickets_mod, "threading", fake)
+    path = str(tmp_path / "admin.sock")
+    admin = tickets_mod.AdminServer(path, lambda req: {"pong": req.get("op")}).start()
+    try:
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        first.settimeout(10)
+        first.connect(path)
+        try:
+            assert first.recv(1) == b""  # closed by the server, nothing answered
+        finally:
+            first.close()
+        assert tickets_mod.admin_call(path, {"op": "ping"}, timeout=10).get("pong") == "ping"
+    finally:
+        admin.stop()

@@ -467,9 +467,7 @@ def main(argv=None) -> int:
             "sr_files": sr_files(pool),
         }
         log(f"disk: {size / GB:.2f} GB virtual, {allocated / GB:.2f} GB allocated")
-        with open(vhd_path, "rb") as f:  # warm the page cache
-            while f.read(16 << 20):
-                pass
+        warm([vhd_path])
         host = []
         if not args.skip_host_side:
             log("host side (warm cache, discarding clients):")
@@ -482,9 +480,7 @@ def main(argv=None) -> int:
         from orchestrator.repo.repository import Repository
 
         Repository.init(repo).close()
-        with open(flat, "rb") as f:  # warm, like the SR's files
-            while f.read(16 << 20):
-                pass
+        warm([flat])  # like the SR's files
         base_copy = copy_fdatasync(flat, os.path.join(work, "copy.vhd"))
         os.unlink(os.path.join(work, "copy.vhd"))
         vhd_bytes = os.path.getsize(flat)

@@ -126,6 +126,7 @@ def test_abort_of_a_tls_connection_never_sends_clear_text(tmp_path, tls_files, m
         monkeypatch.undo()
         assert injected
         got = b""
+        reset = False
         try:
             while True:
                 data = client.sock.recv(65536)
@@ -135,8 +136,10 @@ def test_abort_of_a_tls_connection_never_sends_clear_text(tmp_path, tls_files, m
         except ssl.SSLError as exc:
             pytest.fail("the client got bytes that are not TLS records: %s" % exc)
         except (ConnectionResetError, socket.timeout):
-            pass
-        assert got == b"secret disk bytes"  # sent, and encrypted
+            reset = True
+        # Sent and encrypted; or, when the closing connection was reset (RST: the kernel drops
+        # what the client had not read yet, 1 run in ~25 under load), not at all. Never clear.
+        assert got == b"secret disk bytes" or (got == b"" and reset), (got, reset)
     finally:
         client.close()
         server.stop()

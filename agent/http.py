@@ -1058,14 +1058,9 @@ class _Handler(object):
             return self.resp.send_json({"status": "ok"})
         if path == "/metrics":
             return self.metrics()
-        parts = path.split("/")
-        if len(parts) >= 4 and parts[:3] == ["", "v1", "exports"]:
-            rest = parts[4:]
-            if rest and rest[-1] == "" and len(rest) > 0:
-                rest = rest[:-1]
-            if len(rest) > 1:
-                raise hp.RequestError("no such resource", status=404, code="not_found")
-            what = rest[0] if rest else ""
+        export = self._export_path()
+        if export is not None:
+            ticket, what = export
             action = {
                 "": self.info,
                 "extents": self.extents,
@@ -1075,17 +1070,26 @@ class _Handler(object):
             }.get(what)
             if action is None:
                 raise hp.RequestError("no such resource", status=404, code="not_found")
-            return self.with_export(parts[3], action)
+            return self.with_export(ticket, action)
         raise hp.RequestError("no such resource", status=404, code="not_found")
+
+    def _export_path(self):
+        """(ticket, sub-resource) of /v1/exports/<ticket>[/<what>][/], what "" for the export
+        itself and None for a deeper path; None for a path outside /v1/exports/."""
+        parts = self.req.path.split("/")
+        if len(parts) < 4 or parts[:3] != ["", "v1", "exports"]:
+            return None
+        rest = parts[4:]
+        if rest and rest[-1] == "":
+            rest = rest[:-1]
+        if len(rest) > 1:
+            return parts[3], None
+        return parts[3], rest[0] if rest else ""
 
     def _export_root(self):
         """The ticket of a path that names an export itself (/v1/exports/<ticket>), else None."""
-        parts = self.req.path.split("/")
-        if parts[-1] == "" and len(parts) > 4:
-            parts = parts[:-1]
-        if len(parts) == 4 and parts[:3] == ["", "v1", "exports"]:
-            return parts[3]
-        return None
+        export = self._export_path()
+        return export[0] if export is not None and export[1] == "" else None
 
     def revoke(self):
         """DELETE /v1/exports/<ticket>: the ticket's holder ends it (no new connection or request

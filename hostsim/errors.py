@@ -1,4 +1,7 @@
-"""XAPI failures as hostsim raises them: a code and string parameters, like XAPI's Server_error."""
+"""XAPI failures as hostsim raises them: a code and string parameters, like XAPI's Server_error.
+
+The codes are XAPI's own (Api_errors in xen-api's ocaml/xapi-consts/api_errors.ml).
+"""
 
 
 class XapiError(Exception):
@@ -36,6 +39,15 @@ XENAPI_PLUGIN_FAILURE = "XENAPI_PLUGIN_FAILURE"
 TASK_CANCELLED = "TASK_CANCELLED"
 INTERNAL_ERROR = "INTERNAL_ERROR"
 VDIS_ON_DIFFERENT_SRS = "VDIS_ON_DIFFERENT_SRS"
+INVALID_VALUE = "INVALID_VALUE"
+VALUE_NOT_SUPPORTED = "VALUE_NOT_SUPPORTED"
+DEVICE_ALREADY_EXISTS = "DEVICE_ALREADY_EXISTS"
+INVALID_DEVICE = "INVALID_DEVICE"
+VBD_CDS_MUST_BE_READONLY = "VBD_CDS_MUST_BE_READONLY"
+VBD_NOT_REMOVABLE_MEDIA = "VBD_NOT_REMOVABLE_MEDIA"
+VDI_READONLY = "VDI_READONLY"
+VDI_IS_SHARABLE = "VDI_IS_SHARABLE"
+VM_BIOS_STRINGS_ALREADY_SET = "VM_BIOS_STRINGS_ALREADY_SET"
 # SM failures are SR_BACKEND_FAILURE_<code> [code, message, detail] (SM's XE_SR_ERRORCODES).
 SR_BACKEND_FAILURE = "SR_BACKEND_FAILURE_"
 

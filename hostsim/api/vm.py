@@ -8,7 +8,7 @@
   destroy, set_bios_strings.
 
 This table is hostsim's own reading of XAPI's datamodel, written independently of the
-orchestrator's VM.create record (orchestrator/jobs/restore.py): hostsim judges that client,
+orchestrator's VM.create record (orchestrator/jobs/vmrecord.py): hostsim judges that client,
 and tests/e2e/test_restore_new_vm.py ties the two together.
 """
 

@@ -39,6 +39,7 @@ from typing import Any
 from orchestrator.cli import CommandFailed, UsageError, open_repo
 from orchestrator.jobs import xapi_session
 from orchestrator.jobs.pipeline import Cancelled, copy_disks
+from orchestrator.jobs.vmrecord import VBD_KEPT_FIELDS, vm_configuration
 from orchestrator.progress import Progress
 from orchestrator.repo.errors import NotFound, RepoError
 from orchestrator.sources import AGENT_TRANSPORTS, AUTO_ORDER, TRANSPORTS
@@ -384,10 +385,6 @@ def _previous(repo, vm_uuid: str):
     return None, None
 
 
-# What a restore needs to attach a disk as it was (restore --new-vm reads these).
-VBD_KEPT_FIELDS = ("bootable", "mode", "unpluggable")
-
-
 def _vm_disks(x, vm_ref) -> list[tuple[str, str, dict, dict]]:
     """(userdevice, VDI ref, VDI record, VBD record) of the VM's disks, by userdevice."""
     out = []
@@ -398,16 +395,6 @@ def _vm_disks(x, vm_ref) -> list[tuple[str, str, dict, dict]]:
         out.append((rec["userdevice"], rec["VDI"], x.VDI.get_record(rec["VDI"]), rec))
     out.sort(key=lambda t: t[0])
     return out
-
-
-def vm_configuration(vm_rec: dict[str, Any]) -> dict[str, Any]:
-    """The VM record's configuration a restore needs to create the VM again (restore
-    --new-vm): identity, memory, vCPUs, boot, platform, NVRAM, BIOS strings...; no references
-    into the pool and no runtime state (orchestrator/jobs/restore.py says what it copies)."""
-    from orchestrator.jobs.restore import VM_COPIED_FIELDS
-
-    keys = ("uuid", "name_label", "name_description", "other_config", "bios_strings")
-    return {k: vm_rec[k] for k in (*keys, *VM_COPIED_FIELDS) if k in vm_rec}
 
 
 def destroy_snapshot(x, snap_ref: str, ui: Progress | None = None) -> None:

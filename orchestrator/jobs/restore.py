@@ -32,6 +32,7 @@ from urllib.parse import urlencode, urlparse
 
 from orchestrator.cli import CommandFailed, UsageError, add_repo_argument, open_repo
 from orchestrator.jobs import xapi_session
+from orchestrator.jobs.vmrecord import vbd_create_record, vbd_plan, vm_create_record
 from orchestrator.progress import Progress
 from orchestrator.repo.codec import ZERO_DIGEST
 from orchestrator.repo.errors import RepoError
@@ -351,217 +352,7 @@ def _restore_to_xapi(args, ui, repo, point, meta, disks) -> tuple[list, dict | N
     return out, None
 
 
-# -- --new-vm: VM.create + VBD.create ------------------------------------------------------------
-#
-# XAPI's VM.create takes one <struct> with every VM field that is not DynamicRO; the fields
-# without a ~default_value in XAPI's datamodel (xapi-project/xen-api ocaml/idl/datamodel_vm.ml,
-# the VM class) are required, and a struct missing one is refused with
-# INTERNAL_ERROR 'Server_helpers.Dispatcher_FieldNotFound("<field>")' (gen_server.ml reads
-# them with Server_helpers.my_assoc). Fields the struct carries that the datamodel does not know
-# are ignored, so sending newer optional fields to an older pool is harmless.
-VM_REQUIRED_FIELDS = (
-    "name_label",
-    "name_description",
-    "user_version",
-    "is_a_template",
-    "affinity",
-    "memory_static_max",
-    "memory_dynamic_max",
-    "memory_dynamic_min",
-    "memory_static_min",
-    "VCPUs_params",
-    "VCPUs_max",
-    "VCPUs_at_startup",
-    "actions_after_shutdown",
-    "actions_after_reboot",
-    "actions_after_crash",
-    "PV_bootloader",
-    "PV_kernel",
-    "PV_ramdisk",
-    "PV_args",
-    "PV_bootloader_args",
-    "PV_legacy_args",
-    "HVM_boot_policy",
-    "HVM_boot_params",
-    "platform",
-    "PCI_bus",
-    "other_config",
-    "recommendations",
-)
-
-# Configuration copied from the backed-up VM record when the restore point has it. Left out on
-# purpose: references into the source pool (affinity, appliance, suspend_SR, protection_policy,
-# snapshot_schedule), HA settings (a restored copy must not be restarted by HA next to its
-# original), blocked_operations (could block our own clean-up), generation_id (a restored
-# Windows VM must see a new VM generation ID), and every DynamicRO/runtime field.
-VM_COPIED_FIELDS = (
-    "user_version",
-    "memory_target",
-    "memory_static_max",
-    "memory_dynamic_max",
-    "memory_dynamic_min",
-    "memory_static_min",
-    "VCPUs_params",
-    "VCPUs_max",
-    "VCPUs_at_startup",
-    "actions_after_shutdown",
-    "actions_after_reboot",
-    "actions_after_crash",
-    "PV_bootloader",
-    "PV_kernel",
-    "PV_ramdisk",
-    "PV_args",
-    "PV_bootloader_args",
-    "PV_legacy_args",
-    "HVM_boot_policy",
-    "HVM_boot_params",
-    "HVM_shadow_multiplier",
-    "platform",
-    "PCI_bus",
-    "recommendations",
-    "xenstore_data",
-    "tags",
-    "start_delay",
-    "shutdown_delay",
-    "order",
-    "hardware_platform_version",
-    "has_vendor_device",
-    "reference_label",
-    "domain_type",
-    "NVRAM",
-)
-
-# other_config keys that describe the source VM instance or our own bookkeeping, not the
-# guest's configuration: a new mac_seed gives the copy its own MAC addresses, "disks" is a
-# template's provisioning spec, the rest are fastpath's and snapshot marks.
-DROPPED_OTHER_CONFIG = ("mac_seed", "default_template", "import_task", "disks")
-DROPPED_OTHER_CONFIG_PREFIXES = ("xcp-fastpath", "fastpath", "snapshot")
-
-GiB = 1 << 30
-NULL_REF = "OpaqueRef:NULL"
-
-
-def vm_create_record(name: str, vm_meta: dict[str, Any], point_id: str) -> tuple[dict, list]:
-    """(VM.create record, fields that were not in the backup and got a default).
-
-    ``vm_meta`` is the VM record the backup stored (XenAPI values: int64 as strings). Missing
-    fields get a plain, valid configuration derived from what is there: memory fixed at
-    memory_static_max (static_min = dynamic_min = dynamic_max = target), every vCPU online at
-    boot, an HVM guest booting from its disk, XAPI's template actions (destroy on shutdown,
-    restart on reboot and crash).
-    """
-    got = {k: vm_meta[k] for k in VM_COPIED_FIELDS if vm_meta.get(k) is not None}
-    smax = str(got.get("memory_static_max") or GiB)
-    vcpus = str(got.get("VCPUs_max") or 1)
-    hvm_policy = got.get("HVM_boot_policy")
-    if hvm_policy is None:
-        hvm_policy = "" if got.get("domain_type") in ("pv", "pvh", "pv_in_pvh") else "BIOS order"
-    defaults = {
-        "user_version": "1",
-        "memory_static_max": smax,
-        "memory_dynamic_max": smax,
-        "memory_dynamic_min": smax,
-        "memory_static_min": smax,
-        "memory_target": smax,
-        "VCPUs_params": {},
-        "VCPUs_max": vcpus,
-        "VCPUs_at_startup": vcpus,
-        "actions_after_shutdown": "destroy",
-        "actions_after_reboot": "restart",
-        "actions_after_crash": "restart",
-        "PV_bootloader": "",
-        "PV_kernel": "",
-        "PV_ramdisk": "",
-        "PV_args": "",
-        "PV_bootloader_args": "",
-        "PV_legacy_args": "",
-        "HVM_boot_policy": hvm_policy,
-        "HVM_boot_params": {"order": "dc"} if hvm_policy else {},
-        "platform": (
-            {"acpi": "1", "apic": "true", "pae": "true", "nx": "true", "hpet": "true"}
-            if hvm_policy
-            else {}
-        ),
-        "PCI_bus": "",
-        "recommendations": "",
-        "domain_type": "hvm" if hvm_policy else "pv",
-    }
-    record: dict[str, Any] = {}
-    defaulted = []
-    for k, v in defaults.items():
-        if k in got:
-            record[k] = got[k]
-        else:
-            record[k] = v
-            defaulted.append(k)
-    for k, v in got.items():
-        record.setdefault(k, v)
-    other = {
-        str(k): str(v)
-        for k, v in (vm_meta.get("other_config") or {}).items()
-        if k not in DROPPED_OTHER_CONFIG and not str(k).startswith(DROPPED_OTHER_CONFIG_PREFIXES)
-    }
-    other["fastpath-restored-from-vm"] = str(vm_meta.get("uuid") or "")
-    other["fastpath-restore-point"] = point_id
-    record.update(
-        {
-            "name_label": name,
-            "name_description": str(vm_meta.get("name_description") or ""),
-            "is_a_template": False,
-            "affinity": NULL_REF,
-            "other_config": other,
-            "ha_always_run": False,
-            "ha_restart_priority": "",
-            "blocked_operations": {},
-        }
-    )
-    for k in ("memory_target", "memory_static_max", "memory_dynamic_max", "memory_dynamic_min"):
-        record[k] = str(record[k])
-    for k in ("memory_static_min", "VCPUs_max", "VCPUs_at_startup", "user_version"):
-        record[k] = str(record[k])
-    for k in ("start_delay", "shutdown_delay", "order", "hardware_platform_version"):
-        if k in record:
-            record[k] = str(record[k])
-    if "HVM_shadow_multiplier" in record:
-        record["HVM_shadow_multiplier"] = float(record["HVM_shadow_multiplier"])
-    missing = [k for k in VM_REQUIRED_FIELDS if k not in record]
-    assert not missing, missing
-    return record, sorted(defaulted)
-
-
-def _vbd_plan(disks: list[dict[str, Any]], dmeta: dict[str, Any]) -> list[dict[str, Any]]:
-    """One VBD per restored disk: the original userdevice (unique, in order), bootable and mode
-    when the backup has them; else the first disk is the bootable one and disks are RW."""
-    used: set[str] = set()
-    plan = []
-
-    def key(d):
-        u = str(d.get("userdevice") or "")
-        return (0, int(u)) if u.isdigit() else (1, 0)
-
-    ordered = sorted(disks, key=key)
-    for d in ordered:
-        u = str(d.get("userdevice") or "")
-        if not u.isdigit() or u in used:
-            u = next(str(n) for n in range(len(disks) + len(used) + 1) if str(n) not in used)
-        used.add(u)
-        info = dmeta.get(d["vdi"], {})
-        plan.append(
-            {
-                "vdi": d["vdi"],
-                "new_vdi": d["new_vdi"],
-                "userdevice": u,
-                "bootable": info.get("bootable"),
-                "mode": info.get("mode") or "RW",
-                "unpluggable": info.get("unpluggable"),
-            }
-        )
-    if not any(p["bootable"] for p in plan) and plan:
-        plan[0]["bootable"] = True
-    for p in plan:
-        p["bootable"] = bool(p["bootable"])
-        p["unpluggable"] = True if p["unpluggable"] is None else bool(p["unpluggable"])
-    return plan
+# -- --new-vm: VM.create + VBD.create (the records: orchestrator/jobs/vmrecord.py) ---------------
 
 
 def _kept(disks: list[dict[str, Any]]) -> str:
@@ -579,7 +370,7 @@ def create_vm(x, name: str, meta: dict, point, disks: list[dict[str, Any]], ui=N
     md = meta.get("metadata") or {}
     vm_meta = md.get("vm") or {}
     record, defaulted = vm_create_record(name, vm_meta, point.id)
-    plan = _vbd_plan(disks, md.get("disks") or {})
+    plan = vbd_plan(disks, md.get("disks") or {})
     result = {"id": point.id, "disks": disks, "kept_vdis": [d["new_vdi"] for d in disks]}
     try:
         vm = x.VM.create(record)
@@ -595,22 +386,7 @@ def create_vm(x, name: str, meta: dict, point, disks: list[dict[str, Any]], ui=N
         vbds = []
         for p in plan:
             step = f"VBD.create for disk {p['vdi']} (userdevice {p['userdevice']})"
-            x.VBD.create(
-                {
-                    "VM": vm,
-                    "VDI": x.VDI.get_by_uuid(p["new_vdi"]),
-                    "userdevice": p["userdevice"],
-                    "device": "",
-                    "bootable": p["bootable"],
-                    "mode": p["mode"],
-                    "type": "Disk",
-                    "unpluggable": p["unpluggable"],
-                    "empty": False,
-                    "other_config": {},
-                    "qos_algorithm_type": "",
-                    "qos_algorithm_params": {},
-                }
-            )
+            x.VBD.create(vbd_create_record(vm, x.VDI.get_by_uuid(p["new_vdi"]), p))
             vbds.append(p)
     except BaseException as exc:
         why = " ".join(map(str, exc.details)) if isinstance(exc, XenAPI.Failure) else repr(exc)

@@ -152,7 +152,7 @@ def test_restore_as_a_new_vm(source, repo_factory, kind, encrypted):
         assert oc["mac_seed"] != src["other_config"]["mac_seed"]  # its own MAC addresses
         # Every configuration field is either the source's (when the backup stored it) or
         # a default the result lists: nothing is silently invented.
-        from orchestrator.jobs.restore import VM_COPIED_FIELDS
+        from orchestrator.jobs.vmrecord import VM_COPIED_FIELDS
 
         meta_vm = restore_point_vm(repo, r["id"])
         for field in VM_COPIED_FIELDS:
@@ -283,7 +283,7 @@ def test_new_vm_needs_to_xapi(tmp_path, repo_factory):
 
 def test_required_fields_agree_with_hostsims_datamodel():
     from hostsim.api import REQUIRED, VM_CREATE_FIELDS
-    from orchestrator.jobs.restore import VM_COPIED_FIELDS, VM_REQUIRED_FIELDS
+    from orchestrator.jobs.vmrecord import VM_COPIED_FIELDS, VM_REQUIRED_FIELDS
 
     assert list(VM_REQUIRED_FIELDS) == [
         k for k, (_t, d) in VM_CREATE_FIELDS.items() if d is REQUIRED
@@ -295,7 +295,7 @@ def test_record_from_todays_backup_metadata():
     """Restore points written before backup vm stored the whole configuration (uuid, names,
     memory_static_max, VCPUs_max, other_config only): those are used, everything else XAPI
     requires is defaulted, and listed."""
-    from orchestrator.jobs.restore import VM_REQUIRED_FIELDS, vm_create_record
+    from orchestrator.jobs.vmrecord import VM_REQUIRED_FIELDS, vm_create_record
 
     meta = {
         "uuid": "src-uuid",
@@ -327,7 +327,7 @@ def test_record_from_todays_backup_metadata():
 def test_record_from_a_full_vm_record_is_faithful(hostsim_pool, xapi_session):
     """If the backup stores the whole VM record (as XAPI's get_record gives it), the new VM has
     the same configuration, minus pool references, HA, blocked operations and generation id."""
-    from orchestrator.jobs.restore import VM_COPIED_FIELDS, vm_create_record
+    from orchestrator.jobs.vmrecord import VM_COPIED_FIELDS, vm_create_record
 
     x = xapi_session.xenapi
     vm = hostsim_pool.create_vm("pv guest")
@@ -361,7 +361,7 @@ def test_record_from_a_full_vm_record_is_faithful(hostsim_pool, xapi_session):
 
 
 def test_vbd_plan_uses_stored_flags_and_fixes_userdevices():
-    from orchestrator.jobs.restore import _vbd_plan
+    from orchestrator.jobs.vmrecord import vbd_plan
 
     disks = [
         {"vdi": "c", "new_vdi": "C", "userdevice": "3"},
@@ -370,7 +370,7 @@ def test_vbd_plan_uses_stored_flags_and_fixes_userdevices():
         {"vdi": "d", "new_vdi": "D", "userdevice": None},
     ]
     dmeta = {"c": {"bootable": True, "mode": "RO"}, "a": {"bootable": False}}
-    plan = _vbd_plan(disks, dmeta)
+    plan = vbd_plan(disks, dmeta)
     assert [(p["vdi"], p["userdevice"], p["bootable"], p["mode"]) for p in plan] == [
         ("a", "0", False, "RW"),
         ("b", "1", False, "RW"),

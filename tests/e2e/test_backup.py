@@ -128,6 +128,45 @@ def test_missing_base_falls_back_to_full_and_says_so(sim, repo_factory):
     assert any("is gone: full" in n for n in d["notes"]), d["notes"]
 
 
+def test_backup_vm_as_a_function(sim, repo_factory, tmp_path):
+    """backup_vm with explicit parameters (a session, a target, an open repository, options), as
+    a pool-wide job calls it: the result is the CLI's, full then incremental, and restores to
+    the snapshot; options that cannot work are refused before anything is touched."""
+    from orchestrator.cli import UsageError
+    from orchestrator.jobs import xapi_session
+    from orchestrator.jobs.backup import Tuning, VmBackupOptions, backup_vm
+    from orchestrator.progress import Progress
+    from orchestrator.repo.repository import Repository
+
+    url = repo_factory("local")
+    vm, vdi = sim.vm(1), sim.vm_disk(1)
+    others = set(sim.fastpath_snapshots(vm))  # other tests' repositories' snapshots of this VM
+    target = xapi_session.XapiTarget(sim.url, "root", "hostsim")
+    session = xapi_session.connect(target)
+    ui = Progress("quiet")
+    options = VmBackupOptions(transport="nbd", tuning=Tuning(connections=2))
+    try:
+        with Repository.open(url) as repo:
+            bad = VmBackupOptions(transport="xapi-export", cbt_purge=True)
+            with pytest.raises(UsageError, match="cbt-purge"):
+                backup_vm(session, target, repo, vm, bad, ui=ui)
+            assert set(sim.fastpath_snapshots(vm)) == others
+            r1 = backup_vm(session, target, repo, vm, options, ui=ui)
+            sim.write(vm, pattern="mixed", count=4, length=64 << 10, seed=31)
+            r2 = backup_vm(session, target, repo, vm, options, ui=ui)
+    finally:
+        xapi_session.logout(session)
+    (d1,), (d2,) = r1["disks"], r2["disks"]
+    assert d1["transport"] == "nbd" and not d1["incremental"]
+    assert d2["incremental"] and d2["bytes_read"] < d1["bytes_read"], (d1, d2)
+    assert {"snapshot", "choose_base", "data", "commit", "rotate"} <= set(r2["phases"])
+    check_restore(sim, url, r2["id"], vdi, d2["snapshot_vdi"], tmp_path, "function")
+    assert set(sim.fastpath_snapshots(vm)) == others | {r2["snapshot"]}
+    cli = fastpath("backup", "vm", vm, "--hostsim", sim.root, "--repo", url, "--transport", "nbd")
+    assert set(cli) - {"_stderr"} == set(r2)
+    assert cli["disks"][0]["incremental"]
+
+
 def test_backup_vdi_from_a_vhd_file(repo_factory, tmp_path):
     import subprocess
 
@@ -227,20 +266,20 @@ def test_restore_to_an_https_xapi_verifies_its_certificate(tmp_path, repo_factor
 def test_agent_refusing_the_base_falls_back_to_full(sim, repo_factory, monkeypatch, tmp_path):
     """A base the agent cannot diff against (here: another VM's disk, not an ancestor) is refused
     by the agent; the job does a full backup and says so."""
-    from orchestrator.jobs import backup
+    from orchestrator.jobs.backup import vm as backup_vm
 
     repo = repo_factory("local")
     vm, vdi = sim.vm(0), sim.vm_disk(0)
     args = ["backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", "nbd"]
     fastpath(*args)
-    orig = backup._choose_base
+    orig = backup_vm._choose_base
 
     def wrong_base(ctx, repo_, disk, point, prev):
         orig(ctx, repo_, disk, point, prev)
         assert disk.base_mode == "agent"
         disk.agent_base = sim.vm_disk(3)
 
-    monkeypatch.setattr(backup, "_choose_base", wrong_base)
+    monkeypatch.setattr(backup_vm, "_choose_base", wrong_base)
     r = fastpath(*args)
     (d,) = r["disks"]
     assert not d["incremental"]

@@ -23,14 +23,14 @@ def test_agent_down_mid_backup_retries_then_fails_cleanly(own_sim, repo_factory,
     """The agent stops answering once the export is open (SIGSTOP: its sockets stay open, so
     only timeouts can tell): reconnects are tried, then one clear failure; no index, no
     snapshot left. Once the agent is back, the next backup works."""
-    from orchestrator.jobs import backup
+    from orchestrator.jobs.backup import vm as backup_vm
     from orchestrator.sources.agent_nbd import AgentNbdSource
 
     sim = own_sim
     repo = repo_factory("local")
     pid = sim.agent_pid()
     orig_open = AgentNbdSource.open
-    orig_close = backup._close_sources
+    orig_close = backup_vm.close_sources
 
     def open_then_hang(self, blocks=None):
         plan = orig_open(self, blocks)
@@ -42,7 +42,7 @@ def test_agent_down_mid_backup_retries_then_fails_cleanly(own_sim, repo_factory,
         return orig_close(*a, **kw)
 
     monkeypatch.setattr(AgentNbdSource, "open", open_then_hang)
-    monkeypatch.setattr(backup, "_close_sources", close_and_resume)
+    monkeypatch.setattr(backup_vm, "close_sources", close_and_resume)
     vm = sim.vm(0)
     args = ["backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", "nbd"]
     try:

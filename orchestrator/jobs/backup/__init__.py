@@ -1,0 +1,58 @@
+"""``fastpath backup vm`` and ``fastpath backup vdi``: a VM's disks (or one disk) into a repository.
+
+backup vm (see DESIGN.md, Components and data flow)::
+
+    1. find the VM, the previous restore point of it in the repository (its JSON names the
+       snapshot each disk was read from: the base of this backup), remove snapshots an earlier
+       interrupted run left behind ("[fastpath] …" snapshots that are not the base)
+    2. enable CBT on the VM's disks when --cbt is given; VM.snapshot
+    3. per disk, choose how to find what changed since the base:
+         no restore point / base index or base snapshot gone / size changed  -> full
+         base snapshot data-destroyed (cbt_metadata)  -> CBT (VDI.list_changed_blocks)
+         agent (nbd, http): a ticket whose base is the base snapshot's parent VHD (XCP-ng
+           snapshots are empty leaves over a hidden base; the new snapshot's chain contains
+           that base, also after SM's GC coalesced it), the agent serves fastpath:changed
+         xapi-export: export_raw_vdi?base=<base snapshot>;  xapi-nbd: CBT, else full
+       a base that turns out unusable (the agent refuses it, CBT fails) falls back to full,
+       and the job says so
+    4. open every disk's source (--transport; auto: nbd, http, xapi-nbd, xapi-export, saying
+       which one was used and why), pull all disks in parallel through the pipeline
+    5. commit each disk's index, then the restore point's JSON (VM metadata, snapshots, stats)
+    6. rotate: keep the new snapshot as the next base, destroy the previous one; with
+       --cbt-purge, VDI.data_destroy the new snapshot's disks (only CBT metadata stays)
+
+A failure or Ctrl-C at any point before 5 destroys the new snapshot and commits nothing (the
+session's pending indexes are removed and its lease released), so the repository and the pool
+are as before.
+
+Where it lives (orchestrator/jobs/backup/):
+
+    cli.py         the two commands: arguments, runners, text rendering
+    options.py     Tuning and VmBackupOptions: what a backup is asked to do, as plain values
+    vm.py          backup_vm(session, target, repo, vm_uuid, options, ui=...): steps 1-6
+    context.py     the XAPI side: session, plugin host, tickets, Disk, VM/VDI lookup, snapshots
+    transports.py  opening each disk's source (one transport, or auto with fallback), closing
+    vdi.py         backup_vdi: one disk from an agent URL or a VHD file, no XAPI
+    ../vmrecord.py what of the VM record a restore point keeps (shared with restore --new-vm)
+"""
+
+from orchestrator.jobs.backup.cli import register, run_backup_vdi, run_backup_vm
+from orchestrator.jobs.backup.context import SNAPSHOT_PREFIX, destroy_snapshot, snapshot_tag
+from orchestrator.jobs.backup.options import Tuning, VmBackupOptions
+from orchestrator.jobs.backup.vdi import backup_vdi, vdi_source
+from orchestrator.jobs.backup.vm import Phases, backup_vm
+
+__all__ = [
+    "SNAPSHOT_PREFIX",
+    "Phases",
+    "Tuning",
+    "VmBackupOptions",
+    "backup_vdi",
+    "backup_vm",
+    "destroy_snapshot",
+    "register",
+    "run_backup_vdi",
+    "run_backup_vm",
+    "snapshot_tag",
+    "vdi_source",
+]

@@ -1,7 +1,8 @@
 """hostsim: a simulated XCP-ng host for tests, demos and benchmarks.
 
     store.py     in-memory object database with XAPI's event generations (event.from semantics)
-    api.py       XAPI methods: sessions, generic getters/setters, VM/VDI/VBD ops, CBT, tasks, event.from
+    api/         XAPI methods, one module per class family: core (dispatch, sessions, generic
+                 getters/setters), vm, vbd, storage (SR, VDI, CBT), hosts, tasks (+ event.from)
     server.py    XML-RPC over HTTP(S) (the XenAPI SDK works unmodified) + routes for the data paths
     sm.py        file SR with SM's VHD semantics: snapshot/clone, CBT logs, GC (coalesce, leaf-coalesce)
     vhdfile.py   in-place VHD writes, hidden flag, relink (on agent.vhd.format's structures)

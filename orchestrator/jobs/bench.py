@@ -82,13 +82,15 @@ def run_bench(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
     if args.fleet:
         return _run_fleet(args, ui)
     from orchestrator.benchcmd import run
+    from orchestrator.benchcmd.harness import Options
+    from orchestrator.benchcmd.realpool import run_real_pool
 
     if (args.xapi is None) != (args.vm is None):
         raise UsageError("--xapi URL and --vm UUID go together")
     if args.runs is not None and args.runs < 1:
         raise UsageError("--runs must be >= 1")
     quick = QUICK if args.quick else {}
-    opts = run.Options(
+    opts = Options(
         quick=args.quick,
         size=args.size or quick.get("size", "1G"),
         runs=args.runs or quick.get("runs", 3),
@@ -125,7 +127,7 @@ def run_bench(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
         opts.log = None
     try:
         if args.xapi:
-            return run.run_real_pool(opts)
+            return run_real_pool(opts)
         return run.run_bench(opts)
     except RuntimeError as exc:
         raise CommandFailed(str(exc)) from None
@@ -168,6 +170,6 @@ def _import_fleet():
 def _render(result: dict[str, Any]) -> str:
     if result.get("fleet"):
         return _import_fleet().render(result)
-    from orchestrator.benchcmd.run import render
+    from orchestrator.benchcmd.output import render
 
     return render(result)

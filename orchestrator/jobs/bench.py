@@ -1,6 +1,7 @@
 """``fastpath bench``: the speed comparison (orchestrator.benchcmd.run) and ``--fleet``, the dedup
-and storage report (bench.fleet). The work lives in orchestrator/benchcmd; this module only
-registers the command."""
+and storage report (orchestrator.benchcmd.fleet). The work lives in orchestrator/benchcmd (its map
+is run.py's docstring); this module only registers the command and turns its options into
+``harness.Options``."""
 
 from __future__ import annotations
 
@@ -134,7 +135,8 @@ def run_bench(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
 
 
 def _run_fleet(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
-    fleet = _import_fleet()
+    from orchestrator.benchcmd import fleet
+
     try:
         if (args.vms is not None and args.vms < 1) or (args.days is not None and args.days < 0):
             raise UsageError("--vms must be >= 1 and --days >= 0")
@@ -154,22 +156,11 @@ def _run_fleet(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
         raise CommandFailed(str(exc)) from None
 
 
-def _import_fleet():
-    """bench/fleet.py lives beside orchestrator/ in the source tree (bench/ is not installed)."""
-    try:
-        from bench import fleet
-    except ImportError:
-        import os
-
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        sys.path.insert(0, root)
-        from bench import fleet
-    return fleet
-
-
 def _render(result: dict[str, Any]) -> str:
     if result.get("fleet"):
-        return _import_fleet().render(result)
+        from orchestrator.benchcmd.fleet import render
+
+        return render(result)
     from orchestrator.benchcmd.output import render
 
     return render(result)

@@ -28,17 +28,16 @@ import sys
 import tempfile
 import threading
 import time
-import tracemalloc
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from orchestrator.benchcmd.fleet import lookup_ram_per_tb
 from orchestrator.jobs.gc import run_gc
 from orchestrator.jobs.prune import RetentionPolicy, run_prune
 from orchestrator.repo.backends import open_backend
 from orchestrator.repo.codec import CHUNK_SIZE
-from orchestrator.repo.dedup import DigestLookup
 from orchestrator.repo.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,24 +77,6 @@ def populate(repo: Repository, vms: int, points: int, threads: int) -> dict[str,
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(one_vm, range(vms)))
     return {"populate_s": time.monotonic() - t0}
-
-
-def lookup_ram_per_tb() -> dict[str, float]:
-    chunks_tib = 524288
-    entries = os.urandom(32 * chunks_tib)
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    lookup = DigestLookup()
-    lookup.add_many([("k", entries)])
-    retained = tracemalloc.get_traced_memory()[0] - before
-    peak = tracemalloc.get_traced_memory()[1] - before
-    tracemalloc.stop()
-    per_tb = 10**12 / (chunks_tib * CHUNK_SIZE)
-    return {
-        "array_mb_per_tb": lookup.nbytes * per_tb / 1e6,
-        "retained_mb_per_tb": retained * per_tb / 1e6,
-        "build_peak_mb_per_tb": peak * per_tb / 1e6,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

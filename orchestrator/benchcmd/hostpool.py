@@ -9,8 +9,9 @@ endpoint, the plugin and the agent are exactly what ``hostsim serve`` runs; only
 - VM ``bench-flat``: one dynamic VHD (no parent) filled like an installed OS. ``--data guest``
   (default): ``guest.fill_template``: 60 % of the disk written in 64 KiB..256 KiB pieces, 30 %
   text lines, 35 % binary records / code-like bytes, 10 % incompressible random bytes, 10 % zero
-  runs, 15 % holes never written. ``--data usr``: bench/backup.py's disk, an ext4 file system
-  made with ``mkfs.ext4 -d`` from real /usr files filling about 45 % of the disk.
+  runs, 15 % holes never written. ``--data usr``: orchestrator/benchcmd/usrdisk.py's disk (also
+  bench/backup.py's), an ext4 file system made with ``mkfs.ext4 -d`` from real /usr files filling
+  about 45 % of the disk.
 - VM ``bench-chain3``: the same kind of disk, then two VDI snapshots with guest writes after each
   (``guest.guest_write`` "mixed", ~10 % of the disk each), so the VM's disk is a leaf over two
   hidden parents: a 3-deep VHD chain (the snapshots' own empty leaves are kept).
@@ -31,7 +32,6 @@ import signal
 import sys
 
 BLOCK = 2 << 20
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build(pool, size: int, seed: int, data: str = "guest", work: str = "") -> dict:
@@ -40,9 +40,8 @@ def build(pool, size: int, seed: int, data: str = "guest", work: str = "") -> di
     api, st = pool.api, pool.api.store
     out = {}
     if data == "usr":
-        # bench/backup.py's disk: an ext4 file system (mkfs.ext4 -d) of real /usr files
-        sys.path.insert(0, ROOT)
-        from bench.backup import build_disk, install_in_pool
+        # the disk of bench/backup.py too: an ext4 file system (mkfs.ext4 -d) of real /usr files
+        from orchestrator.benchcmd.usrdisk import build_disk, install_in_pool
 
         raw, _staged = build_disk(work, size)
         vms = []

@@ -1,6 +1,7 @@
 """``fastpath bench``: the speed comparison (orchestrator.benchcmd.run) and ``--fleet``, the dedup
-and storage report (bench.fleet). The work lives in orchestrator/benchcmd; this module only
-registers the command."""
+and storage report (orchestrator.benchcmd.fleet). The work lives in orchestrator/benchcmd (its map
+is run.py's docstring); this module only registers the command and turns its options into
+``harness.Options``."""
 
 from __future__ import annotations
 
@@ -82,13 +83,15 @@ def run_bench(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
     if args.fleet:
         return _run_fleet(args, ui)
     from orchestrator.benchcmd import run
+    from orchestrator.benchcmd.harness import Options
+    from orchestrator.benchcmd.realpool import run_real_pool
 
     if (args.xapi is None) != (args.vm is None):
         raise UsageError("--xapi URL and --vm UUID go together")
     if args.runs is not None and args.runs < 1:
         raise UsageError("--runs must be >= 1")
     quick = QUICK if args.quick else {}
-    opts = run.Options(
+    opts = Options(
         quick=args.quick,
         size=args.size or quick.get("size", "1G"),
         runs=args.runs or quick.get("runs", 3),
@@ -125,14 +128,15 @@ def run_bench(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
         opts.log = None
     try:
         if args.xapi:
-            return run.run_real_pool(opts)
+            return run_real_pool(opts)
         return run.run_bench(opts)
     except RuntimeError as exc:
         raise CommandFailed(str(exc)) from None
 
 
 def _run_fleet(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
-    fleet = _import_fleet()
+    from orchestrator.benchcmd import fleet
+
     try:
         if (args.vms is not None and args.vms < 1) or (args.days is not None and args.days < 0):
             raise UsageError("--vms must be >= 1 and --days >= 0")
@@ -152,22 +156,11 @@ def _run_fleet(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
         raise CommandFailed(str(exc)) from None
 
 
-def _import_fleet():
-    """bench/fleet.py lives beside orchestrator/ in the source tree (bench/ is not installed)."""
-    try:
-        from bench import fleet
-    except ImportError:
-        import os
-
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        sys.path.insert(0, root)
-        from bench import fleet
-    return fleet
-
-
 def _render(result: dict[str, Any]) -> str:
     if result.get("fleet"):
-        return _import_fleet().render(result)
-    from orchestrator.benchcmd.run import render
+        from orchestrator.benchcmd.fleet import render
+
+        return render(result)
+    from orchestrator.benchcmd.output import render
 
     return render(result)

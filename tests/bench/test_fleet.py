@@ -1,12 +1,13 @@
-"""bench/fleet.py on a tiny fleet: its figures against the repository it built, read back through
-the `fastpath` commands (list, verify) and the file system rather than through fleet.py itself."""
+"""orchestrator/benchcmd/fleet.py on a tiny fleet: its figures against the repository it built, read
+back through the `fastpath` commands (list, verify) and the file system rather than through
+fleet.py itself."""
 
 import json
 import os
 import subprocess
 import sys
 
-from bench import fleet
+from orchestrator.benchcmd import fleet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

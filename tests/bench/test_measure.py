@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from orchestrator.benchcmd.run import proc_cpu, proc_hwm, run_measured
+from orchestrator.benchcmd.measure import proc_cpu, proc_hwm, run_measured
 
 MiB = 1 << 20
 

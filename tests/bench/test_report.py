@@ -110,13 +110,14 @@ def test_missing_moto_is_named_before_anything_starts(monkeypatch, tmp_path):
     import importlib.util
 
     from orchestrator.benchcmd import run
+    from orchestrator.benchcmd.harness import Bench, Options
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "moto" else real(name, *a)
     )
     built = []
-    monkeypatch.setattr(run.Bench, "start_hostsim", lambda *a: built.append(a))
+    monkeypatch.setattr(Bench, "start_hostsim", lambda *a: built.append(a))
     with pytest.raises(RuntimeError, match=r"xcp-fastpath\[bench\].*--no-s3"):
-        run.run_bench(run.Options(out=str(tmp_path / "out")))
+        run.run_bench(Options(out=str(tmp_path / "out")))
     assert not built and not (tmp_path / "out").exists()

@@ -20,9 +20,9 @@ import time
 
 import pytest
 
-from agent import http as fhttp
-from agent import httpproto as hp
 from agent.export import Counters
+from agent.http import protocol as hp
+from agent.http import server as fhttp
 from agent.sr import FileSR
 from agent.tickets import TicketStore
 from tests.fixtures.vhd import Level, build_chain, pattern

@@ -6,7 +6,7 @@ import ssl
 
 import pytest
 
-from agent import httpproto as hp
+from agent.http import protocol as hp
 from tests.http.conftest import (
     BASE_VDI,
     VDI,
@@ -205,7 +205,7 @@ def test_client_certificates_when_the_agent_requires_them(make_server, tls_files
 
 
 def test_ipv6_listener(disk):
-    from agent import http as fhttp
+    from agent.http import server as fhttp
     from agent.tickets import TicketStore
 
     try:

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from agent import httpproto as hp
+from agent.http import protocol as hp
 from tests.http.conftest import SIZE, fd_count, read_response, request, wait_for
 
 
@@ -316,7 +316,7 @@ def test_tls_port_drops_silent_and_garbage_clients(make_server, tmp_path):
 
 
 def test_metrics_extra_hook_appends_other_counters(make_server):
-    from agent import http as fhttp
+    from agent.http import server as fhttp
 
     env = make_server()
     env.server.metrics_extra = lambda: fhttp.prometheus_lines(
@@ -386,7 +386,7 @@ def test_connections_have_nodelay_and_json_answers_go_out_in_one_send(env):
             sent.append(bytes(data))
             return self._sock.sendall(data)
 
-    from agent import http as fhttp
+    from agent.http import server as fhttp
 
     class Conn(object):
         tls = False

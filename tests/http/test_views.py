@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from agent import http as fhttp
-from agent import httpproto as hp
+from agent.http import protocol as hp
+from agent.http import server as fhttp
 from agent.tickets import TicketStore
 from tests.http.conftest import request, wait_for
 

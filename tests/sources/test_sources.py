@@ -215,8 +215,8 @@ def test_plain_nbd_server_qemu_nbd(tmp_path):
 
 @pytest.fixture
 def http_agent(file_sr):
-    from agent import http as fhttp
     from agent.export import Counters
+    from agent.http import server as fhttp
     from agent.sr import FileSR
     from agent.tickets import TicketStore
 
@@ -372,7 +372,7 @@ def test_agent_nbd_hung_server_is_a_timeout_not_a_hang(file_sr, agent_proc):
 def test_agent_http_tls_is_pinned_by_fingerprint(file_sr, tls_files):
     import ssl
 
-    from agent import http as fhttp
+    from agent.http import server as fhttp
     from agent.sr import FileSR
     from agent.tickets import TicketStore
 

@@ -1,7 +1,7 @@
 """The agent's HTTP API: export info, extents, and the vhd / raw / blocks streams; health and metrics.
 
 A thread per connection (like the NBD server), bounded by Limits.max_connections; the request parsing
-and the framing live in agent.httpproto (sans-IO), this module only moves bytes. See docs/http.md.
+and the framing live in agent.http.protocol (sans-IO), this module only moves bytes. See docs/http.md.
 
 The daemon starts it as::
 
@@ -24,7 +24,7 @@ import ssl
 import threading
 import time
 
-from agent import httpproto as hp
+from agent.http import protocol as hp
 
 log = logging.getLogger("fastpath.http")
 

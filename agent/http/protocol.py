@@ -1,7 +1,7 @@
 """Sans-IO pieces of the agent's HTTP API: request parsing, ranges, response framing, blocks framing.
 
 Nothing here touches a socket: bytes go in, requests (or typed errors) come out, and response heads and
-stream frames come back as bytes. agent/http.py is the thin socket layer around it.
+stream frames come back as bytes. agent/http/server.py is the thin socket layer around it.
 
 The parser is deliberately strict (the agent faces whatever reaches dom0's network): HTTP/1.0 and 1.1
 only, request line and header block bounded, no obsolete line folding, no request bodies, a single Host.

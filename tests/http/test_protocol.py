@@ -2,7 +2,7 @@
 
 import pytest
 
-from agent import httpproto as hp
+from agent.http import protocol as hp
 
 
 def parse(data, **limits):

@@ -2,7 +2,7 @@
 
 The block list comes from ``/extents`` (allocation, or changed for a ticket with a base); the
 blocks are then read by ``streams`` parallel GETs of ``/blocks?start=&count=`` over disjoint
-block ranges, each decoded with ``agent.http.protocol.BlocksDecoder`` (which checks the framing, the
+block ranges, each decoded by ``agent.http.protocol.BlocksDecoder`` (which checks the framing, the
 order and the end frame's counts and CRC). A broken stream is retried from the first block it did
 not deliver. TLS is pinned by the fingerprint the plugin returned.
 """

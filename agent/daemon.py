@@ -28,8 +28,9 @@ from agent import config as config_mod
 from agent import sr as sr_mod
 from agent import tickets as tickets_mod
 from agent.export import Counters
-from agent.http import HttpServer, prometheus_lines
-from agent.httpproto import Limits
+from agent.http.limits import Limits
+from agent.http.metrics import prometheus_lines
+from agent.http.server import HttpServer
 from agent.nbd.server import NBDServer
 from agent.signalstop import SignalStop
 

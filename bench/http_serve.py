@@ -35,7 +35,7 @@ BS = 2 * 1024 * 1024
 SERVER = r"""
 import json, sys, ssl
 sys.path.insert(0, %(root)r)
-from agent.http import HttpServer
+from agent.http.server import HttpServer
 from agent.sr import FileSR
 from agent.tickets import TicketStore
 from agent.export import Counters

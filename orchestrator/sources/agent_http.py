@@ -2,7 +2,7 @@
 
 The block list comes from ``/extents`` (allocation, or changed for a ticket with a base); the
 blocks are then read by ``streams`` parallel GETs of ``/blocks?start=&count=`` over disjoint
-block ranges, each decoded with ``agent.httpproto.BlocksDecoder`` (which checks the framing, the
+block ranges, each decoded by ``agent.http.protocol.BlocksDecoder`` (which checks the framing, the
 order and the end frame's counts and CRC). A broken stream is retried from the first block it did
 not deliver. TLS is pinned by the fingerprint the plugin returned.
 """
@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
-from agent import httpproto as hp
+from agent.http import protocol as hp
 from orchestrator.sources import httpclient
 from orchestrator.sources.base import (
     BLOCK_SIZE,

@@ -67,7 +67,10 @@ def test_bundle_is_reproducible_and_complete(built, tmp_path):
         "plugin/fastpath",
         "systemd/fastpath-agent.service",
         "systemd/agent.conf",
-        "lib/agent/http.py",
+        "lib/agent/http/__init__.py",
+        "lib/agent/http/server.py",
+        "lib/agent/http/protocol.py",
+        "lib/agent/http/limits.py",
         "lib/agent/daemon.py",
         "lib/agent/vhd/chain.py",
         "SHA256SUMS",
@@ -123,7 +126,7 @@ def test_install_refuses_a_damaged_bundle(built, tmp_path):
     _, top = built
     copy = str(tmp_path / "bundle")
     shutil.copytree(top, copy)
-    with open(os.path.join(copy, "lib/agent/http.py"), "a") as f:
+    with open(os.path.join(copy, "lib/agent/http/server.py"), "a") as f:
         f.write("# tampered\n")
     r = run(["sh", os.path.join(copy, "install.sh"), "--root", str(tmp_path / "root")])
     assert r.returncode == 1 and "damaged" in r.stderr

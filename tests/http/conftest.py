@@ -20,9 +20,9 @@ import time
 
 import pytest
 
-from agent import http as fhttp
-from agent import httpproto as hp
 from agent.export import Counters
+from agent.http.limits import Limits
+from agent.http.server import HttpServer
 from agent.sr import FileSR
 from agent.tickets import TicketStore
 from tests.fixtures.vhd import Level, build_chain, pattern
@@ -113,7 +113,7 @@ def make_server(disk):
                 ticket.vdi, ticket.sr, ticket.base, counters=counters, name=ticket.id
             )
 
-        server = fhttp.HttpServer(
+        server = HttpServer(
             ("127.0.0.1", 0),
             tickets,
             open_export,
@@ -133,9 +133,7 @@ def make_server(disk):
 @pytest.fixture
 def env(make_server):
     return make_server(
-        limits=hp.Limits(
-            header_timeout=2.0, idle_timeout=5.0, send_timeout=10.0, max_connections=16
-        )
+        limits=Limits(header_timeout=2.0, idle_timeout=5.0, send_timeout=10.0, max_connections=16)
     )
 
 

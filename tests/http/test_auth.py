@@ -6,7 +6,7 @@ import ssl
 
 import pytest
 
-from agent import httpproto as hp
+from agent.http.limits import Limits
 from tests.http.conftest import (
     BASE_VDI,
     VDI,
@@ -169,9 +169,7 @@ def test_tickets_never_reach_the_log(env, caplog):
 
 def test_stop_closes_idle_tls_connections(make_server, tmp_path):
     server_ctx, client_ctx, _ = make_tls(tmp_path)
-    env = make_server(
-        tls_context=server_ctx, tls_mode="require", limits=hp.Limits(idle_timeout=600)
-    )
+    env = make_server(tls_context=server_ctx, tls_mode="require", limits=Limits(idle_timeout=600))
     raw = socket.create_connection((env.host, env.port), timeout=30)
     s = client_ctx.wrap_socket(raw, server_hostname="127.0.0.1")
     try:
@@ -205,7 +203,7 @@ def test_client_certificates_when_the_agent_requires_them(make_server, tls_files
 
 
 def test_ipv6_listener(disk):
-    from agent import http as fhttp
+    from agent.http.server import HttpServer
     from agent.tickets import TicketStore
 
     try:
@@ -214,7 +212,7 @@ def test_ipv6_listener(disk):
         probe.close()
     except OSError as exc:
         pytest.skip("no IPv6 loopback on this machine: %s" % exc)
-    server = fhttp.HttpServer("[::1]:0", TicketStore(), lambda t: None).start()
+    server = HttpServer("[::1]:0", TicketStore(), lambda t: None).start()
     try:
         s = socket.create_connection(("::1", server.address[1]), timeout=10)
         s.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")  # HTTP/1.0: no Host needed, closed after

@@ -10,7 +10,8 @@ import struct
 
 import pytest
 
-from agent import httpproto as hp
+from agent.http import protocol as hp
+from agent.http.limits import Limits
 from tests.http.conftest import SIZE, fd_count, read_response, request, wait_for
 
 
@@ -44,7 +45,7 @@ def status_of(resp):
 
 @pytest.fixture
 def fast_env(make_server):
-    limits = hp.Limits(
+    limits = Limits(
         header_timeout=0.5,
         idle_timeout=1.0,
         send_timeout=5.0,
@@ -253,7 +254,7 @@ def test_no_fd_leak_after_a_mixed_workload(env):
 
 
 def test_a_client_that_stops_reading_is_dropped(make_server):
-    env = make_server(limits=hp.Limits(header_timeout=2.0, send_timeout=0.5, max_connections=4))
+    env = make_server(limits=Limits(header_timeout=2.0, send_timeout=0.5, max_connections=4))
     t = env.tickets.create(
         "0b3c1f55-6a0e-4a57-9b64-2f8e6f1d1a11", "5d7a3b2c-1e0f-4a9b-8c7d-6e5f4a3b2c1d"
     ).id
@@ -290,7 +291,7 @@ def test_tls_port_drops_silent_and_garbage_clients(make_server, tmp_path):
     env = make_server(
         tls_context=server_ctx,
         tls_mode="require",
-        limits=hp.Limits(header_timeout=0.5, max_connections=8),
+        limits=Limits(header_timeout=0.5, max_connections=8),
     )
     silent = env.connect()  # connects and never speaks
     garbage = env.connect()
@@ -316,10 +317,10 @@ def test_tls_port_drops_silent_and_garbage_clients(make_server, tmp_path):
 
 
 def test_metrics_extra_hook_appends_other_counters(make_server):
-    from agent import http as fhttp
+    from agent.http.metrics import prometheus_lines
 
     env = make_server()
-    env.server.metrics_extra = lambda: fhttp.prometheus_lines(
+    env.server.metrics_extra = lambda: prometheus_lines(
         "fastpath_nbd", {"open_connections": 3, "bytes-sent": 1.5, "mode": "x", "flag": True}
     )
     status, _, body = request(env, "/metrics")
@@ -337,7 +338,7 @@ def test_metrics_extra_hook_appends_other_counters(make_server):
 
 
 def test_thousands_of_pipelined_requests_and_the_per_connection_cap(make_server):
-    env = make_server(limits=hp.Limits(max_requests_per_connection=1500, header_timeout=5))
+    env = make_server(limits=Limits(max_requests_per_connection=1500, header_timeout=5))
     s = env.connect(timeout=30)
     try:
         # Exactly as many as the cap: the server answers them all and then closes (announced
@@ -386,7 +387,7 @@ def test_connections_have_nodelay_and_json_answers_go_out_in_one_send(env):
             sent.append(bytes(data))
             return self._sock.sendall(data)
 
-    from agent import http as fhttp
+    from agent.http.response import Response
 
     class Conn(object):
         tls = False
@@ -399,7 +400,7 @@ def test_connections_have_nodelay_and_json_answers_go_out_in_one_send(env):
         conn = Conn()
         conn.sock = Spy(a)
         req = hp.RequestParser().feed(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        resp = fhttp._Response(conn, req)
+        resp = Response(conn, req)
         resp.send_json({"status": "ok"})
         assert len(sent) == 1 and sent[0].endswith(b'{"status": "ok"}\n')
     finally:

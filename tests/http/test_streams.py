@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from agent import httpproto as hp
+from agent.http import protocol as hp
 from tests.http.conftest import BASE_VDI, SIZE, VDI, MiB, request, wait_for
 
 TIMEOUT = 60

@@ -10,15 +10,17 @@ import json
 
 import pytest
 
-from agent import http as fhttp
-from agent import httpproto as hp
+from agent.http import protocol as hp
+from agent.http.exportview import ExportView
+from agent.http.limits import Limits
+from agent.http.server import HttpServer
 from agent.tickets import TicketStore
 from tests.http.conftest import request, wait_for
 
 BS = 64 * 1024
 
 
-class MemoryView(fhttp.ExportView):
+class MemoryView(ExportView):
     def __init__(self, data, allocated, changed=None, fail_check_after=None):
         self.data = data
         self.size = len(data)
@@ -53,7 +55,7 @@ class MemoryView(fhttp.ExportView):
     def check(self):
         self.checks += 1
         if self.fail_check_after is not None and self.checks > self.fail_check_after:
-            raise fhttp.hp.HttpError(
+            raise hp.HttpError(
                 "the chain changed under the export", status=409, code="chain_changed"
             )
 
@@ -76,9 +78,7 @@ def serve():
 
     def make(opener):
         tickets = TicketStore()
-        server = fhttp.HttpServer(
-            ("127.0.0.1", 0), tickets, opener, limits=hp.Limits(header_timeout=2)
-        )
+        server = HttpServer(("127.0.0.1", 0), tickets, opener, limits=Limits(header_timeout=2))
         server.start()
         servers.append(server)
         return Env(server, tickets)

@@ -203,7 +203,7 @@ def test_open_then_read_over_https_pinned_by_fingerprint(tmp_path, file_sr, agen
     import socket
     import ssl
 
-    from agent import httpproto as hp
+    from agent.http import protocol as hp
 
     vdis, models = file_sr.chain([Level(4 * MiB, writes=[(MiB, pattern(8, 2 * MiB))])])
     tls_args = ["--tls-cert", tls_files["cert"], "--tls-key", tls_files["key"]]

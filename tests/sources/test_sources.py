@@ -215,8 +215,8 @@ def test_plain_nbd_server_qemu_nbd(tmp_path):
 
 @pytest.fixture
 def http_agent(file_sr):
-    from agent import http as fhttp
     from agent.export import Counters
+    from agent.http.server import HttpServer
     from agent.sr import FileSR
     from agent.tickets import TicketStore
 
@@ -227,7 +227,7 @@ def http_agent(file_sr):
     def open_export(t):
         return sr.open_export(t.vdi, t.sr, t.base, counters=counters, name=t.id)
 
-    server = fhttp.HttpServer(("127.0.0.1", 0), tickets, open_export)
+    server = HttpServer(("127.0.0.1", 0), tickets, open_export)
     server.start()
     server.tickets_store = tickets
     yield server
@@ -372,7 +372,7 @@ def test_agent_nbd_hung_server_is_a_timeout_not_a_hang(file_sr, agent_proc):
 def test_agent_http_tls_is_pinned_by_fingerprint(file_sr, tls_files):
     import ssl
 
-    from agent import http as fhttp
+    from agent.http.server import HttpServer
     from agent.sr import FileSR
     from agent.tickets import TicketStore
 
@@ -381,7 +381,7 @@ def test_agent_http_tls_is_pinned_by_fingerprint(file_sr, tls_files):
     ctx.load_cert_chain(tls_files["cert"], tls_files["key"])
     tickets = TicketStore()
     sr = FileSR([file_sr.root])
-    server = fhttp.HttpServer(
+    server = HttpServer(
         ("127.0.0.1", 0),
         tickets,
         lambda t: sr.open_export(t.vdi, t.sr, t.base, name=t.id),

@@ -2,11 +2,12 @@
 
 import pytest
 
-from agent import httpproto as hp
+from agent.http import protocol as hp
+from agent.http.limits import Limits
 
 
 def parse(data, **limits):
-    p = hp.RequestParser(hp.Limits(**limits))
+    p = hp.RequestParser(Limits(**limits))
     return p.feed(data)
 
 
@@ -183,7 +184,7 @@ from hypothesis import strategies as st  # noqa: E402
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=200), max_size=8))
 def test_parser_only_ever_returns_or_raises_protocol_error(pieces):
-    p = hp.RequestParser(hp.Limits(max_request_line=256, max_header_bytes=512, max_headers=8))
+    p = hp.RequestParser(Limits(max_request_line=256, max_header_bytes=512, max_headers=8))
     try:
         for piece in pieces:
             req = p.feed(piece)

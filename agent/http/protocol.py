@@ -1,7 +1,10 @@
 """Sans-IO pieces of the agent's HTTP API: request parsing, ranges, response framing, blocks framing.
 
 Nothing here touches a socket: bytes go in, requests (or typed errors) come out, and response heads and
-stream frames come back as bytes. agent/http.py is the thin socket layer around it.
+stream frames come back as bytes. The rest of agent/http/ is the thin socket layer around it:
+connection.py feeds RequestParser, response.py sends response_head() and json_body(), views.py
+frames the blocks stream with BlocksEncoder; the orchestrator reads that stream back with
+BlocksDecoder. The parser's bounds are limits.Limits.
 
 The parser is deliberately strict (the agent faces whatever reaches dom0's network): HTTP/1.0 and 1.1
 only, request line and header block bounded, no obsolete line folding, no request bodies, a single Host.
@@ -14,6 +17,8 @@ import re
 import struct
 import zlib
 from urllib.parse import parse_qs, unquote
+
+from agent.http.limits import Limits
 
 REASONS = {
     200: "OK",
@@ -69,30 +74,6 @@ class RequestError(HttpError):
 
     status = 400
     code = "bad_request"
-
-
-class Limits(object):
-    """Bounds on what one client may send or hold. All sizes in bytes, times in seconds."""
-
-    def __init__(
-        self,
-        max_request_line=8192,
-        max_header_bytes=16384,
-        max_headers=64,
-        header_timeout=10.0,
-        idle_timeout=60.0,
-        send_timeout=60.0,
-        max_connections=64,
-        max_requests_per_connection=10000,
-    ):
-        self.max_request_line = max_request_line
-        self.max_header_bytes = max_header_bytes
-        self.max_headers = max_headers
-        self.header_timeout = header_timeout
-        self.idle_timeout = idle_timeout
-        self.send_timeout = send_timeout
-        self.max_connections = max_connections
-        self.max_requests_per_connection = max_requests_per_connection
 
 
 # RFC 9110 token characters for methods and header names.
@@ -303,6 +284,9 @@ def parse_range(value, size):
 
 
 # --------------------------------------------------------------------------------- responses
+
+
+JSON_TYPE = "application/json"
 
 
 def json_body(obj):

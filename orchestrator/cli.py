@@ -294,10 +294,10 @@ def cmd_repo_init(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
         passphrase = get_passphrase(args.passphrase_file, confirm=True)
     elif args.passphrase_file:
         raise UsageError("--passphrase-file needs --encrypt")
-    from orchestrator.repo.codec import _parse_compression
+    from orchestrator.repo.codec import parse_compression
 
     try:
-        _parse_compression(args.compression)
+        parse_compression(args.compression)
     except ValueError as exc:
         raise UsageError(f"--compression: {exc}") from None
     repo = Repository.init(

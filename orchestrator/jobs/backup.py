@@ -36,7 +36,7 @@ import uuid as uuid_mod
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.cli import CommandFailed, UsageError, open_repo
+from orchestrator.cliutil import CommandFailed, UsageError, open_repo
 from orchestrator.jobs import xapi_session
 from orchestrator.jobs.pipeline import Cancelled, copy_disks
 from orchestrator.progress import Progress

@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.cliutil import add_repo_argument, open_repo
 from orchestrator.progress import Progress
 from orchestrator.repo import locks
 from orchestrator.repo.codec import DIGEST_SIZE, chunk_key, digest_from_key
@@ -320,8 +321,6 @@ def _remove_old_lists(backend, margin: float) -> int:
 
 
 def register(registry) -> None:
-    from orchestrator.cli import add_repo_argument
-
     p = registry.add("gc", cmd_gc, help="delete chunks that no restore point references")
     add_repo_argument(p)
     p.add_argument("--dry-run", action="store_true", help="count, delete nothing")
@@ -339,8 +338,6 @@ def register(registry) -> None:
 
 
 def cmd_gc(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
-    from orchestrator.cli import open_repo
-
     with open_repo(args, need_key=False) as repo:
         return run_gc(repo, dry_run=args.dry_run, force=args.force, ui=ui, margin=args.margin)
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.cliutil import UsageError, add_repo_argument, open_repo
 from orchestrator.progress import Progress
 from orchestrator.repo import locks
 from orchestrator.repo.repository import Catalog, Repository, RestorePoint
@@ -216,8 +217,6 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def policy_from_args(args: argparse.Namespace) -> RetentionPolicy:
-    from orchestrator.cli import UsageError
-
     try:
         return RetentionPolicy(**{f"keep_{r}": getattr(args, f"keep_{r}") for r in RULES})
     except ValueError as exc:
@@ -225,8 +224,6 @@ def policy_from_args(args: argparse.Namespace) -> RetentionPolicy:
 
 
 def register(registry) -> None:
-    from orchestrator.cli import add_repo_argument
-
     p = registry.add(
         "prune", cmd_prune, help="delete restore points by retention policy (metadata only)"
     )
@@ -238,8 +235,6 @@ def register(registry) -> None:
 
 
 def cmd_prune(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
-    from orchestrator.cli import open_repo
-
     policy = policy_from_args(args)
     with open_repo(args, need_key=False) as repo:
         return run_prune(repo, policy, vm=args.vm, dry_run=args.dry_run, ui=ui)

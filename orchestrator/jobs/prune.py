@@ -30,7 +30,8 @@ from typing import Any
 from orchestrator.cliutil import UsageError, add_repo_argument, open_repo
 from orchestrator.progress import Progress
 from orchestrator.repo import locks
-from orchestrator.repo.repository import Catalog, Repository, RestorePoint
+from orchestrator.repo.catalog import Catalog, RestorePoint, rp_key
+from orchestrator.repo.repository import Repository
 
 RULES = ("last", "hourly", "daily", "weekly", "monthly")
 
@@ -147,8 +148,6 @@ def live_sessions(repo: Repository) -> set[tuple[str, str]]:
 def _still_incomplete(repo: Repository, point: RestorePoint) -> bool:
     """An incomplete point whose writer had no live lease when listed (after the scan) is dead,
     unless its writer finished in between: then its JSON exists now, and it is complete."""
-    from orchestrator.repo.repository import rp_key
-
     return not repo.backend.exists(rp_key(point.vm, point.time))
 
 

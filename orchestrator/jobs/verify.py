@@ -25,11 +25,12 @@ import numpy as np
 
 from orchestrator.cliutil import UsageError, add_repo_argument, open_repo
 from orchestrator.progress import Progress
+from orchestrator.repo.catalog import RP_FORMAT, Catalog, fetch_many
 from orchestrator.repo.codec import DIGEST_SIZE, chunk_key, digest_from_key
 from orchestrator.repo.dedup import records
 from orchestrator.repo.errors import CorruptChunk, CorruptIndex, NotFound
 from orchestrator.repo.index import Index
-from orchestrator.repo.repository import RP_FORMAT, Catalog, Repository, fetch_many
+from orchestrator.repo.repository import Repository
 
 _REC = np.dtype(f"V{DIGEST_SIZE}")
 

@@ -18,6 +18,11 @@ progress as JSON lines on stderr) and ``--progress``; errors are one line on std
 ``{"ok": false, "error": ...}`` on stdout with --json); exit 0 success, 1 operational failure,
 2 usage error. REPO arguments are a path or ``s3://bucket/prefix``; an encrypted repository's
 passphrase comes from ``--passphrase-file``, ``FASTPATH_PASSPHRASE`` or a prompt.
+
+Command modules take what they share with this entry point (UsageError, CommandFailed,
+add_repo_argument, open_repo) from :mod:`orchestrator.cliutil`, never from here: this module
+imports them. Here: the registry, ``main`` (exit codes, output) and the built-in commands
+``repo init``, ``list``, ``show`` and ``stats``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from orchestrator.cliutil import CommandFailed, UsageError, add_repo_argument, open_repo
 from orchestrator.progress import MODES, Progress
 from orchestrator.repo.errors import RepoError
 
@@ -43,18 +49,6 @@ EXIT_USAGE = 2
 EXTRA_MODULES: tuple[str, ...] = ()
 
 Runner = Callable[[argparse.Namespace, Progress], Any]
-
-
-class UsageError(Exception):
-    """Bad arguments found after parsing (exit 2)."""
-
-
-class CommandFailed(Exception):
-    """An operational failure with a prepared result (exit 1, result still printed)."""
-
-    def __init__(self, message: str, result: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.result = result or {}
 
 
 class Registry:
@@ -86,52 +80,6 @@ class Registry:
         )
         p.set_defaults(_run=run, _name=f"{group} {name}" if group else name)
         return p
-
-
-def add_repo_argument(p: argparse.ArgumentParser, *, nargs: str | None = None) -> None:
-    p.add_argument(
-        "repo" if nargs is None else "repos",
-        metavar="REPO",
-        nargs=nargs,
-        help="repository: a directory or s3://bucket/prefix",
-    )
-    p.add_argument(
-        "--passphrase-file", metavar="FILE", help="passphrase of an encrypted repository"
-    )
-    p.add_argument(
-        "--concurrency-io",
-        type=int,
-        default=16,
-        metavar="N",
-        help="backend connections / parallel object requests (default 16)",
-    )
-
-
-def open_repo(args: argparse.Namespace, url: str | None = None, *, need_key: bool = True):
-    """Open ``args.repo`` (or ``url``), asking for the passphrase only when it is encrypted.
-
-    ``need_key=False`` (list, show, stats, prune, gc, check: metadata only) opens an encrypted
-    repository without its data key when no passphrase is at hand (no prompt); a passphrase
-    from FASTPATH_PASSPHRASE or --passphrase-file is still checked when given.
-    """
-    from orchestrator.repo.backends import open_backend
-    from orchestrator.repo.config import PASSPHRASE_ENV, get_passphrase, read_config
-    from orchestrator.repo.repository import Repository
-
-    target = url or args.repo
-    options: dict[str, Any] = {} if str(target).startswith("s3://") else {"create": False}
-    backend = open_backend(target, concurrency=getattr(args, "concurrency_io", 16), **options)
-    try:
-        config = read_config(backend)
-        passphrase = None
-        pfile = getattr(args, "passphrase_file", None)
-        if config.encrypted:
-            if need_key or pfile or os.environ.get(PASSPHRASE_ENV):
-                passphrase = get_passphrase(pfile)
-        return Repository.open(backend, passphrase=passphrase, need_key=need_key)
-    except BaseException:
-        backend.close()
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,10 +242,10 @@ def cmd_repo_init(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
         passphrase = get_passphrase(args.passphrase_file, confirm=True)
     elif args.passphrase_file:
         raise UsageError("--passphrase-file needs --encrypt")
-    from orchestrator.repo.codec import _parse_compression
+    from orchestrator.repo.codec import parse_compression
 
     try:
-        _parse_compression(args.compression)
+        parse_compression(args.compression)
     except ValueError as exc:
         raise UsageError(f"--compression: {exc}") from None
     repo = Repository.init(
@@ -361,8 +309,4 @@ def cmd_stats(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # `python -m orchestrator.cli`: run the imported module's main, so the job modules and this
-    # entry point share one set of classes (UsageError...).
-    from orchestrator.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -148,7 +148,8 @@ def run_fleet(
     from hostsim import guest
     from hostsim.cli import parse_size
     from hostsim.host import Pool
-    from orchestrator.repo.repository import Repository, WriterStats
+    from orchestrator.repo.repository import Repository
+    from orchestrator.repo.writer import WriterStats
 
     say = log or (lambda line: None)
     nbytes = parse_size(size) if isinstance(size, str) else int(size)

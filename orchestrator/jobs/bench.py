@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Any
 
-from orchestrator.cli import CommandFailed, UsageError
+from orchestrator.cliutil import CommandFailed, UsageError
 from orchestrator.progress import Progress
 
 QUICK = {

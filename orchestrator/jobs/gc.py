@@ -21,10 +21,11 @@ G8. Delete the remaining candidates in batches, then write ``<run>.done``.
 G9. Remove the lists (and .done markers) of runs that finished before the oldest live writer
     started; write the dedup cache (the marked set's prefixes); release the lease.
 
-Writer side (repository.DiskWriter.commit): W1 write the index as ``.pending``; W2 read every
-deletion list; for each digest of the index named in a list, wait until that run is done (or its
-lease is dead) and check the chunk exists; if one is gone, remove the pending index and raise
-ChunksVanished (the backup job re-puts those chunks and commits again); W3 write the final index.
+Writer side (``DiskWriter.commit`` in orchestrator/repo/writer.py, the list check in
+orchestrator/repo/deletions.py): W1 write the index as ``.pending``; W2 read every deletion list;
+for each digest of the index named in a list, wait until that run is done (or its lease is dead)
+and check the chunk exists; if one is gone, remove the pending index and raise ChunksVanished
+(the backup job re-puts those chunks and commits again); W3 write the final index.
 The writer lease is taken before the writer reads anything (base index, dedup lookup), and a
 writer whose lease lapsed refuses to commit.
 
@@ -66,20 +67,16 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.cliutil import add_repo_argument, open_repo
 from orchestrator.progress import Progress
 from orchestrator.repo import locks
+from orchestrator.repo.catalog import fetch_many, format_time, scan_backups
 from orchestrator.repo.codec import DIGEST_SIZE, chunk_key, digest_from_key
 from orchestrator.repo.dedup import CACHE_KEY, DigestLookup, prefixes, records
+from orchestrator.repo.deletions import DELETIONS_PREFIX, encode_deletion_list
 from orchestrator.repo.errors import CorruptIndex, RepoError
 from orchestrator.repo.index import Index
-from orchestrator.repo.repository import (
-    DELETIONS_PREFIX,
-    Repository,
-    encode_deletion_list,
-    fetch_many,
-    format_time,
-    scan_backups,
-)
+from orchestrator.repo.repository import Repository
 
 _REC = np.dtype(f"V{DIGEST_SIZE}")
 
@@ -320,8 +317,6 @@ def _remove_old_lists(backend, margin: float) -> int:
 
 
 def register(registry) -> None:
-    from orchestrator.cli import add_repo_argument
-
     p = registry.add("gc", cmd_gc, help="delete chunks that no restore point references")
     add_repo_argument(p)
     p.add_argument("--dry-run", action="store_true", help="count, delete nothing")
@@ -339,8 +334,6 @@ def register(registry) -> None:
 
 
 def cmd_gc(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
-    from orchestrator.cli import open_repo
-
     with open_repo(args, need_key=False) as repo:
         return run_gc(repo, dry_run=args.dry_run, force=args.force, ui=ui, margin=args.margin)
 

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.repo.repository import ChunksVanished, DiskWriter
+from orchestrator.repo.writer import ChunksVanished, DiskWriter
 from orchestrator.sources.base import DiskPlan, Source, SourceError
 
 MAX_VANISHED_ROUNDS = 3

@@ -27,9 +27,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.cliutil import UsageError, add_repo_argument, open_repo
 from orchestrator.progress import Progress
 from orchestrator.repo import locks
-from orchestrator.repo.repository import Catalog, Repository, RestorePoint
+from orchestrator.repo.catalog import Catalog, RestorePoint, rp_key
+from orchestrator.repo.repository import Repository
 
 RULES = ("last", "hourly", "daily", "weekly", "monthly")
 
@@ -146,8 +148,6 @@ def live_sessions(repo: Repository) -> set[tuple[str, str]]:
 def _still_incomplete(repo: Repository, point: RestorePoint) -> bool:
     """An incomplete point whose writer had no live lease when listed (after the scan) is dead,
     unless its writer finished in between: then its JSON exists now, and it is complete."""
-    from orchestrator.repo.repository import rp_key
-
     return not repo.backend.exists(rp_key(point.vm, point.time))
 
 
@@ -216,8 +216,6 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def policy_from_args(args: argparse.Namespace) -> RetentionPolicy:
-    from orchestrator.cli import UsageError
-
     try:
         return RetentionPolicy(**{f"keep_{r}": getattr(args, f"keep_{r}") for r in RULES})
     except ValueError as exc:
@@ -225,8 +223,6 @@ def policy_from_args(args: argparse.Namespace) -> RetentionPolicy:
 
 
 def register(registry) -> None:
-    from orchestrator.cli import add_repo_argument
-
     p = registry.add(
         "prune", cmd_prune, help="delete restore points by retention policy (metadata only)"
     )
@@ -238,8 +234,6 @@ def register(registry) -> None:
 
 
 def cmd_prune(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
-    from orchestrator.cli import open_repo
-
     policy = policy_from_args(args)
     with open_repo(args, need_key=False) as repo:
         return run_prune(repo, policy, vm=args.vm, dry_run=args.dry_run, ui=ui)

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
-from orchestrator.cli import CommandFailed, UsageError, add_repo_argument, open_repo
+from orchestrator.cliutil import CommandFailed, UsageError, add_repo_argument, open_repo
 from orchestrator.jobs import xapi_session
 from orchestrator.jobs.vmrecord import vbd_create_record, vbd_plan, vm_create_record
 from orchestrator.progress import Progress

@@ -23,12 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.cliutil import UsageError, add_repo_argument, open_repo
 from orchestrator.progress import Progress
+from orchestrator.repo.catalog import RP_FORMAT, Catalog, fetch_many
 from orchestrator.repo.codec import DIGEST_SIZE, chunk_key, digest_from_key
 from orchestrator.repo.dedup import records
 from orchestrator.repo.errors import CorruptChunk, CorruptIndex, NotFound
 from orchestrator.repo.index import Index
-from orchestrator.repo.repository import RP_FORMAT, Catalog, Repository, fetch_many
+from orchestrator.repo.repository import Repository
 
 _REC = np.dtype(f"V{DIGEST_SIZE}")
 
@@ -294,8 +296,6 @@ def repository_stats(repo: Repository, ui: Progress | None = None) -> dict[str, 
 
 
 def register(registry) -> None:
-    from orchestrator.cli import add_repo_argument
-
     p = registry.add("verify", cmd_verify, help="read and check every referenced chunk")
     add_repo_argument(p)
     p.add_argument(
@@ -309,8 +309,6 @@ def register(registry) -> None:
 
 
 def cmd_verify(args: argparse.Namespace, ui: Progress):
-    from orchestrator.cli import UsageError, open_repo
-
     if args.sample is not None and not 0 < args.sample <= 100:
         raise UsageError(f"--sample must be in (0, 100], not {args.sample}")
     with open_repo(args) as repo:
@@ -319,8 +317,6 @@ def cmd_verify(args: argparse.Namespace, ui: Progress):
 
 
 def cmd_check(args: argparse.Namespace, ui: Progress):
-    from orchestrator.cli import open_repo
-
     with open_repo(args, need_key=False) as repo:
         result = run_check(repo, ui=ui)
     return result, 0 if result["ok"] else 1

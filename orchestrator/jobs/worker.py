@@ -30,6 +30,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.cliutil import UsageError, open_repo
 from orchestrator.jobs.gc import run_gc
 from orchestrator.jobs.prune import RULES, RetentionPolicy, live_sessions, run_prune
 from orchestrator.jobs.verify import run_check, run_verify
@@ -291,8 +292,6 @@ def _summary(kind: str, res: dict[str, Any]) -> dict[str, Any]:
 
 
 def jobs_from_args(args: argparse.Namespace) -> list[RepoJob]:
-    from orchestrator.cli import UsageError
-
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     bad = [t for t in tasks if t not in TASKS]
     if bad:
@@ -361,8 +360,6 @@ def register(registry) -> None:
 
 
 def cmd_worker(args: argparse.Namespace, ui: Progress):
-    from orchestrator.cli import UsageError, open_repo
-
     if args.concurrency < 1:
         raise UsageError("--concurrency must be >= 1")
     jobs = jobs_from_args(args)

@@ -7,6 +7,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from orchestrator.cliutil import UsageError
+
 
 @dataclass
 class XapiTarget:
@@ -38,8 +40,6 @@ def add_xapi_arguments(p, *, required_flag: str = "--xapi") -> None:
 
 
 def resolve_target(args) -> XapiTarget:
-    from orchestrator.cli import UsageError
-
     url = args.xapi or os.environ.get("FASTPATH_XAPI_URL")
     user = args.user or os.environ.get("FASTPATH_XAPI_USER")
     password = args.password or os.environ.get("FASTPATH_XAPI_PASSWORD")

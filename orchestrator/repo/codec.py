@@ -30,7 +30,7 @@ import hmac
 import os
 import struct
 import threading
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import blake3
 import zstandard
@@ -39,9 +39,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agent import speedups
 from orchestrator.repo.errors import CorruptChunk, RepoError
-
-if TYPE_CHECKING:
-    from orchestrator.repo.config import RepoConfig
 
 CHUNK_SIZE = 2 * 1024 * 1024
 DIGEST_SIZE = 32
@@ -83,6 +80,20 @@ def is_zero_chunk(data: bytes | memoryview) -> bool:
     return speedups.is_zero(data)
 
 
+class CodecSettings(Protocol):
+    """What a codec needs of a repository's settings: a
+    :class:`orchestrator.repo.config.RepoConfig` (the config module builds on this one)."""
+
+    @property
+    def chunk_size(self) -> int: ...
+
+    @property
+    def compression(self) -> str: ...
+
+    @property
+    def encrypted(self) -> bool: ...
+
+
 class ChunkCodec:
     """Encode/decode chunk objects for one repository.
 
@@ -91,7 +102,7 @@ class ChunkCodec:
     """
 
     def __init__(
-        self, config: RepoConfig, data_key: bytes | None = None, *, digest_threads: int = 1
+        self, config: CodecSettings, data_key: bytes | None = None, *, digest_threads: int = 1
     ):
         self.chunk_size = int(config.chunk_size)
         self.encrypted = bool(config.encrypted)
@@ -102,7 +113,7 @@ class ChunkCodec:
                 else "a data key was given for an unencrypted repository"
             )
         self.compression = config.compression
-        self._level = _parse_compression(config.compression)
+        self._level = parse_compression(config.compression)
         self._digest_threads = digest_threads
         self._digest_key: bytes | None = None
         self._aead: AESGCM | None = None
@@ -233,7 +244,9 @@ class ChunkCodec:
         return plain
 
 
-def _parse_compression(spec: str) -> int | None:
+def parse_compression(spec: str) -> int | None:
+    """The zstd level of a compression spec ("zstd:<level>", "zstd"), None for "none";
+    ValueError for anything else (the config refuses it, ``repo init`` reports it)."""
     if spec == "none":
         return None
     name, _, level = spec.partition(":")

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from orchestrator.repo.backends.base import Backend
-from orchestrator.repo.codec import CHUNK_SIZE, ChunkCodec, _parse_compression
+from orchestrator.repo.codec import CHUNK_SIZE, ChunkCodec, parse_compression
 from orchestrator.repo.errors import (
     NotFound,
     PassphraseRequired,
@@ -123,7 +123,7 @@ class RepoConfig:
         if self.digest != "blake3":
             raise UnknownFormat(f"{where}: digest {self.digest!r} is not supported")
         try:
-            _parse_compression(self.compression)
+            parse_compression(self.compression)
         except ValueError:
             raise UnknownFormat(
                 f"{where}: compression {self.compression!r} is not supported"

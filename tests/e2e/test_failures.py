@@ -89,12 +89,12 @@ def test_vm_deleted_during_backup(msim, repo_factory, monkeypatch, tmp_path):
     """The snapshot holds the data: the backup completes and restores to the snapshot's content."""
     import XenAPI
 
-    from orchestrator.repo import repository
+    from orchestrator.repo.writer import DiskWriter
 
     sim = msim
     repo = repo_factory("local")
     vm = sim.vm(1)
-    orig = repository.DiskWriter.put_chunk
+    orig = DiskWriter.put_chunk
     done = []
 
     def put(self, i, data):
@@ -108,7 +108,7 @@ def test_vm_deleted_during_backup(msim, repo_factory, monkeypatch, tmp_path):
             s.xenapi.session.logout()
         return orig(self, i, data)
 
-    monkeypatch.setattr(repository.DiskWriter, "put_chunk", put)
+    monkeypatch.setattr(DiskWriter, "put_chunk", put)
     r = fastpath("backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", "nbd")
     assert done
     with pytest.raises(XenAPI.Failure):
@@ -171,15 +171,15 @@ def test_s3_faults_through_the_fault_proxy(msim, s3_env, fault_proxy, monkeypatc
 INTERRUPT = r"""
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from orchestrator.repo import repository
-orig = repository.DiskWriter.put_chunk
+from orchestrator.repo.writer import DiskWriter
+orig = DiskWriter.put_chunk
 calls = []
 def put(self, i, data):
     calls.append(i)
     if len(calls) == 2:
         os.kill(os.getpid(), signal.SIGINT)
     return orig(self, i, data)
-repository.DiskWriter.put_chunk = put
+DiskWriter.put_chunk = put
 from orchestrator.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from orchestrator.jobs.pipeline import Cancelled, copy_disk, copy_disks
-from orchestrator.repo.repository import ChunksVanished, DiskWriter, Repository
+from orchestrator.repo.repository import Repository
+from orchestrator.repo.writer import ChunksVanished, DiskWriter
 from orchestrator.sources.base import SourceError
 from orchestrator.sources.vhd_file import VhdFileSource
 from tests.e2e.conftest import qemu_raw

@@ -147,7 +147,7 @@ def test_writer_commits_index_only_after_its_chunks_are_durable(tmp_path, monkey
     a, b = str(uuid.uuid4()), str(uuid.uuid4())
     shared = chunk_bytes(77)
     with repo.begin_backup(VM) as s:
-        s.durable_batch = 3
+        s.durable.batch_size = 3
         wa = s.disk_writer(a, a, 8 * CHUNK_SIZE)
         wb = s.disk_writer(b, b, 2 * CHUNK_SIZE)
         for i in range(7):
@@ -188,7 +188,7 @@ def test_failed_batch_fails_commit_and_leaves_nothing(tmp_path, monkeypatch):
     vdi = str(uuid.uuid4())
     with pytest.raises(RepoError, match="No space left"):
         with repo.begin_backup(VM) as s:
-            s.durable_batch = 2
+            s.durable.batch_size = 2
             w = s.disk_writer(vdi, vdi, 5 * CHUNK_SIZE)
             for i in range(5):
                 w.put_chunk(i, chunk_bytes(500 + i))
@@ -213,7 +213,7 @@ print("ready", flush=True)
 while True:
     vdi = str(uuid.uuid4())
     with repo.begin_backup(vm) as s:
-        s.durable_batch = 3
+        s.durable.batch_size = 3
         w = s.disk_writer(vdi, vdi, 7 * CHUNK_SIZE, concurrency=4)
         for i in range(7):
             w.put_chunk(i, chunk_bytes(seed * 100_000 + n * 10 + i))

@@ -16,7 +16,8 @@ import uuid
 from orchestrator.repo.codec import CHUNK_SIZE
 from orchestrator.repo.errors import NotFound, RepoError
 from orchestrator.repo.locks import LeaseBusy
-from orchestrator.repo.repository import ChunksVanished, Repository
+from orchestrator.repo.repository import Repository
+from orchestrator.repo.writer import ChunksVanished
 from tests.repo_ops.helpers import chunk_bytes
 
 VMS = 3

@@ -158,7 +158,7 @@ VANISHED = collections.Counter()  # how often commit_with_retry had to re-put (r
 
 def commit_with_retry(writer, disk: DiskModel, attempts: int = 5) -> str:
     """What the backup job does on ChunksVanished: put those chunks again, commit again."""
-    from orchestrator.repo.repository import ChunksVanished
+    from orchestrator.repo.writer import ChunksVanished
 
     for _ in range(attempts):
         try:

@@ -15,7 +15,7 @@ from orchestrator.jobs.verify import run_check, run_verify
 from orchestrator.repo import locks
 from orchestrator.repo.codec import chunk_key
 from orchestrator.repo.errors import NotFound, RepoError
-from orchestrator.repo.repository import BackupSession, ChunksVanished
+from orchestrator.repo.writer import BackupSession, ChunksVanished
 from tests.repo_ops.helpers import VANISHED, DiskModel, backup, commit_with_retry, restore
 
 

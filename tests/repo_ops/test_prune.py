@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.jobs.prune import RetentionPolicy, plan_prune, run_prune, select_keep
-from orchestrator.repo.repository import Catalog, RestorePoint, format_time
+from orchestrator.repo.catalog import Catalog, RestorePoint, format_time
 from tests.repo_ops.helpers import DiskModel, backup, restore
 
 DAY = 86400.0

@@ -9,7 +9,7 @@ import argparse
 import time
 from typing import Any
 
-from orchestrator.cli import open_repo
+from orchestrator.cliutil import open_repo
 from orchestrator.jobs import xapi_session
 from orchestrator.jobs.backup.options import Tuning, VmBackupOptions
 from orchestrator.jobs.backup.vdi import backup_vdi, vdi_source

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from orchestrator.cli import CommandFailed
+from orchestrator.cliutil import CommandFailed
 from orchestrator.jobs import xapi_session
 from orchestrator.jobs.backup.options import Tuning
 from orchestrator.progress import Progress

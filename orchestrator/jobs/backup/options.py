@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from orchestrator.cli import UsageError
+from orchestrator.cliutil import UsageError
 from orchestrator.sources import TRANSPORTS
 
 

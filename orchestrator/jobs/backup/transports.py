@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from orchestrator.cli import CommandFailed, UsageError
+from orchestrator.cliutil import CommandFailed, UsageError
 from orchestrator.jobs.backup.context import BaseRefused, Disk, XapiContext, failure_text
 from orchestrator.jobs.backup.options import Tuning
 from orchestrator.sources import AGENT_TRANSPORTS, AUTO_ORDER

@@ -11,7 +11,7 @@ import time
 import uuid as uuid_mod
 from typing import Any
 
-from orchestrator.cli import UsageError
+from orchestrator.cliutil import UsageError
 from orchestrator.jobs.backup.options import Tuning
 from orchestrator.jobs.pipeline import copy_disks
 from orchestrator.progress import Progress

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from orchestrator.cli import CommandFailed, UsageError
+from orchestrator.cliutil import CommandFailed, UsageError
 from orchestrator.jobs.backup.context import (
     Disk,
     XapiContext,

@@ -13,6 +13,7 @@ import pytest
 
 from agent.export import Counters
 from agent.nbd import server as server_mod
+from agent.nbd import transport as transport_mod
 from agent.nbd.server import NBDServer
 from agent.tickets import TicketStore
 from tests.nbd.test_hostile import Raw
@@ -117,7 +118,7 @@ def test_abort_of_a_tls_connection_never_sends_clear_text(tmp_path, tls_files, m
                 try:
                     with conn.send_lock:  # a worker's reply, right now
                         conn._send(b"secret disk bytes")
-                except server_mod.ConnectionClosed:
+                except transport_mod.ConnectionClosed:
                     pass
             return real_shutdown(sock, how)
 

@@ -34,12 +34,18 @@ Writing:
 
 Errors: VhdError (.path, .field) > CorruptVhd, UnsupportedVhd (v_poison, encrypted, QCOW2, > 2040
 GiB, unknown type), ChainError (missing/wrong parent, loop, depth, not an ancestor).
+
+Modules: format (on-disk structures, checksums), file (one level: VhdFile, RawFile), parents
+(finding and checking a parent), resolve (which level supplies each sector: SectorMap), chain
+(open_chain, Chain's reads and block questions), writer (VhdWriter, VHD streams), convert (export),
+errors.
 """
 
-from agent.vhd.chain import BlockSource, Chain, Extent, default_resolve_parent, open_chain
+from agent.vhd.chain import BlockSource, Chain, Extent, open_chain
 from agent.vhd.convert import export_raw, export_vhd
 from agent.vhd.errors import ChainError, CorruptVhd, UnsupportedVhd, VhdError
 from agent.vhd.file import RawFile, VhdFile, open_level
+from agent.vhd.parents import default_resolve_parent
 from agent.vhd.writer import (
     VhdStream,
     VhdStreamLayout,

@@ -2,17 +2,24 @@
 
 A clear sector-bitmap bit means "ask the parent"; a parent smaller than its child reads as zeros past
 its size; reads are bounded by the leaf's current_size. The chain holds one fd per file for its life.
+
+What lives here: open_chain (walk the leaf's ancestry; agent.vhd.parents finds and checks each
+parent) and Chain: reads (read, read_into, read_block, read_block_into: the runs of an
+agent.vhd.resolve.SectorMap filled into a buffer, pooled assembly buffers), extents (the map's
+presence), block_source / BlockSource (what the servers send per block: 'file', 'assemble' or
+'zero'), and the incremental questions (changed_blocks, allocated_blocks). Which level supplies
+which sector is agent.vhd.resolve.
 """
 
-import bisect
 import collections
 import os
-import stat
 import threading
 
 from agent import speedups
-from agent.vhd.errors import ChainError, VhdError
-from agent.vhd.file import BEYOND, FULL, SECTOR, RawFile, VhdFile, open_level
+from agent.vhd.errors import ChainError
+from agent.vhd.file import FULL, SECTOR, open_level
+from agent.vhd.parents import default_resolve_parent, open_parent
+from agent.vhd.resolve import SectorMap
 
 _SPAN_MIN_RUNS = 3
 # Assembly buffers kept for reuse by all chains together, keyed by size (a fresh 2 MiB buffer per
@@ -84,34 +91,6 @@ def _span_group(runs):
     return best[1:]
 
 
-def default_resolve_parent(child, locators):
-    """Find the parent file of `child` from its locators (relative to the child's directory first).
-
-    Returns a path, or None. Tries the W2ru (relative), W2ku, MacX locators in that order, then the
-    parent's unicode name beside the child (XCP-ng file SRs name files <uuid>.vhd).
-    """
-    base = os.path.dirname(os.path.abspath(child.path))
-    order = {"W2ru": 0, "W2ku": 1, "MacX": 2}
-    candidates = []
-    for _code, path in sorted(locators, key=lambda cp: order.get(cp[0], 9)):
-        if os.path.isabs(path):
-            candidates.append(path)
-            candidates.append(os.path.join(base, os.path.basename(path)))
-        else:
-            candidates.append(os.path.normpath(os.path.join(base, path)))
-    name = child.header.parent_name if child.header is not None else ""
-    if name and "/" not in name and "\\" not in name:
-        candidates.append(os.path.join(base, name))
-    for c in candidates:
-        try:
-            mode = os.stat(c).st_mode
-        except OSError:
-            continue
-        if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
-            return c
-    return None
-
-
 def open_chain(
     path,
     max_depth=DEFAULT_MAX_DEPTH,
@@ -128,6 +107,7 @@ def open_chain(
     when a differencing disk has a null parent uuid (LVM `LV-` parents). A leaf without any VHD footer
     is read as a raw file when allow_raw is set (plain-file fast path).
     """
+    resolve = resolve_parent or default_resolve_parent
     files = []
     seen = {}
     try:
@@ -138,7 +118,7 @@ def open_chain(
         while cur.is_differencing:
             if len(files) >= max_depth:
                 raise ChainError(path, "chain deeper than %d files" % max_depth, "depth")
-            parent = _open_parent(cur, resolve_parent, raw_parent)
+            parent = open_parent(cur, resolve, raw_parent)
             ident = parent.identity
             repeated = parent.uuid is not None and any(f.uuid == parent.uuid for f in files)
             if ident in seen or repeated:
@@ -162,58 +142,6 @@ def open_chain(
         raise
 
 
-def _open_parent(child, resolve_parent, raw_parent):
-    locators = child.parent_locators()
-    null_parent = child.parent_uuid.int == 0
-    if null_parent and raw_parent is not None:
-        return RawFile.open(raw_parent)
-    resolver = resolve_parent or default_resolve_parent
-    found = resolver(child, locators)
-    if found is None:
-        raise ChainError(
-            child.path,
-            "parent %s (%s) not found; locators: %s"
-            % (
-                child.parent_uuid,
-                child.header.parent_name,
-                ", ".join("%s=%s" % cp for cp in locators) or "none",
-            ),
-            "parent locator",
-        )
-    if isinstance(found, (VhdFile, RawFile)):
-        parent = found
-    else:
-        try:
-            parent = RawFile.open(found) if null_parent else open_level(found, allow_raw=False)
-        except OSError as exc:
-            raise ChainError(
-                child.path, "cannot open parent %s: %s" % (found, exc), "parent locator"
-            ) from exc
-        except VhdError as exc:
-            raise ChainError(
-                child.path, "parent %s is not a usable VHD: %s" % (found, exc), "parent locator"
-            ) from exc
-    if null_parent:
-        return parent
-    if not parent.is_vhd:
-        parent.close()
-        raise ChainError(
-            child.path,
-            "parent %s is not a VHD but the parent uuid is %s" % (parent.path, child.parent_uuid),
-            "parent_uuid",
-        )
-    if parent.uuid != child.parent_uuid:
-        where = parent.path
-        parent.close()
-        raise ChainError(
-            child.path,
-            "parent %s has uuid %s, the header expects %s"
-            % (where, parent.uuid, child.parent_uuid),
-            "parent_uuid",
-        )
-    return parent
-
-
 class Chain(object):
     """A leaf-first list of levels read as one disk."""
 
@@ -224,25 +152,13 @@ class Chain(object):
         self.block_size = leaf.block_size
         self.block_count = (self.size + self.block_size - 1) // self.block_size
         self.path = leaf.path
-        self._same_grid = all(
-            f.block_size == self.block_size or not f.is_vhd or f.bat is None for f in self.files
-        )
-        # Block-at-a-time resolution (_resolve_blocks): the levels that can supply sectors are the
-        # dynamic ones down to the first level that has every sector (fixed VHD or raw), if any.
-        # It applies to sectors below _fast_limit (every such level covers them, so no level reads
-        # as zeros past its size) when all levels share the block grid.
-        self._full = None
-        for i, f in enumerate(self.files):
-            if not f.is_vhd or f.bat is None:
-                self._full = i
-                break
-        self._levels = self.files if self._full is None else self.files[: self._full + 1]
-        self._fast_limit = -1
-        if self._same_grid:
-            self._fast_limit = min(f.size_sectors for f in self._levels)
+        self._map = SectorMap(self.files)
         self._spb = self.block_size // SECTOR
-        self._ones = b"\xff" * ((self._spb + 7) // 8)
-        self._dyn_blocks = None  # sorted union of the dynamic levels' allocated blocks (lazy)
+        # block_source walks the map's levels itself (it stops at the first level that has any of
+        # the block's sectors; that walk is its hot path, one call per block served).
+        self._levels = self._map.levels
+        self._full = self._map.full
+        self._fast_limit = self._map.fast_limit
 
     # -- lifetime ------------------------------------------------------------------------------------
 
@@ -269,164 +185,6 @@ class Chain(object):
         return self.files[0].uuid
 
     # -- resolution ----------------------------------------------------------------------------------
-
-    def _resolve(self, first, count):
-        """Runs (start sector, sectors, level index or None, file offset) covering [first, first+count),
-        sorted, maximal (adjacent runs of one level with contiguous file offsets are merged)."""
-        end = first + count
-        lim = self._fast_limit
-        if end <= lim:
-            return self._resolve_blocks(first, count)
-        if first >= lim:
-            return self._resolve_levels(first, count)
-        out = self._resolve_blocks(first, lim - first)
-        rest = self._resolve_levels(lim, end - lim)
-        if out and rest:
-            p, r = out[-1], rest[0]
-            if p[2] == r[2] and (p[2] is None or p[3] + p[1] * SECTOR == r[3]):
-                out[-1] = (p[0], p[1] + r[1], p[2], p[3])
-                rest = rest[1:]
-        out.extend(rest)
-        return out
-
-    def _allocated_above_full(self):
-        blocks = self._dyn_blocks
-        if blocks is None:
-            dyn = self._levels if self._full is None else self._levels[:-1]
-            if len(dyn) == 1:
-                blocks = dyn[0].allocated_blocks()
-            else:
-                found = set()
-                for f in dyn:
-                    found.update(f.allocated_blocks())
-                blocks = sorted(found)
-            self._dyn_blocks = blocks
-        return blocks
-
-    def _resolve_blocks(self, first, count):
-        """_resolve for sectors below _fast_limit: one speedups.block_runs call per block that some
-        dynamic level holds; the blocks between them come whole from the full level (or are zeros)."""
-        out = []
-        append = out.append
-        end = first + count
-        spb = self._spb
-        full = self._full
-        blocks = self._allocated_above_full()
-        nblocks = len(blocks)
-        k = bisect.bisect_left(blocks, first // spb)
-        pos = first
-        while pos < end:
-            nxt = blocks[k] * spb if k < nblocks else end
-            if nxt > pos:
-                # no dynamic level has these blocks
-                gend = min(nxt, end)
-                if full is None:
-                    run = (pos, gend - pos, None, 0)
-                else:
-                    run = (pos, gend - pos, full, pos * SECTOR)
-                if out:
-                    p = out[-1]
-                    if (
-                        p[2] == run[2]
-                        and p[0] + p[1] == pos
-                        and (full is None or p[3] + p[1] * SECTOR == run[3])
-                    ):
-                        out[-1] = (p[0], p[1] + run[1], p[2], p[3])
-                    else:
-                        append(run)
-                else:
-                    append(run)
-                pos = gend
-                continue
-            b = blocks[k]
-            k += 1
-            bstart = b * spb
-            bend = min(bstart + spb, end)
-            for run in self._block_runs(b, pos - bstart, bend - pos):
-                if out:
-                    p = out[-1]
-                    if (
-                        p[2] == run[2]
-                        and p[0] + p[1] == run[0]
-                        and (p[2] is None or p[3] + p[1] * SECTOR == run[3])
-                    ):
-                        out[-1] = (p[0], p[1] + run[1], p[2], p[3])
-                        continue
-                append(run)
-            pos = bend
-        return out
-
-    def _block_runs(self, index, s0, n):
-        """Runs (sector, sectors, level or None, file offset) of sectors [s0, s0 + n) of block index."""
-        bstart = index * self._spb
-        bitmaps = []
-        offsets = []
-        full = self._full
-        for li, level in enumerate(self._levels):
-            if li == full:
-                bm = FULL
-                off = index * self.block_size
-            else:
-                bm = level.block_bitmap(index)
-                if bm is None:
-                    bitmaps.append(None)
-                    offsets.append(0)
-                    continue
-                off = level.block_data_offset(index)
-            if bm is FULL:
-                if all(x is None for x in bitmaps):
-                    return [(bstart + s0, n, li, off + s0 * SECTOR)]
-                bitmaps.append(self._ones)
-                offsets.append(off)
-                break
-            bitmaps.append(bm)
-            offsets.append(off)
-        out = []
-        for s, ln, li in speedups.block_runs(bitmaps, s0, n):
-            if li < 0:
-                out.append((bstart + s, ln, None, 0))
-            else:
-                out.append((bstart + s, ln, li, offsets[li] + s * SECTOR))
-        return out
-
-    def _resolve_levels(self, first, count):
-        """_resolve level by level (any grids and sizes): each level answers sectors_present for what
-        the levels above it left pending."""
-        out = []
-        pending = [(first, count)]
-        for li, level in enumerate(self.files):
-            nxt = []
-            for s, n in pending:
-                for rs, rn, where in level.sectors_present(s, n):
-                    if where is None:
-                        if nxt and nxt[-1][0] + nxt[-1][1] == rs:
-                            nxt[-1] = (nxt[-1][0], nxt[-1][1] + rn)
-                        else:
-                            nxt.append((rs, rn))
-                    elif where == BEYOND:
-                        out.append((rs, rn, None, 0))
-                    else:
-                        out.append((rs, rn, li, where))
-            pending = nxt
-            if not pending:
-                break
-        for s, n in pending:
-            out.append((s, n, None, 0))
-        if len(out) > 1:
-            out.sort(key=lambda r: r[0])
-            merged = [out[0]]
-            for r in out[1:]:
-                p = merged[-1]
-                if (
-                    p[2] == r[2]
-                    and p[0] + p[1] == r[0]
-                    and (p[2] is None or p[3] + p[1] * SECTOR == r[3])
-                ):
-                    merged[-1] = (p[0], p[1] + r[1], p[2], p[3])
-                else:
-                    merged.append(r)
-            out = merged
-        return out
 
     def _check_range(self, offset, length):
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -471,7 +229,7 @@ class Chain(object):
         return length
 
     def _fill(self, view, first, count, zero=False):
-        runs = self._resolve(first, count)
+        runs = self._map.runs(first, count)
         span = _span_group(runs)
         if span is not None:
             # One read of the level that supplies most runs (e.g. a root block under small overwrites),
@@ -505,7 +263,7 @@ class Chain(object):
         last = (offset + length + SECTOR - 1) // SECTOR
         out = []
         stop = offset + length
-        for s, n, z in self._presence(first, last - first):
+        for s, n, z in self._map.presence(first, last - first):
             a = max(s * SECTOR, offset)
             b = min((s + n) * SECTOR, stop)
             if b <= a:
@@ -516,80 +274,6 @@ class Chain(object):
                 out.append(Extent(a, b - a, z))
         return out
 
-    def _presence(self, first, count):
-        """Runs (start sector, sectors, zero) covering [first, first + count), adjacent runs merged:
-        zero where no level has the sectors. What _resolve says, without the levels and offsets."""
-        out = []
-        end = first + count
-        lim = self._fast_limit
-        if first < lim:
-            self._presence_blocks(first, min(end, lim), out)
-        if end > lim:
-            s = max(first, lim)
-            for rs, rn, li, _where in self._resolve_levels(s, end - s):
-                z = li is None
-                if out and out[-1][2] == z:
-                    p = out[-1]
-                    out[-1] = (p[0], p[1] + rn, z)
-                else:
-                    out.append((rs, rn, z))
-        return out
-
-    def _presence_blocks(self, first, end, out):
-        if self._full is not None:
-            out.append((first, end - first, False))  # a fixed or raw level has every sector
-            return
-        spb = self._spb
-        levels = self._levels
-        blocks = self._allocated_above_full()
-        nblocks = len(blocks)
-        k = bisect.bisect_left(blocks, first // spb)
-        pos = first
-        while pos < end:
-            nxt = blocks[k] * spb if k < nblocks else end
-            if nxt > pos:
-                npos = min(nxt, end)
-                runs = ((pos, npos - pos, True),)
-            else:
-                b = blocks[k]
-                k += 1
-                bstart = b * spb
-                npos = min(bstart + spb, end)
-                n = npos - pos
-                seen = None
-                union = None
-                runs = None
-                for level in levels:
-                    bm = level.block_bitmap(b)
-                    if bm is None:
-                        continue
-                    if bm is FULL:
-                        runs = ((pos, n, False),)
-                        break
-                    if seen is None:
-                        seen = bm
-                    else:
-                        if union is None:
-                            union = bytearray(seen[: len(self._ones)])
-                        speedups.bitmap_claim(bm, union)  # union |= bm
-                if runs is None:
-                    if seen is None:
-                        runs = ((pos, n, True),)
-                    else:
-                        runs = [
-                            (bstart + rs, rn, not isset)
-                            for rs, rn, isset in speedups.bitmap_runs(
-                                seen if union is None else union, pos - bstart, n
-                            )
-                        ]
-            for run in runs:
-                if out and out[-1][2] == run[2]:
-                    p = out[-1]
-                    out[-1] = (p[0], p[1] + run[1], run[2])
-                else:
-                    out.append(run)
-            pos = npos
-
     def block_range(self, index):
         if index < 0 or index >= self.block_count:
             raise ValueError("block %d outside the disk (%d blocks)" % (index, self.block_count))
@@ -597,11 +281,11 @@ class Chain(object):
         return start, min(self.block_size, self.size - start)
 
     def block_source(self, index):
-        """BlockSource(kind, file, offset, length) for guest block `index` (see module docs)."""
+        """BlockSource(kind, file, offset, length) for guest block `index` (see agent.vhd docs)."""
         start, length = self.block_range(index)
         nsec = (length + SECTOR - 1) // SECTOR
         if start // SECTOR + nsec > self._fast_limit:
-            return self._block_source_runs(index, start, length, nsec)
+            return self._block_source_runs(start, length, nsec)
         # The first level with any of the block's sectors decides: all of them -> 'file', some -> the
         # rest comes from below (or is zeros) -> 'assemble'; no level -> 'zero'.
         full = self._full
@@ -624,10 +308,11 @@ class Chain(object):
             return BlockSource("assemble", None, 0, length)
         return BlockSource("zero", None, 0, length)
 
-    def _block_source_runs(self, index, start, length, nsec):
-        runs = self._resolve(start // SECTOR, nsec)
+    def _block_source_runs(self, start, length, nsec):
+        """block_source derived from the map's runs (any grids and sizes)."""
+        runs = self._map.runs(start // SECTOR, nsec)
         if len(runs) == 1:
-            s, n, li, where = runs[0]
+            _s, _n, li, where = runs[0]
             if li is None:
                 return BlockSource("zero", None, 0, length)
             level = self.files[li]
@@ -739,7 +424,7 @@ class Chain(object):
 
     def allocated_blocks(self):
         """Sorted block indices where some file of the chain holds sectors (the others read as zeros)."""
-        if not self._same_grid or any(not f.is_vhd or f.bat is None for f in self.files):
+        if not self._map.same_grid or any(not f.is_vhd or f.bat is None for f in self.files):
             candidates = range(self.block_count)
         else:
             found = set()

@@ -1,48 +1,51 @@
-"""hostsim's stand-in for dom0's XenAPIPlugin module (same interface as XAPI's python3 version).
+"""Stand-in for dom0's XenAPIPlugin module, faithful to xen-api scripts/examples/python/XenAPIPlugin.py.
 
-XAPI runs a plugin as `<plugin> <xml-rpc methodCall>`; `dispatch(table)` decodes the call
-(session_id, args), runs table[fn](session, args) and prints the XML-RPC methodResponse that XAPI
-relays to the caller. Here `session` is a XenAPI.Session pointed at hostsim (HOSTSIM_XAPI_URL), logged
-in with the caller's session reference, instead of the local unix socket.
+The one shim for every place that runs a plugin file off a real host: hostsim's host.call_plugin
+(hostsim/plugins.py) and the plugin tests (tests/plugin, tests/dom0), which put this directory on
+the plugin's PYTHONPATH.
+
+XAPI (ocaml/xapi/xapi_plugins.ml, call_plugin) executes /etc/xapi.d/plugins/<name> with ONE argument:
+the XML-RPC methodCall <fn>(session_ref, {args: strings}). The plugin prints an XML-RPC
+methodResponse holding {"Status": "Success", "Value": <string>} or {"Status": "Failure",
+"ErrorDescription": [code, params...]}; XAPI turns a non-zero exit into XENAPI_PLUGIN_FAILURE.
+
+The session handed to the functions carries the caller's session id. On a host it is
+XenAPI.xapi_local() (XAPI's unix socket), and so it is here, with whichever XenAPI module comes
+first on the path (tests/plugin/shim has one for a host whose XAPI is down). Under hostsim,
+HOSTSIM_XAPI_URL names the simulated XAPI instead, and the session is XenAPI.Session(that URL).
 """
 
 import os
 import sys
 import xmlrpc.client as xmlrpclib
 
+import XenAPI
+
 
 class Failure(Exception):
-    """Raise this to return a XAPI failure [code, *params] to the caller."""
+    """Provide compatibility with plugins written against XenServer 5.5 API."""
 
     def __init__(self, code, params):
         Exception.__init__(self)
-        if not isinstance(params, list):
-            raise Exception("Failure: params must be a list")
-        self.params = [code] + [str(p) for p in params]
+        self.params = [code] + params
 
     def __str__(self):
         return str(self.params)
 
 
 def success_message(result):
-    return xmlrpclib.dumps(({"Status": "Success", "Value": result},), "", True)
+    rpcparams = {"Status": "Success", "Value": result}
+    return xmlrpclib.dumps((rpcparams,), "", True)
 
 
 def failure_message(description):
-    return xmlrpclib.dumps(({"Status": "Failure", "ErrorDescription": description},), "", True)
+    rpcparams = {"Status": "Failure", "ErrorDescription": description}
+    return xmlrpclib.dumps((rpcparams,), "", True)
 
 
-def _session(session_id):
-    try:
-        import XenAPI
-    except ImportError:
-        return None
+def _session():
     url = os.environ.get("HOSTSIM_XAPI_URL")
-    if not url:
-        return None
-    s = XenAPI.Session(url)
-    s._session = session_id
-    return s
+    return XenAPI.Session(url) if url else XenAPI.xapi_local()
 
 
 def dispatch(fn_table):
@@ -52,7 +55,8 @@ def dispatch(fn_table):
     session_id = params[0]
     args = params[1]
     if methodname in fn_table:
-        x = _session(session_id)
+        x = _session()
+        x._session = session_id
         try:
             result = fn_table[methodname](x, args)
             print(success_message(result))

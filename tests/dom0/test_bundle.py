@@ -19,9 +19,9 @@ import time
 import pytest
 
 from agent import bundle
+from tests.plugin.test_plugin import SHIM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHIM = os.path.join(ROOT, "tests", "plugin", "shim")
 PY = "/usr/bin/python3"
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 TIMEOUT = 60

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.nbd import protocol as p
+from agent.nbd import wire as w
 
 OPTIONS = [1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 99]
 
@@ -26,7 +27,7 @@ def drive(conn, chunks, accept=True):
                 if accept:
                     conn.accept_export(1 << 20, "fuzz")
                 else:
-                    conn.reject_export(p.REP_ERR_UNKNOWN, "no")
+                    conn.reject_export(w.REP_ERR_UNKNOWN, "no")
             elif isinstance(ev, p.StartTLS):
                 conn.tls_established()
             elif isinstance(ev, (p.AbortRequest, p.Disconnect)):
@@ -40,7 +41,7 @@ def check_option_replies(data):
     pos = 0
     while pos < len(data):
         magic, _opt, _rtype, length = struct.unpack_from(">QIII", data, pos)
-        assert magic == p.OPTION_REPLY_MAGIC
+        assert magic == w.OPTION_REPLY_MAGIC
         pos += 20 + length
     assert pos == len(data)
 
@@ -62,7 +63,7 @@ option = st.tuples(st.sampled_from(OPTIONS), st.binary(max_size=64)).map(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    tls=st.sampled_from(p.TLS_MODES),
+    tls=st.sampled_from(w.TLS_MODES),
     opts=st.lists(option, max_size=8),
     tail=st.binary(max_size=200),
     cuts=st.lists(st.integers(min_value=0, max_value=4096), max_size=6),
@@ -94,7 +95,7 @@ request = st.tuples(
     st.integers(min_value=0, max_value=12),
     st.integers(min_value=0, max_value=(1 << 64) - 1),
     st.integers(min_value=0, max_value=(1 << 32) - 1),
-).map(lambda r: struct.pack(">IHHQQI", p.REQUEST_MAGIC, r[0], r[1], 1, r[2], r[3]))
+).map(lambda r: struct.pack(">IHHQQI", w.REQUEST_MAGIC, r[0], r[1], 1, r[2], r[3]))
 
 
 @settings(max_examples=300, deadline=None)
@@ -116,9 +117,9 @@ def test_random_requests_are_valid_or_invalid_never_crash(reqs, cuts):
     for ev in events:
         if isinstance(ev, p.Request):
             # Anything let through is in range and within the limits.
-            if ev.type in (p.CMD_READ, p.CMD_CACHE, p.CMD_BLOCK_STATUS):
+            if ev.type in (w.CMD_READ, w.CMD_CACHE, w.CMD_BLOCK_STATUS):
                 assert ev.offset + ev.length <= 1 << 20
-            if ev.type == p.CMD_READ:
-                assert ev.length <= p.MAX_REQUEST_LENGTH
+            if ev.type == w.CMD_READ:
+                assert ev.length <= w.MAX_REQUEST_LENGTH
         elif isinstance(ev, p.InvalidRequest):
-            assert ev.error.code in (p.EINVAL, p.EPERM)
+            assert ev.error.code in (w.EINVAL, w.EPERM)

@@ -3,6 +3,7 @@ thread": the process is out of threads or memory). The accepted connection must 
 slot given back, and the server must go on accepting: before, the exception killed the accept
 thread (the server never accepted again) and the connection stayed counted for good."""
 
+import select
 import socket
 import ssl
 import threading
@@ -13,6 +14,7 @@ import pytest
 
 from agent.export import Counters
 from agent.nbd import server as server_mod
+from agent.nbd import transport as transport_mod
 from agent.nbd.server import NBDServer
 from agent.tickets import TicketStore
 from tests.nbd.test_hostile import Raw
@@ -77,7 +79,13 @@ def test_abort_of_a_tls_connection_never_sends_clear_text(tmp_path, tls_files, m
     """abort() (ticket revoked, server stopping) runs in another thread than the workers that send.
     SSLSocket.shutdown() drops the TLS object before it shuts the socket down, and a worker sending
     in between wrote its bytes (disk data) in clear text. Forced interleaving: a send runs at the
-    moment the socket is shut down; the client must get it encrypted (or not at all)."""
+    moment the socket is shut down; the client must get it encrypted (or not at all).
+
+    The send stands for a worker's, so it runs when a worker could: after the reader thread sent
+    the handshake's last reply and is waiting for requests. Injected any earlier, it raced the
+    reader's own SSL_write of the GO reply on the same SSL object (the client can read that reply
+    before OpenSSL is done with the write): OpenSSL failed the injected write with BAD_LENGTH, the
+    test swallowed it, and the client read a clean EOF (`(b'', False)`, ~1 run in 5 under load)."""
     path = tmp_path / "small.bin"
     path.write_bytes(bytes(4096))
     store = TicketStore()
@@ -101,11 +109,20 @@ def test_abort_of_a_tls_connection_never_sends_clear_text(tmp_path, tls_files, m
         cctx.check_hostname = False
         cctx.verify_mode = ssl.CERT_NONE
         client.sock = cctx.wrap_socket(client.sock, server_hostname="127.0.0.1")
+        (conn,) = server.connections()  # counted from accept on
+        # The reader waits for requests (select, after its abort check): from then on only
+        # workers write, under send_lock, and only abort() can wake the reader.
+        real_select = select.select
+        waiting = threading.Event()
+
+        def watched_select(rlist, *rest):
+            if threading.current_thread().name == "nbd-conn-%d" % conn.id and conn._pool:
+                waiting.set()
+            return real_select(rlist, *rest)
+
+        monkeypatch.setattr(select, "select", watched_select)
         assert client.go(tid)[-1][0] == 1  # in transmission, over TLS
-        deadline = time.monotonic() + 10
-        while not server.connections() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        (conn,) = server.connections()
+        assert waiting.wait(10), "the connection never waited for a request"
         assert conn.tls
 
         real_shutdown = socket.socket.shutdown
@@ -117,7 +134,7 @@ def test_abort_of_a_tls_connection_never_sends_clear_text(tmp_path, tls_files, m
                 try:
                     with conn.send_lock:  # a worker's reply, right now
                         conn._send(b"secret disk bytes")
-                except server_mod.ConnectionClosed:
+                except transport_mod.ConnectionClosed:
                     pass
             return real_shutdown(sock, how)
 

@@ -14,11 +14,14 @@ import xmlrpc.client
 
 import pytest
 
+from hostsim.plugins import SHIM_DIR
 from tests.fixtures.vhd import Level, pattern
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PLUGIN = os.path.join(ROOT, "agent", "plugin", "fastpath")
-SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim")
+# The plugin's PYTHONPATH: hostsim's XenAPIPlugin shim, and a XenAPI module for a host whose XAPI is
+# down (tests/plugin/shim/XenAPI.py).
+SHIM = os.pathsep.join([SHIM_DIR, os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim")])
 MiB = 1 << 20
 SESSION = "OpaqueRef:6f1b4f2a-0000-4000-8000-000000000001"
 

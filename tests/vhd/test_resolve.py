@@ -1,9 +1,10 @@
 """The block-at-a-time resolution (speedups.block_runs per block) against the level-by-level one it
 replaces on the hot path, and read_block_into / the pooled assembly buffers against the model.
 
-Chain._resolve takes the block path below _fast_limit (levels on one grid, every level big enough) and
-the level path past it; both must give the same runs, and the block_source shortcut must agree with
-the runs. The bytes themselves are judged by the models (and, for the fixed root, by qemu-img).
+SectorMap.runs (agent.vhd.resolve) takes the block path below fast_limit (levels on one grid,
+every level big enough) and the level path past it; both must give the same runs (and presence the
+same zeros), and the block_source shortcut must agree with the runs. The bytes themselves are judged
+by the models (and, for the fixed root, by qemu-img).
 """
 
 import os
@@ -36,16 +37,16 @@ def presence(runs):
 def check_resolution(chain, model, ranges=()):
     nsec = (chain.size + SECTOR - 1) // SECTOR
     for first, count in [(0, nsec)] + list(ranges):
-        slow = chain._resolve_levels(first, count)
-        assert chain._resolve(first, count) == slow, (first, count)
-        assert chain._presence(first, count) == presence(slow), (first, count)
+        slow = chain._map.level_runs(first, count)
+        assert chain._map.runs(first, count) == slow, (first, count)
+        assert chain._map.presence(first, count) == presence(slow), (first, count)
     bs = chain.block_size
     dirty = bytearray(b"\xa5" * (bs + 100))
     for i in range(chain.block_count):
         start = i * bs
         length = min(bs, chain.size - start)
         n = (length + SECTOR - 1) // SECTOR
-        assert chain.block_source(i) == chain._block_source_runs(i, start, length, n), i
+        assert chain.block_source(i) == chain._block_source_runs(start, length, n), i
         block = bytes(model[start : start + length])
         assert chain.read_block_into(i, dirty) == length
         assert dirty[:length] == block
@@ -86,8 +87,8 @@ def test_grown_leaf_splits_between_block_and_level_paths(tmp_path):
     ]
     paths, models = build_chain(tmp_path, levels)
     with vhd.open_chain(paths[-1]) as c:
-        assert 0 < c._fast_limit < c.size // SECTOR
-        lim = c._fast_limit
+        assert 0 < c._map.fast_limit < c.size // SECTOR
+        lim = c._map.fast_limit
         check_resolution(c, models[-1], [(lim - 8, 16), (lim - 1, 1), (0, lim + 1), (lim, 100)])
         assert c.read(0, c.size) == bytes(models[-1])
 
@@ -110,10 +111,10 @@ def test_fixed_root_under_differencing_children(tmp_path, qemu_tools):
             w.write(off, data)
             model[off : off + len(data)] = data
     with vhd.open_chain(leaf) as c:
-        assert c.depth == 3 and c._full == 2 and c.size == len(model)
+        assert c.depth == 3 and c._map.full == 2 and c.size == len(model)
         nsec = c.size // SECTOR
         check_resolution(c, model, [(1, nsec - 2), (4096, 8192), (10, 3)])
-        runs = c._resolve(0, nsec)
+        runs = c._map.runs(0, nsec)
         assert runs[0] == (0, 4096, 2, 0)  # the root's first two blocks: one run, one read
         assert c.block_source(0) == BlockSource("file", c.files[2], 0, 2 * MiB)
         assert c.block_source(1).kind == "assemble"

@@ -1,5 +1,8 @@
 """Stand-in for dom0's XenAPI module: xapi_local() is a session on XAPI's unix socket.
 
+The plugin tests put this directory on the plugin's PYTHONPATH after hostsim/plugin_shim (the
+XenAPIPlugin shim, shared with hostsim), whose dispatch hands the plugin xapi_local().
+
 There is no XAPI on the test machine: as on a host whose xapi is down, every call fails with the
 socket error the real module would raise (the plugin must fall back, not crash).
 """

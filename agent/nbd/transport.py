@@ -1,0 +1,229 @@
+"""The socket side of one NBD connection: sends, receives, STARTTLS and the READ payloads.
+
+What lives here: Transport, the base class of agent.nbd.connection.Connection. It owns the socket
+(plain, then TLS after STARTTLS) and only moves bytes; what they mean is the connection's business.
+
+- _send(data, more): everything, or ConnectionClosed. more=True sets MSG_MORE so that a chunk header
+  and the sendfile payload after it leave in the same packets. Over TLS the socket is non-blocking:
+  OpenSSL objects must not be used by two threads at once, so the reader touches the TLS socket
+  only under send_lock and never blocks there, and senders wait in select.
+- _recv(timeout): bytes, b'' at EOF, None after `timeout` seconds without any.
+- _start_tls(ctx, deadline): the server side of the TLS handshake after NBD_OPT_STARTTLS.
+- _send_piece(piece): one piece of a READ plan (agent.export.Export.plan_read). A file range goes
+  out with os.sendfile from the VHD file (zero copy) in clear text; with TLS the kernel cannot
+  encrypt, so it is read with os.pread and written through the TLS socket. Holes are zeros,
+  assembled bytes go as they are. A VHD file shorter than its metadata promised is padded with
+  zeros (the frame stays well formed) and raises ShortFile.
+- abort(reason): shut the connection down from another thread (ticket revoked, server stopping).
+"""
+
+import errno
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+
+from agent.export import BYTES, HOLE, SENDFILE
+
+_ZEROS = bytes(1024 * 1024)
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
+
+
+class ConnectionClosed(Exception):
+    """The connection ends (peer gone, timeout, protocol violation already logged)."""
+
+
+class ShortFile(Exception):
+    """A VHD file ended before the bytes its metadata promised (the payload was zero padded)."""
+
+
+class Transport(object):
+    """The socket of one connection and the byte moving around it (see the module docs)."""
+
+    def __init__(self, sock, send_timeout, counters):
+        self.sock = sock
+        self.raw_sock = sock
+        self.send_timeout = send_timeout
+        self.counters = counters
+        self.send_lock = threading.Lock()
+        self.bytes_sent = 0
+        self.broken = None
+        self.tls = False
+        self._aborted = threading.Event()
+
+    def abort(self, reason):
+        """Close from another thread (ticket revoked, server stopping)."""
+        if self.broken is None:
+            self.broken = reason
+        self._aborted.set()
+        try:
+            # The plain socket's shutdown, also on a TLS socket: SSLSocket.shutdown() drops its
+            # TLS object first, and a worker sending at that moment wrote its bytes (disk data)
+            # in clear text on the wire.
+            socket.socket.shutdown(self.raw_sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _close_sockets(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.raw_sock is not self.sock:
+            try:
+                self.raw_sock.close()
+            except OSError:
+                pass
+
+    def _send(self, data, more=False):
+        """Send everything (callers in transmission hold send_lock). more=True: a payload follows
+        at once (MSG_MORE keeps a chunk header and its sendfile payload in the same packets)."""
+        try:
+            if self.tls:
+                self._tls_send(data)
+            elif more:
+                self.sock.sendall(data, _MSG_MORE)
+            else:
+                self.sock.sendall(data)
+        except (OSError, ValueError) as exc:
+            raise ConnectionClosed("send failed: %s" % exc) from exc
+        self.bytes_sent += len(data)
+
+    def _tls_send(self, data):
+        # The TLS socket is non-blocking: OpenSSL objects must not be used by two threads at
+        # once, so the reader only touches it under send_lock and never blocks there.
+        view = memoryview(data)
+        timeout = self.send_timeout
+        while view:
+            try:
+                n = self.sock.send(view)
+            except ssl.SSLWantWriteError:
+                self._wait(write=True, timeout=timeout)
+                continue
+            except ssl.SSLWantReadError:
+                self._wait(write=False, timeout=timeout)
+                continue
+            view = view[n:]
+
+    def _wait(self, write, timeout):
+        if write:
+            _, w, _ = select.select([], [self.sock], [], timeout)
+            ready = w
+        else:
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+        if not ready:
+            raise ConnectionClosed("peer stalled for %ds" % timeout)
+
+    def _recv(self, timeout):
+        """Bytes from the peer; b'' at EOF; None when `timeout` seconds pass without any."""
+        deadline = time.time() + timeout
+        while True:
+            if self._aborted.is_set():
+                raise ConnectionClosed(self.broken or "aborted")
+            if not (self.tls and self.sock.pending()):
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    r, _, _ = select.select([self.sock], [], [], remaining)
+                except (OSError, ValueError) as exc:
+                    raise ConnectionClosed("select failed: %s" % exc) from exc
+                if not r:
+                    return None
+            try:
+                if not self.tls:
+                    return self.sock.recv(256 * 1024)
+                with self.send_lock:
+                    return self.sock.recv(256 * 1024)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                continue  # a partial TLS record: wait for the rest
+            except (OSError, ValueError) as exc:
+                raise ConnectionClosed("recv failed: %s" % exc) from exc
+
+    # -- STARTTLS and READ payloads ------------------------------------------------------------
+
+    def _start_tls(self, ctx, deadline):
+        self.sock.settimeout(max(0.1, deadline - time.time()))
+        try:
+            tls = ctx.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            self.sock = self.raw_sock = tls
+            tls.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            raise ConnectionClosed("TLS handshake failed: %s" % exc) from exc
+        tls.setblocking(False)
+        self.tls = True
+
+    def _send_all_but_last_byte(self, pieces):
+        """Send every piece but the reply's last byte, which is returned (as bytes)."""
+        for piece in pieces[:-1]:
+            self._send_piece(piece)
+        piece = pieces[-1]
+        kind = piece[0]
+        if kind == HOLE:
+            self._send_piece((HOLE, piece[1] - 1))
+            return b"\0"
+        if kind == BYTES:
+            self._send_piece((BYTES, piece[1][:-1]))
+            return bytes(piece[1][-1:])
+        _, fd, offset, n = piece
+        self._send_piece((SENDFILE, fd, offset, n - 1))
+        last = os.pread(fd, 1, offset + n - 1)
+        if not last:
+            raise ShortFile("VHD file ends at offset %d, 1 byte missing" % (offset + n - 1))
+        return last
+
+    def _send_piece(self, piece):
+        """Send one planned piece's payload. Raises ShortFile (after zero padding) when a VHD file
+        is shorter than its metadata promised."""
+        kind = piece[0]
+        counters = self.counters
+        if kind == HOLE:
+            n = piece[1]
+            counters.record("hole", n)
+            self._send_zeros(n)
+            return
+        if kind == BYTES:
+            counters.record("assembled", len(piece[1]))
+            self._send(piece[1])
+            return
+        assert kind == SENDFILE
+        _, fd, offset, n = piece
+        if self.tls:
+            counters.record("pread", n)
+            done = 0
+            while done < n:
+                data = os.pread(fd, min(n - done, 4 * 1024 * 1024), offset + done)
+                if not data:
+                    self._send_zeros(n - done)
+                    raise ShortFile(
+                        "VHD file ends at offset %d, %d bytes missing" % (offset + done, n - done)
+                    )
+                self._send(data)
+                done += len(data)
+            return
+        counters.record("sendfile", n)
+        out = self.sock.fileno()
+        done = 0
+        while done < n:
+            try:
+                sent = os.sendfile(out, fd, offset + done, n - done)
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise ConnectionClosed("sendfile failed: %s" % exc) from exc
+            if sent == 0:
+                self.bytes_sent += done
+                self._send_zeros(n - done)
+                raise ShortFile(
+                    "VHD file ends at offset %d, %d bytes missing" % (offset + done, n - done)
+                )
+            done += sent
+        self.bytes_sent += n
+
+    def _send_zeros(self, n):
+        while n > 0:
+            k = min(n, len(_ZEROS))
+            self._send(memoryview(_ZEROS)[:k])
+            n -= k

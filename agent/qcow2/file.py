@@ -11,9 +11,9 @@ offset is checked against the file's logical end before it is read; an L2 table 
 is first read (the whole L1 table at open), so a corrupt entry fails the request that meets it
 with a typed error naming the table and the entry. Refcounts are never read.
 
-L2 tables are kept per level in a small LRU as run lists (start index, count, kind, host offset),
-so a mostly-sequential table costs a few tuples and a whole-disk extent query walks runs, not
-clusters.
+L2 tables are kept per level in a small LRU as run lists (start index, count, kind, host offset;
+compact arrays), so a mostly-sequential table costs a few runs and a whole-disk extent query walks
+runs, not clusters; the LRU holds at most L2_CACHE_RUNS runs (and at least two tables).
 """
 
 import array
@@ -284,14 +284,14 @@ class Qcow2File(_Level):
         if zeros is None:
             zeros = _ZERO_TABLES.setdefault(len(raw), bytes(len(raw)))
         if raw == zeros:
-            return ([0], [n], [UNALLOC], [0])
+            return _runs([0], [n], [UNALLOC], [0])
         entries = array.array("Q")
         if entries.itemsize != 8:  # pragma: no cover
             entries = array.array("L")
         entries.frombytes(raw)
         if sys.byteorder == "little":
             entries.byteswap()
-        starts, counts, kinds, hosts = [], [], [], []
+        starts, counts, kinds, hosts = _runs()
         cs = self.cluster_size
         end = self.end
         path = self.path
@@ -481,6 +481,25 @@ class Qcow2File(_Level):
         if self.uuid is not None:
             d["uuid"] = str(self.uuid)
         return d
+
+
+def _runs(starts=(), counts=(), kinds=(), hosts=()):
+    """An empty (or given) run list of an L2 table as compact arrays: start entry, entries, kind,
+    host offset (or the raw entry of a compressed cluster); 17 bytes a run."""
+    return (
+        array.array("I", starts),
+        array.array("I", counts),
+        array.array("B", kinds),
+        _u64(hosts),
+    )
+
+
+def _u64(values=()):
+    a = array.array("Q")
+    if a.itemsize != 8:  # pragma: no cover
+        a = array.array("L")
+    a.extend(values)
+    return a
 
 
 def _add(runs, pos, n, kind, where):

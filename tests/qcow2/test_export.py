@@ -5,6 +5,7 @@ out as SM's file SR lays them out: <uuid>.qcow2 files, bare backing names."""
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import time
@@ -48,6 +49,11 @@ def test_plan_read_is_sendfile_of_whole_clusters(tmp_path, qemu_tools):
                     out.append(piece[1])
             assert b"".join(out) == want[off : off + n], off
         assert kinds <= {SENDFILE, HOLE}  # nothing assembled in memory: every cluster whole
+        rnd = random.Random(21)
+        for _ in range(200):  # requests of any alignment, within and across blocks
+            off = rnd.randrange(exp.size)
+            n = rnd.randrange(min(exp.size - off, 5 * MiB) + 1)
+            assert exp.read(off, n) == want[off : off + n], (off, n)
         assert exp.counters.snapshot() is not None
         assert "QCOW2 chain of 3 file(s)" in exp.description
 

@@ -1,11 +1,12 @@
-"""The `fastpath-agent` command: inspect VHD chains and write them out locally.
+"""The `fastpath-agent` command: inspect VHD and QCOW2 chains and write them out locally.
 
   fastpath-agent info PATH [--json]
   fastpath-agent map PATH [--base PATH] [--json]
   fastpath-agent export PATH --format raw|vhd [--base PATH] -o OUT|-
 
-Exit codes: 0 success, 1 operational failure (bad VHD, I/O error), 2 usage error. Errors are one line
-on stderr. The daemon's commands (`serve`, `ticket`) are added by agent.daemon when it is present.
+PATH is a chain's leaf, VHD or QCOW2 (told apart by content, agent.image); --base the same format.
+Exit codes: 0 success, 1 operational failure (bad image, I/O error), 2 usage error. Errors are one
+line on stderr. The daemon's commands (`serve`, `ticket`) are added by agent.daemon when it is present.
 """
 
 import argparse
@@ -13,7 +14,7 @@ import json
 import os
 import sys
 
-from agent import vhd
+from agent import image, vhd
 
 
 class _UsageError(Exception):
@@ -36,14 +37,16 @@ def _human(n):
 
 
 def cmd_info(args):
-    with vhd.open_chain(args.path) as chain:
+    with image.open_chain(args.path) as chain:
         desc = chain.describe()
+        desc.setdefault("format", image.chain_format(chain))
         if args.json:
             print(json.dumps(desc, indent=2, sort_keys=True))
             return 0
         print(
-            "chain %s: %s (%d bytes), block size %s, %d blocks, depth %d"
+            "%s chain %s: %s (%d bytes), block size %s, %d blocks, depth %d"
             % (
+                image.chain_format(chain).upper(),
                 chain.path,
                 _human(chain.size),
                 chain.size,
@@ -57,6 +60,8 @@ def cmd_info(args):
             if "uuid" in f:
                 line += "  uuid %s" % f["uuid"]
             line += "  size %d" % f["size"]
+            if "cluster_size" in f:
+                line += "  cluster %s" % _human(f["cluster_size"])
             if "allocated_blocks" in f:
                 line += "  allocated %d/%d blocks" % (f["allocated_blocks"], f["blocks"])
             if f.get("hidden"):
@@ -66,9 +71,9 @@ def cmd_info(args):
 
 
 def cmd_map(args):
-    with vhd.open_chain(args.path) as chain:
+    with image.open_chain(args.path) as chain:
         if args.base:
-            with vhd.open_chain(args.base) as base:
+            with image.open_chain(args.base) as base:
                 blocks = chain.changed_blocks(base)
             if args.json:
                 print(
@@ -104,7 +109,7 @@ def cmd_map(args):
 def cmd_export(args):
     if args.format == "raw" and args.base:
         raise _UsageError("--base only applies to --format vhd")
-    with vhd.open_chain(args.path) as chain:
+    with image.open_chain(args.path) as chain:
         out = args.output
         if out == "-" and sys.stdout.isatty():
             raise _UsageError("refusing to write a disk image to a terminal")
@@ -112,7 +117,7 @@ def cmd_export(args):
         if args.format == "raw":
             vhd.export_raw(chain, target)
         elif args.base:
-            with vhd.open_chain(args.base) as base:
+            with image.open_chain(args.base) as base:
                 vhd.export_vhd(chain, target, base=base)
         else:
             vhd.export_vhd(chain, target)
@@ -121,12 +126,13 @@ def cmd_export(args):
 
 def build_parser():
     parser = _Parser(
-        prog="fastpath-agent", description="xcp-fastpath agent: VHD chains, NBD/HTTP export"
+        prog="fastpath-agent",
+        description="xcp-fastpath agent: VHD and QCOW2 chains, NBD/HTTP export",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("info", help="describe a VHD chain")
+    p = sub.add_parser("info", help="describe a VHD or QCOW2 chain")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
@@ -164,7 +170,7 @@ def main(argv=None):
     except _UsageError as exc:
         sys.stderr.write("fastpath-agent: error: %s\n" % exc)
         return 2
-    except vhd.VhdError as exc:
+    except image.image_errors() as exc:
         sys.stderr.write("fastpath-agent: %s\n" % exc)
         return 1
     except (OSError, ValueError) as exc:

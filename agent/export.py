@@ -1,16 +1,18 @@
-"""An Export: what the NBD (and later HTTP) server serves for one ticket.
+"""An Export: what the NBD and HTTP servers serve for one ticket.
 
-It wraps an open VHD chain (agent.vhd.Chain, which holds every file of the chain open for the export's
-life) and an optional base chain, and answers:
+It wraps an open chain (agent.vhd.Chain or agent.qcow2.Chain: the chain protocol of agent.image;
+the chain holds every file open for the export's life) and an optional base chain, and answers:
 
 - size, block_size
 - extents(offset, length): runs of data / hole (base:allocation)
 - changed(offset, length): runs with a changed flag at block granularity, relative to the base
   (with no base, changed == allocated)
 - plan_read(offset, length): how to send a read, as pieces the server can put on the wire:
-    ('sendfile', fd, file_offset, n)  bytes [file_offset, +n) of one VHD file (os.sendfile-able)
+    ('sendfile', fd, file_offset, n)  bytes [file_offset, +n) of one chain file (os.sendfile-able)
     ('bytes', data)                   assembled in memory (block split across the chain)
     ('hole', n)                       n zero bytes (unallocated everywhere in the chain)
+  from each block's source: 'zero', 'file' (one sendfile), 'pieces' (a QCOW2 block whose clusters
+  lie in several places: one sendfile per run, zeros as holes) or 'assemble' (bytes).
 
 Counters (bytes and pieces sent by each method) are kept in a Counters object shared with the
 server, which records what it actually did (sendfile, or pread when TLS forbids sendfile).
@@ -44,6 +46,7 @@ class ChainChanged(ExportError):
 
 _FOOTER = 512
 _HEADER = 1024
+_SOURCES_WEIGHT = 1 << 16  # cached block sources, each weighing 1 + its pieces
 
 
 class _LevelState(object):
@@ -58,8 +61,13 @@ class _LevelState(object):
         self.ident = (st.st_dev, st.st_ino, st.st_rdev)
         self.size = st.st_size
         self.mtime = st.st_mtime_ns
-        self.meta = []  # (offset, bytes): footer and header of a VHD on a block device
-        if not self.regular and getattr(level, "is_vhd", False) and level.footer is not None:
+        self.meta = []  # (offset, bytes): metadata re-read on a block device (mtime says nothing)
+        regions = getattr(level, "guard_regions", None)
+        if not self.regular and regions is not None:
+            # a level that names its own metadata (QCOW2: header, L1 table)
+            for off, length in regions():
+                self.meta.append((off, os.pread(fd, length, off)))
+        elif not self.regular and getattr(level, "is_vhd", False) and level.footer is not None:
             where = getattr(level, "footer_at", None)
             end = getattr(level, "end", None)
             if where == "end":
@@ -95,9 +103,9 @@ class _LevelState(object):
             try:
                 now = os.pread(fd, len(data), off)
             except OSError as exc:
-                return "cannot read its VHD metadata any more (%s)" % exc.strerror
+                return "cannot read its metadata any more (%s)" % exc.strerror
             if now != data:
-                return "VHD metadata at offset %d changed" % off
+                return "its metadata at offset %d changed" % off
         return None
 
 
@@ -118,7 +126,7 @@ class ChainGuard(object):
             what = st.problem()
             if what is not None:
                 self.failed = (
-                    "the VHD chain of %s changed under the export: %s: %s; "
+                    "the chain of %s changed under the export: %s: %s; "
                     "the export is closed (open a new one)" % (self.leaf, st.path, what)
                 )
                 raise ChainChanged(self.failed)
@@ -163,6 +171,38 @@ def _merge_runs(runs):
     return out
 
 
+def _add_sendfile(pieces, fd, foff, n):
+    last = pieces[-1] if pieces else None
+    if last and last[0] == SENDFILE and last[1] == fd and last[2] + last[3] == foff:
+        pieces[-1] = (SENDFILE, fd, last[2], last[3] + n)
+    else:
+        pieces.append((SENDFILE, fd, foff, n))
+
+
+def _add_hole(pieces, n):
+    if pieces and pieces[-1][0] == HOLE:
+        pieces[-1] = (HOLE, pieces[-1][1] + n)
+    else:
+        pieces.append((HOLE, n))
+
+
+def _add_block_pieces(pieces, src, within, n, index):
+    """The part [within, within + n) of a 'pieces' block source, as sendfile and hole pieces."""
+    pos = 0
+    stop = within + n
+    for level, foff, length in src.pieces:
+        a, b = max(pos, within), min(pos + length, stop)
+        if a < b:
+            if level is None:
+                _add_hole(pieces, b - a)
+            else:
+                _add_sendfile(pieces, level.fileno(), foff + (a - pos), b - a)
+        pos += length
+        if pos >= stop:
+            return
+    raise ExportError("block %d source covers %d bytes, need %d" % (index, pos, stop))
+
+
 class Export(object):
     """Serve one chain (+ optional base). Thread-safe for concurrent reads."""
 
@@ -181,6 +221,7 @@ class Export(object):
         # so reads run in parallel; this lock only guards the lazy changed-block map.
         self._lock = threading.Lock()
         self._sources = {}
+        self._sources_weight = 0  # entries plus the pieces they hold (bounds the cache's memory)
         self._changed = None  # bytearray, one byte per block: 1 = changed
         self._on_close = list(on_close)
         self._closed = False
@@ -222,7 +263,8 @@ class Export(object):
     @property
     def description(self):
         files = getattr(self.chain, "files", ())
-        return "VHD chain of %d file(s), %d blocks of %d bytes%s" % (
+        return "%s chain of %d file(s), %d blocks of %d bytes%s" % (
+            getattr(self.chain, "format", "vhd").upper(),
             len(files),
             self.block_count,
             self.block_size,
@@ -241,9 +283,12 @@ class Export(object):
         src = self._sources.get(index)
         if src is None:
             src = self.chain.block_source(index)
-            if len(self._sources) > 65536:
+            weight = 1 + len(getattr(src, "pieces", None) or ())
+            if self._sources_weight + weight > _SOURCES_WEIGHT:
                 self._sources.clear()
+                self._sources_weight = 0
             self._sources[index] = src
+            self._sources_weight += weight
         return src
 
     # -- metadata --------------------------------------------------------------------------------
@@ -331,10 +376,7 @@ class Export(object):
             n = min(block_start + bs, end) - pos
             src = self._source(i)
             if src.kind == "zero":
-                if pieces and pieces[-1][0] == HOLE:
-                    pieces[-1] = (HOLE, pieces[-1][1] + n)
-                else:
-                    pieces.append((HOLE, n))
+                _add_hole(pieces, n)
             elif src.kind == "file":
                 within = pos - block_start
                 if within + n > src.length:
@@ -344,11 +386,9 @@ class Export(object):
                     )
                 fd = src.file.fileno()
                 foff = src.offset + within
-                last = pieces[-1] if pieces else None
-                if last and last[0] == SENDFILE and last[1] == fd and last[2] + last[3] == foff:
-                    pieces[-1] = (SENDFILE, fd, last[2], last[3] + n)
-                else:
-                    pieces.append((SENDFILE, fd, foff, n))
+                _add_sendfile(pieces, fd, foff, n)
+            elif src.kind == "pieces":
+                _add_block_pieces(pieces, src, pos - block_start, n, i)
             else:
                 if n == bs and pos == block_start:
                     data = self.chain.read_block(i)

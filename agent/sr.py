@@ -1,17 +1,23 @@
 """Storage repositories: VDI uuid -> an open, guarded export of its chain.
 
-File SRs (NFS, ext, SMB, ...) are mounted at <root>/<sr-uuid>/ and hold one <vdi-uuid>.vhd per VDI,
-whose parents are siblings found through the parent locators. Export names and uuids never reach the
+File SRs (NFS, ext, SMB, ...) are mounted at <root>/<sr-uuid>/ and hold one <vdi-uuid>.vhd or (XCP-ng
+8.3) <vdi-uuid>.qcow2 per VDI, whose parents are siblings found through the parent locators (VHD)
+or the backing file name (QCOW2: SM writes a bare `<uuid>.qcow2`, or an absolute path). Export names and uuids never reach the
 filesystem unchecked: a uuid must be a canonical lowercase uuid, and every path (the leaf and each
 parent the chain walks to) must resolve (realpath) inside one of the configured roots.
 
 LVM SRs are the volume groups VG_XenStorage-<sr-uuid> with one LV per VDI: VHD-<uuid> (a VHD inside
-the LV, which may be larger than the VHD) or LV-<uuid> (raw). Volumes are found with `lvs` and
-activated for the read (agent.lvm); parents are looked up by uuid in the same volume group (locator
-paths are never followed).
+the LV, which may be larger than the VHD), QCOW2-<uuid> (a QCOW2 image) or LV-<uuid> (raw). Volumes
+are found with `lvs` and activated for the read (agent.lvm); parents are looked up in the same
+volume group (by uuid for VHD, by the backing name's last component for QCOW2; paths are never
+followed).
+
+The format comes from the name SM gave the VDI and must agree with the content (agent.image
+detects it by magic): a QCOW2 image behind a .vhd name, or a chain mixing formats, is refused with
+UnsupportedFormat.
 
 Opening an export (docs/consistency.md):
-1. find the VDI (and refuse QCOW2 VDIs: `<uuid>.qcow2` files, `QCOW2-<uuid>` LVs, QCOW2 magic);
+1. find the VDI (`<uuid>.vhd` / `<uuid>.qcow2` files, `VHD-`/`QCOW2-`/`LV-<uuid>` LVs);
 2. pause SM's GC on the SR: hold its `running` lock (agent.smlock), asking a running GC to abort;
 3. under SM's `sr` lock, held only for this step: open every file of the chain (and the base's),
    activating LVs as needed;
@@ -24,6 +30,7 @@ import re
 import uuid
 
 from agent import smlock
+from agent.image import FORMAT_QCOW2, FORMAT_VHD
 from agent.lvm import QCOW2_PREFIX, RAW_PREFIX, VG_PREFIX, VHD_PREFIX
 
 DEFAULT_ROOTS = ("/var/run/sr-mount",)
@@ -50,7 +57,8 @@ class OutsideRoots(SRError):
 
 
 class UnsupportedFormat(SRError):
-    """The VDI is stored in a format the agent does not serve (QCOW2); names the fallback."""
+    """The VDI is stored in a way the agent does not serve (a name that lies about the format,
+    a chain mixing VHD and QCOW2); names the fallback."""
 
 
 def check_uuid(value, what="uuid"):
@@ -62,12 +70,22 @@ def check_uuid(value, what="uuid"):
     return value
 
 
-def qcow2_refusal(vdi_uuid, where):
+def format_refusal(vdi_uuid, what):
     return UnsupportedFormat(
-        "VDI %s is a QCOW2 image (%s): the fastpath agent does not serve QCOW2 VDIs yet; "
-        "back it up through XAPI's NBD instead (--transport %s)"
-        % (vdi_uuid, where, FALLBACK_TRANSPORT)
+        "VDI %s: %s: the fastpath agent does not serve it; back it up through XAPI's NBD instead "
+        "(--transport %s)" % (vdi_uuid, what, FALLBACK_TRANSPORT)
     )
+
+
+def qcow2_refusal(vdi_uuid, where):
+    """A QCOW2 image where SM's naming says VHD (or in the middle of a VHD chain)."""
+    return format_refusal(
+        vdi_uuid, "%s is a QCOW2 image inside a VHD chain or under a VHD name" % where
+    )
+
+
+def _name_format(path):
+    return FORMAT_QCOW2 if path.endswith(".qcow2") else FORMAT_VHD
 
 
 def _is_qcow2(path_or_fd):
@@ -186,21 +204,18 @@ class FileSR(_SRBase):
         return out
 
     def resolve_vdi(self, vdi_uuid, sr_uuid=None):
-        """Path of <root>/<sr>/<vdi>.vhd. Without sr_uuid, every SR directory under the roots is
-        searched (directories whose names are uuids). A <vdi>.qcow2 is refused (UnsupportedFormat)."""
+        """Path of <root>/<sr>/<vdi>.vhd (or .qcow2). Without sr_uuid, every SR directory under the
+        roots is searched (directories whose names are uuids)."""
         return self.locate(vdi_uuid, sr_uuid).where
 
     def locate(self, vdi_uuid, sr_uuid=None):
         check_uuid(vdi_uuid, "VDI")
         for root, sr in self._candidates(sr_uuid):
-            path = os.path.join(root, sr, vdi_uuid + ".vhd")
-            if os.path.isfile(path):
-                self._check_inside(path, "VDI %s" % vdi_uuid)
-                return _Located(sr, vdi_uuid, path)
-            qpath = os.path.join(root, sr, vdi_uuid + ".qcow2")
-            if os.path.isfile(qpath):
-                self._check_inside(qpath, "VDI %s" % vdi_uuid)
-                raise qcow2_refusal(vdi_uuid, qpath)
+            for ext in (".vhd", ".qcow2"):  # SM's FileVDI tries .vhd first too
+                path = os.path.join(root, sr, vdi_uuid + ext)
+                if os.path.isfile(path):
+                    self._check_inside(path, "VDI %s" % vdi_uuid)
+                    return _Located(sr, vdi_uuid, path)
         where = "SR %s" % sr_uuid if sr_uuid else "any SR"
         raise VDINotFound(
             "VDI %s not found in %s under %s" % (vdi_uuid, where, ", ".join(self.roots))
@@ -214,12 +229,32 @@ class FileSR(_SRBase):
             self._check_inside(found, "parent of %s" % child.path)
         return found
 
+    def _resolve_backing(self, child, name):
+        from agent.qcow2 import default_resolve_backing
+
+        found = default_resolve_backing(child, name)
+        if found is not None:
+            self._check_inside(found, "backing file of %s" % child.path)
+        return found
+
     def _open_located(self, loc, cleanup, max_depth=64):
-        from agent.vhd import VhdError, open_chain
+        from agent import image
+        from agent.vhd import VhdError
 
         path = loc.where
+        found = image.detect(path)
+        if found != _name_format(path):
+            raise format_refusal(
+                loc.vdi_uuid, "%s holds a %s image, not what its name says" % (path, found.upper())
+            )
         try:
-            chain = open_chain(path, max_depth=max_depth, resolve_parent=self._resolve_parent)
+            chain = image.open_chain(
+                path,
+                max_depth=max_depth,
+                resolve_parent=self._resolve_parent,
+                resolve_backing=self._resolve_backing,
+                fmt=found,
+            )
         except VhdError as exc:
             # the leaf, or a parent (whose error is the cause of the chain error)
             cur = exc
@@ -316,10 +351,7 @@ class LVMSR(_SRBase):
             check_uuid(sr_uuid, "SR")
             vg = VG_PREFIX + sr_uuid
         vols = self.lvm.list_volumes(vg)
-        for vg_name, lv in sorted(vols):
-            if lv == QCOW2_PREFIX + vdi_uuid:
-                raise qcow2_refusal(vdi_uuid, "LV %s/%s" % (vg_name, lv))
-        for prefix in (VHD_PREFIX, RAW_PREFIX):
+        for prefix in (VHD_PREFIX, QCOW2_PREFIX, RAW_PREFIX):
             for (vg_name, lv), info in sorted(vols.items()):
                 if lv == prefix + vdi_uuid:
                     sr = vg_name[len(VG_PREFIX) :]
@@ -388,10 +420,57 @@ class LVMSR(_SRBase):
             )
         return info
 
+    def _open_qcow2(self, info, vols, cleanup, max_depth):
+        """A QCOW2-<uuid> LV's chain. Backing files are the LVs named by the last component of
+        the backing name (SM writes /dev/VG_XenStorage-<sr>/QCOW2-<uuid> or .../LV-<uuid> for
+        a raw parent) in the same volume group; each is activated like the leaf."""
+        from agent import qcow2
+
+        def resolve_backing(child, name):
+            lv = name.rstrip("/").rsplit("/", 1)[-1]
+            pinfo = None
+            for prefix in (QCOW2_PREFIX, RAW_PREFIX):
+                if lv.startswith(prefix) and _UUID_RE.fullmatch(lv[len(prefix) :]):
+                    pinfo = vols.get(lv)
+            if pinfo is None:
+                raise qcow2.Qcow2ChainError(
+                    child.path,
+                    "backing file %s is not a QCOW2-/LV- volume of the volume group" % name,
+                    "backing file name",
+                )
+            pfd, pend = self._activate_open(pinfo, cleanup)
+            want = "raw" if lv.startswith(RAW_PREFIX) else "qcow2"
+            try:
+                return qcow2.open_level(pinfo.path, fd=pfd, end=pend, own_fd=True, fmt_name=want)
+            except BaseException:
+                os.close(pfd)
+                raise
+
+        fd, end = self._activate_open(info, cleanup)
+        try:
+            if not qcow2.is_qcow2(fd):
+                raise format_refusal(
+                    info.name.split("-", 1)[-1],
+                    "LV %s/%s has no QCOW2 magic" % (info.vg, info.name),
+                )
+            return qcow2.open_chain(
+                info.path,
+                max_depth=max_depth,
+                resolve_backing=resolve_backing,
+                fd=fd,
+                end=end,
+                own_fd=True,
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+
     def _open_located(self, loc, cleanup, max_depth=64):
         from agent.vhd import Chain, RawFile, open_chain
 
         info, vols = loc.where, loc.extra
+        if info.name.startswith(QCOW2_PREFIX):
+            return self._open_qcow2(info, vols, cleanup, max_depth)
         leaf = self._open_level(info, cleanup)
         if isinstance(leaf, RawFile):
             return Chain([leaf])

@@ -219,9 +219,7 @@ class VhdFile(Level):
         path, fd, end = self.path, self._fd, self.end
         head = os.pread(fd, min(FOOTER_PROBE, end), 0) if end > 0 else b""
         if head[:4] == fmt.QCOW2_MAGIC:
-            raise UnsupportedVhd(
-                path, "this is a QCOW2 image (XCP-ng uses QCOW2 above 2040 GiB); not supported yet"
-            )
+            raise UnsupportedVhd(path, "this is a QCOW2 image, not a VHD (agent.qcow2 reads it)")
         footer, where = self._find_footer(head)
         self.footer = footer
         self.footer_at = where

@@ -273,7 +273,9 @@ def test_missing_parent_and_failed_open_release_activations(tmp_path, fake_vg):
     assert sr.lvm.users(vg.vg, "VHD-" + ids[2]) == 0
 
 
-def test_not_found_and_qcow2_refused(tmp_path, fake_vg):
+def test_not_found_and_misnamed_refused(tmp_path, fake_vg):
+    """QCOW2-<uuid> LVs are served (tests/qcow2/test_sr.py); one whose content is not QCOW2, or a
+    VHD-<uuid> holding QCOW2, is refused with the fallback named."""
     vg = fake_vg()
     sr = lvm_sr(vg)
     with pytest.raises(sr_mod.VDINotFound):
@@ -283,11 +285,18 @@ def test_not_found_and_qcow2_refused(tmp_path, fake_vg):
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True, timeout=60
     )
-    vg.add("QCOW2-" + q, str(img))
+    vg.add("VHD-" + q, str(img))
     with pytest.raises(sr_mod.UnsupportedFormat) as err:
         sr.open_export(q, vg.sr_uuid)
     assert "--transport xapi-nbd" in str(err.value) and q in str(err.value)
-    assert vg.changes() == []  # refused before anything was activated
+    v = str(uuidlib.uuid4())
+    src = str(tmp_path / "v.vhd")
+    vhd.create_dynamic(src, 4 * MiB).close()
+    vg.add("QCOW2-" + v, src)
+    with pytest.raises(sr_mod.UnsupportedFormat) as err:
+        sr.open_export(v, vg.sr_uuid)
+    assert "--transport xapi-nbd" in str(err.value) and "no QCOW2 magic" in str(err.value)
+    assert all(sr.lvm.users(vg.vg, n) == 0 for n in vg.lvs)  # activations released
 
 
 def test_guard_sees_the_vhd_grow_inside_the_lv(tmp_path, fake_vg):

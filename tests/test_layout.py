@@ -1,5 +1,8 @@
 """Layout rules of the source tree that a parser can check.
 
+No module under ``agent/`` or ``orchestrator/`` passes 700 lines, and the agent imports only the
+standard library (plus ``XenAPIPlugin``, which dom0 gives the plugin).
+
 Imports of ``orchestrator`` (read with ``ast``: module level, inside functions and methods, under
 ``try``/``if``, and ``importlib.import_module``/``__import__`` of a constant name):
 
@@ -114,4 +117,83 @@ def test_import_rules_see_every_form_of_import(tmp_path):
         "orchestrator/cli.py:11 hostsim.cli",
         "orchestrator/cli.py:15 hostsim.guest",
         "orchestrator/jobs/backup.py:2 hostsim",
+    ]
+
+
+# --- room sizes and the agent's dependencies (issue 18) ---
+
+MAX_LINES = 700
+# What dom0 gives the agent besides the standard library: XAPI's plugin module (the plugin runs
+# inside xapi's plugin host). The compiled speedups are ``agent._speedups``, inside the package.
+AGENT_ALLOWED = {"agent", "XenAPIPlugin"}
+
+
+def oversized_modules(root: str, limit: int = MAX_LINES) -> list[str]:
+    """ "path (lines)" of every .py under agent/ and orchestrator/ longer than ``limit`` lines."""
+    out = []
+    for top in ("agent", "orchestrator"):
+        for dirpath, dirs, files in os.walk(os.path.join(root, top)):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    path = os.path.join(dirpath, name)
+                    with open(path, encoding="utf-8") as f:
+                        n = sum(1 for _ in f)
+                    if n > limit:
+                        out.append(f"{os.path.relpath(path, root)} ({n})")
+    return out
+
+
+def _agent_sources(root: str):
+    """Every Python source of the agent: *.py and the extension-less XAPI plugin."""
+    for dirpath, dirs, files in os.walk(os.path.join(root, "agent")):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            path = os.path.join(dirpath, name)
+            if name.endswith(".py") or os.path.basename(dirpath) == "plugin":
+                yield path
+
+
+def agent_foreign_imports(root: str) -> list[str]:
+    """ "path:line module" of each agent import outside the standard library (and AGENT_ALLOWED)."""
+    import sys
+
+    out = []
+    for path in _agent_sources(root):
+        rel = os.path.relpath(path, root).replace(os.sep, "/")
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        for line, module in _imports(source, rel):
+            top = module.split(".")[0]
+            if top not in sys.stdlib_module_names and top not in AGENT_ALLOWED:
+                out.append(f"{rel}:{line} {module}")
+    return out
+
+
+def test_no_module_over_700_lines():
+    assert oversized_modules(ROOT) == []
+
+
+def test_agent_imports_only_the_standard_library():
+    assert agent_foreign_imports(ROOT) == []
+
+
+def test_size_and_dependency_rules_catch_a_planted_tree(tmp_path):
+    files = {
+        "agent/__init__.py": "",
+        "agent/big.py": "x = 1\n" * (MAX_LINES + 1),
+        "agent/ok.py": "x = 1\n" * (MAX_LINES - 3)
+        + "import os\nfrom agent import big\nfrom . import ok\n",
+        "agent/dep.py": "def f():\n    import numpy as np\n",
+        "agent/plugin/fastpath": "import XenAPIPlugin\nimport requests\n",
+        "orchestrator/huge.py": "y = 2\n" * 800,
+    }
+    for rel, text in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert oversized_modules(str(tmp_path)) == ["agent/big.py (701)", "orchestrator/huge.py (800)"]
+    assert agent_foreign_imports(str(tmp_path)) == [
+        "agent/dep.py:2 numpy",
+        "agent/plugin/fastpath:2 requests",
     ]

@@ -15,7 +15,7 @@ a later ``jobs/backup.py`` or ``jobs/restore.py`` only has to define::
 
 Shared conventions (handled here): every command has ``--json`` (one JSON object on stdout,
 progress as JSON lines on stderr) and ``--progress``; errors are one line on stderr (and
-``{"ok": false, "error": ...}`` on stdout with --json); exit 0 success, 1 operational failure,
+one error document on stdout with --json, the same shape for every command: :func:`error_document`); exit 0 success, 1 operational failure,
 2 usage error. REPO arguments are a path or ``s3://bucket/prefix``; an encrypted repository's
 passphrase comes from ``--passphrase-file``, ``FASTPATH_PASSPHRASE`` or a prompt.
 
@@ -83,7 +83,7 @@ class Registry:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastpath",
         description="xcp-fastpath orchestrator: deduplicated backups of XCP-ng disks",
     )
@@ -108,9 +108,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so a usage error with --json still prints the
+    error document (subcommand parsers inherit the class)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _ArgparseError(self, message)
+
+
+class _ArgparseError(Exception):
+    def __init__(self, parser: argparse.ArgumentParser, message: str):
+        super().__init__(message)
+        self.parser = parser
+
+
+def error_document(message: str, kind: str, exit_code: int, exc: BaseException | None = None):
+    """The one shape of every error on stdout with --json (docs/cli.md "Errors"):
+    ``{"ok": false, "error": one line, "type": "usage"|"failed"|"interrupted",
+    "exception": class name or null, "exit_code": n}``, plus whatever fields a command's
+    :class:`CommandFailed` result carries (it never overrides these)."""
+    return {
+        "ok": False,
+        "error": message,
+        "type": kind,
+        "exception": type(exc).__name__ if exc is not None else None,
+        "exit_code": exit_code,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    want_json = "--json" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _ArgparseError as exc:
+        exc.parser.print_usage(sys.stderr)
+        print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr)
+        if want_json:
+            print(json.dumps(error_document(_one_line(exc), "usage", EXIT_USAGE), sort_keys=True))
+        return EXIT_USAGE
     run = getattr(args, "_run", None)
     if run is None:
         parser.print_usage(sys.stderr)
@@ -119,27 +156,25 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     ui = Progress.create(args.progress, json_output=args.json)
     name = args._name
+
+    def fail(exc: BaseException, kind: str, code: int, line: str, extra=None) -> int:
+        ui.close()
+        if args.json:
+            doc = {**(extra or {}), **error_document(_one_line(exc), kind, code, exc)}
+            print(json.dumps(doc, sort_keys=True, default=str))
+        print(f"fastpath {name}: {line}", file=sys.stderr)
+        return code
+
     try:
         outcome = run(args, ui)
     except UsageError as exc:
-        ui.close()
-        print(f"fastpath {name}: usage error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(exc, "usage", EXIT_USAGE, f"usage error: {exc}")
     except CommandFailed as exc:
-        ui.close()
-        _emit(args, {"ok": False, "error": str(exc), **exc.result}, None)
-        print(f"fastpath {name}: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILURE
+        return fail(exc, "failed", EXIT_FAILURE, _one_line(exc), exc.result)
     except (RepoError, OSError, ValueError) as exc:
-        ui.close()
-        if args.json:
-            print(json.dumps({"ok": False, "error": _one_line(exc), "type": type(exc).__name__}))
-        print(f"fastpath {name}: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        ui.close()
-        print(f"fastpath {name}: interrupted", file=sys.stderr)
-        return 130
+        return fail(exc, "failed", EXIT_FAILURE, f"error: {_one_line(exc)}")
+    except KeyboardInterrupt as exc:
+        return fail(exc, "interrupted", 130, "interrupted")
     finally:
         ui.close()
     code = EXIT_OK

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 from orchestrator.cliutil import UsageError
@@ -26,7 +27,16 @@ def add_xapi_arguments(p, *, required_flag: str = "--xapi") -> None:
         help="XAPI URL of the pool master (default: $FASTPATH_XAPI_URL or hostsim.json)",
     )
     p.add_argument("--user", help="XAPI user (default $FASTPATH_XAPI_USER, root)")
-    p.add_argument("--password", help="XAPI password (default $FASTPATH_XAPI_PASSWORD)")
+    p.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="read the XAPI password from FILE's first line (default $FASTPATH_XAPI_PASSWORD)",
+    )
+    p.add_argument(
+        "--password",
+        help="XAPI password; avoid: argv is readable by every local user (warns), prefer "
+        "--password-file or $FASTPATH_XAPI_PASSWORD",
+    )
     p.add_argument(
         "--xapi-cafile",
         metavar="PEM",
@@ -39,10 +49,34 @@ def add_xapi_arguments(p, *, required_flag: str = "--xapi") -> None:
     )
 
 
+PASSWORD_ARGV_WARNING = (
+    "warning: --password puts the XAPI password in the process list, readable by every local "
+    "user; use --password-file FILE or $FASTPATH_XAPI_PASSWORD"
+)
+
+
+def read_password_file(path: str) -> str:
+    """The first line of ``path`` without its line end (a one-line error when unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline()
+    except OSError as exc:
+        raise UsageError(f"--password-file {path}: {exc.strerror or exc}") from None
+    return line.rstrip("\r\n")
+
+
 def resolve_target(args) -> XapiTarget:
     url = args.xapi or os.environ.get("FASTPATH_XAPI_URL")
     user = args.user or os.environ.get("FASTPATH_XAPI_USER")
-    password = args.password or os.environ.get("FASTPATH_XAPI_PASSWORD")
+    password_file = getattr(args, "password_file", None)
+    if password_file and args.password:
+        raise UsageError("give --password-file or --password, not both")
+    if args.password:
+        print(PASSWORD_ARGV_WARNING, file=sys.stderr)
+    if password_file:
+        password = read_password_file(password_file)
+    else:
+        password = args.password or os.environ.get("FASTPATH_XAPI_PASSWORD")
     cafile = getattr(args, "xapi_cafile", None)
     root = getattr(args, "hostsim", None) or os.environ.get("HOSTSIM_ROOT")
     if root and (not url or user is None or password is None):
@@ -59,7 +93,7 @@ def resolve_target(args) -> XapiTarget:
     if not url:
         raise UsageError("no XAPI URL: give --xapi URL (or $FASTPATH_XAPI_URL, --hostsim DIR)")
     if password is None:
-        raise UsageError("no XAPI password: --password or $FASTPATH_XAPI_PASSWORD")
+        raise UsageError("no XAPI password: --password-file FILE or $FASTPATH_XAPI_PASSWORD")
     return XapiTarget(url, user or "root", password, cafile)
 
 

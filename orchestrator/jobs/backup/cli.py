@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import time
+import uuid as uuid_mod
 from typing import Any
 
-from orchestrator.cliutil import open_repo
+from orchestrator.cliutil import UsageError, open_repo
 from orchestrator.jobs import xapi_session
 from orchestrator.jobs.backup.options import Tuning, VmBackupOptions
 from orchestrator.jobs.backup.vdi import backup_vdi, vdi_source
@@ -134,6 +135,14 @@ def run_backup_vm(args: argparse.Namespace, ui: Progress):
 def run_backup_vdi(args: argparse.Namespace, ui: Progress):
     started = time.monotonic()
     t = tuning(args)
+    if args.vdi is not None:
+        try:
+            uuid_mod.UUID(args.vdi)
+        except ValueError:
+            raise UsageError(
+                f"--vdi {args.vdi!r} is not a UUID: give the disk's uuid (xe vdi-list, "
+                "hostsim info), or leave --vdi out to take it from the source"
+            ) from None
     src, default_vdi = vdi_source(args.source, args.fingerprint, t)
     with src, open_repo(args) as repo:
         result = backup_vdi(

@@ -65,9 +65,8 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from orchestrator.cliutil import add_repo_argument, open_repo
+from orchestrator.lazy import numpy as np
 from orchestrator.progress import Progress
 from orchestrator.repo import locks
 from orchestrator.repo.catalog import fetch_many, format_time, scan_backups
@@ -78,7 +77,7 @@ from orchestrator.repo.errors import CorruptIndex, RepoError
 from orchestrator.repo.index import Index
 from orchestrator.repo.repository import Repository
 
-_REC = np.dtype(f"V{DIGEST_SIZE}")
+_REC = f"V{DIGEST_SIZE}"  # dtype: one digest
 
 
 class GcRefused(RepoError):

@@ -21,9 +21,8 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
-import numpy as np
-
 from orchestrator.cliutil import UsageError, add_repo_argument, open_repo
+from orchestrator.lazy import numpy as np
 from orchestrator.progress import Progress
 from orchestrator.repo.catalog import RP_FORMAT, Catalog, fetch_many
 from orchestrator.repo.codec import DIGEST_SIZE, chunk_key, digest_from_key
@@ -32,7 +31,7 @@ from orchestrator.repo.errors import CorruptChunk, CorruptIndex, NotFound
 from orchestrator.repo.index import Index
 from orchestrator.repo.repository import Repository
 
-_REC = np.dtype(f"V{DIGEST_SIZE}")
+_REC = f"V{DIGEST_SIZE}"  # dtype: one digest
 
 
 def _point_of(cat: Catalog) -> dict[str, str]:

@@ -21,15 +21,14 @@ from __future__ import annotations
 import json
 import struct
 
-import numpy as np
-
+from orchestrator.lazy import numpy as np
 from orchestrator.repo.codec import DIGEST_SIZE
 from orchestrator.repo.errors import RepoError
 
 CACHE_KEY = "cache/dedup-lookup"
 CACHE_MAGIC = b"FPDEDUP1"
-_PREFIX = np.dtype(">u8")  # big-endian: numeric order = byte order of the digest
-_RECORD = np.dtype(f"V{DIGEST_SIZE}")
+_PREFIX = ">u8"  # dtype, big-endian: numeric order = byte order of the digest
+_RECORD = f"V{DIGEST_SIZE}"  # dtype: one digest
 
 
 def records(entries: bytes | bytearray | memoryview) -> np.ndarray:

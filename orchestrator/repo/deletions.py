@@ -20,8 +20,7 @@ import json
 import time
 from typing import Any
 
-import numpy as np
-
+from orchestrator.lazy import numpy as np
 from orchestrator.repo import locks
 from orchestrator.repo.backends import Backend
 from orchestrator.repo.codec import DIGEST_SIZE, chunk_key

@@ -1,4 +1,5 @@
-"""Backup speed, both questions of DESIGN.md "How speed is compared", in one run.
+"""Backup speed, both questions of docs/benchmarks.md "How speed is compared", in one
+run.
 
 Data: a disk of --size bytes (default 4 GiB) holding an ext4 file system made with
 ``mkfs.ext4 -d`` from hard links to real files of /usr (text, binaries, libraries) up to about

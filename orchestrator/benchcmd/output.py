@@ -39,6 +39,8 @@ def finish(result: dict[str, Any], opts: Options) -> dict[str, Any]:
         f.write(render(result) + "\n")
     with open(js, "w") as f:
         json.dump(result, f, indent=1, sort_keys=True)
+    written = ", ".join(os.path.basename(p) for p in (md, js, result["files"]["chart"]) if p)
+    opts.say(f"wrote {written} into {os.path.abspath(opts.out)}/")
     return result
 
 
@@ -51,7 +53,7 @@ def render(result: dict[str, Any]) -> str:
         f"{p['cpu_count']} CPUs, load average at the end {p['load_average'][0]:.1f}. "
         "GB/s = the disk's allocated bytes / seconds (incrementals: effective rate).",
         "",
-        "## Headline: the goals of DESIGN.md in this run",
+        "## Headline: the speed goals, measured in this run",
         "",
         result["tables"]["headline"],
         "",
@@ -72,5 +74,7 @@ def render(result: dict[str, Any]) -> str:
         result["tables"]["end_to_end"],
         "",
         f"Chart: {result['files']['chart']}",
+        f"Files: {os.path.dirname(os.path.abspath(result['files']['json']))}/ (bench.md, bench.json"
+        + (", bench.png)" if result["files"]["chart"] else ")"),
     ]
     return "\n".join(lines)

@@ -165,7 +165,8 @@ def check_consistency(result: dict[str, Any], rel: float = 1e-9) -> list[str]:
     return problems
 
 
-# The goals of DESIGN.md "How speed is compared": (name, numerator row, denominator row, goal,
+# The project's speed goals (docs/benchmarks.md "How speed is compared"): (name, numerator row,
+# denominator row, goal,
 # "min" = ratio must be >= goal / "max" = <= goal). Rows are ids with {disk} and {repo} filled in.
 GOALS = (
     (
@@ -220,7 +221,7 @@ def headline(questions: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def headline_table(items: list[dict[str, Any]]) -> str:
-    lines = ["| disk | goal (DESIGN.md) | this run | met |", "|---|---|---|---|"]
+    lines = ["| disk | goal | this run | met |", "|---|---|---|---|"]
     for h in items:
         sign = "≥" if h["kind"] == "min" else "≤"
         lines.append(

@@ -1,4 +1,5 @@
-"""``fastpath bench``: the speed comparison of DESIGN.md "How speed is compared", in one run.
+"""``fastpath bench``: the speed comparison of docs/benchmarks.md "How speed is
+compared", in one run.
 
 Two questions, answered in two tables, never mixed:
 

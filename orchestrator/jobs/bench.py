@@ -46,7 +46,12 @@ def register(registry) -> None:
         help="where the end-to-end repositories go: a directory (local rows; default a temporary "
         "one) or s3://bucket/prefix (S3 rows on that provider instead of a local moto server)",
     )
-    p.add_argument("--out", default="bench-out", metavar="DIR", help="bench.md/.png/.json here")
+    p.add_argument(
+        "--out",
+        default="bench-out",
+        metavar="DIR",
+        help="write bench.md, bench.json (and bench.png) here (default ./bench-out; printed at the end)",
+    )
     p.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) repositories")
     p.add_argument(
         "--data",

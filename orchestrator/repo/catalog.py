@@ -1,6 +1,6 @@
 """The catalogue of a repository: what lives under ``backups/``, how it is named and listed.
 
-Keys (see DESIGN.md, Formats → Repository, and docs/repository-format.md)::
+Keys (docs/repository-format.md)::
 
     backups/<vm>/<time>.json           restore point: VM metadata; written after all its indexes
     backups/<vm>/<vdi>/<time>.index    one complete index per disk backup (the commit point)

@@ -1,6 +1,6 @@
 """``fastpath backup vm`` and ``fastpath backup vdi``: a VM's disks (or one disk) into a repository.
 
-backup vm (see DESIGN.md, Components and data flow)::
+backup vm (README "Architecture in one screen")::
 
     1. find the VM, the previous restore point of it in the repository (its JSON names the
        snapshot each disk was read from: the base of this backup), remove snapshots an earlier

@@ -295,6 +295,8 @@ def pool_part(workdir, vm_size, summary, table):
             if not res["disks"][0]["incremental"]:
                 raise DemoError("the second backup of %s was not incremental" % res["vm"])
 
+        host_side_speed(conf, i1["disks"][0]["snapshot_vdi"], summary)
+
         step("restoring vm1's disk to a VHD file and vm2 as a new VM in the pool")
         disk = i1["disks"][0]
         restored = os.path.join(workdir, "vm1-restored.vhd")
@@ -346,14 +348,13 @@ def pool_part(workdir, vm_size, summary, table):
             )
         )
         summary.append(("repository", _brief(stats)))
-        speedup = x1["disks"][0]["seconds"] / max(f1["disks"][0]["seconds"], 1e-6)
         summary.append(
             (
-                "speed",
-                "vm1 full backup data phase: NBD %.2f s vs XAPI's conversion export %.2f s (%.1fx;"
-                " on a disk this small both are bound by the backup's own CPU work, not the"
-                " source; host-side speeds: bench/backup.py, docs/benchmarks.md)"
-                % (f1["disks"][0]["seconds"], x1["disks"][0]["seconds"], speedup),
+                "backup",
+                "vm1 full backup, data phase (read + hash + compress + store): NBD %.2f s vs "
+                "XAPI's conversion export %.2f s; on %d MiB disks the backup's own CPU work "
+                "bounds both (whole numbers: fastpath bench, docs/benchmarks.md)"
+                % (f1["disks"][0]["seconds"], x1["disks"][0]["seconds"], vm_size),
             )
         )
         if not verify.get("ok"):
@@ -365,6 +366,53 @@ def pool_part(workdir, vm_size, summary, table):
         except subprocess.TimeoutExpired:
             pool.kill()
         log.close()
+
+
+def host_side_speed(conf, vdi, summary, runs=3):
+    """What the fast path changes on the host: the same snapshot disk delivered to a discarding
+    client by the agent (plugin ticket, NBD over TLS) and by XAPI's conversion export
+    (export_raw_vdi: chain decoded to raw, re-encoded as VHD, one stream). Best of ``runs``."""
+    step("host side: vm1's snapshot read by a discarding client, agent NBD vs XAPI's export")
+    env = dict(os.environ, FASTPATH_XAPI_PASSWORD=conf["xapi"]["password"])
+    x = conf["xapi"]
+    seconds = {}
+    for kind in ("agent-nbd-xapi", "xapi-export"):
+        spec = {"kind": kind, "xapi": x["url"], "user": x["user"], "vdi": vdi}
+        spec.update(cafile=x.get("cafile"), connections=4)
+        best = None
+        for _ in range(runs):
+            proc = subprocess.run(
+                [sys.executable, "-m", "orchestrator.benchcmd.drain", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=env,
+            )
+            if proc.returncode != 0:
+                raise DemoError("%s read failed: %s" % (kind, proc.stderr.strip()[-300:]))
+            got = json.loads(proc.stdout.strip().splitlines()[-1])
+            best = got if best is None or got["read_seconds"] < best["read_seconds"] else best
+        seconds[kind] = best
+    agent, xapi = seconds["agent-nbd-xapi"], seconds["xapi-export"]
+    summary.append(
+        (
+            "speed",
+            "host side, vm1's disk (%d MiB of data, best of %d): the agent delivers it %.1fx "
+            "faster than XAPI's conversion export: data %.3f s (%.0f MB/s) vs %.3f s (%.0f MB/s); "
+            "fixed cost apart (plugin call or export request, TLS, map): %.2f s vs %.2f s"
+            % (
+                agent["bytes"] >> 20,
+                runs,
+                xapi["read_seconds"] / max(agent["read_seconds"], 1e-9),
+                agent["read_seconds"],
+                agent["bytes"] / agent["read_seconds"] / 1e6,
+                xapi["read_seconds"],
+                xapi["bytes"] / xapi["read_seconds"] / 1e6,
+                agent["open_seconds"],
+                xapi["open_seconds"],
+            ),
+        )
+    )
 
 
 def _brief(res):

@@ -15,18 +15,28 @@ one JSON line: {"bytes": N, "blocks": K}. Kinds:
 - ``xapi-export``: {"xapi": URL, "user", "vdi": UUID, "cafile": optional}
                    (the XAPI password comes from $FASTPATH_XAPI_PASSWORD, never from argv)
                    (XapiExportSource: export_raw_vdi?format=vhd, parsed as it streams)
+- ``agent-nbd-xapi``: {"xapi": URL, "user", "vdi": UUID, "cafile": optional, "connections": N}
+                   (as a backup opens a disk: the fastpath plugin's open_export through XAPI on
+                   the VM's resident host, or the first host, then AgentNbdSource.from_plugin)
+
+"seconds" in the answer is the time from opening the source to the last byte (XAPI login and
+process start left out, the plugin call and the export's own opening counted), split into
+"open_seconds" (up to the source's open(): plugin call, handshake, allocation map) and
+"read_seconds" (the data).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 
 
 def drain(spec: dict) -> dict:
     kind = spec["kind"]
     conns = int(spec.get("connections", 4))
     session = None
+    started = time.perf_counter()
     if kind == "agent-nbd":
         from orchestrator.sources.agent_nbd import AgentNbdSource
 
@@ -43,7 +53,7 @@ def drain(spec: dict) -> dict:
         from orchestrator.sources.agent_http import AgentHttpSource
 
         src = AgentHttpSource.from_plugin(spec["export"], streams=conns)
-    elif kind in ("xapi-nbd", "xapi-export"):
+    elif kind in ("xapi-nbd", "xapi-export", "agent-nbd-xapi"):
         import os
 
         from orchestrator.jobs.xapi_session import XapiTarget, connect
@@ -51,7 +61,14 @@ def drain(spec: dict) -> dict:
         password = spec.get("password") or os.environ["FASTPATH_XAPI_PASSWORD"]
         target = XapiTarget(spec["xapi"], spec["user"], password, spec.get("cafile"))
         session = connect(target)
-        if kind == "xapi-nbd":
+        started = time.perf_counter()
+        if kind == "agent-nbd-xapi":
+            from orchestrator.sources.agent_nbd import AgentNbdSource
+
+            src = AgentNbdSource.from_plugin(
+                _open_export(session.xenapi, spec["vdi"]), connections=conns
+            )
+        elif kind == "xapi-nbd":
             from orchestrator.sources.xapi_nbd import XapiNbdSource
 
             ref = session.xenapi.VDI.get_by_uuid(spec["vdi"])
@@ -67,6 +84,7 @@ def drain(spec: dict) -> dict:
     total = blocks = 0
     try:
         src.open(None)
+        opened = time.perf_counter()
         for _index, data in src.read_blocks():
             total += len(data)
             blocks += 1
@@ -77,7 +95,28 @@ def drain(spec: dict) -> dict:
                 session.xenapi.session.logout()
             except Exception:
                 pass
-    return {"bytes": total, "blocks": blocks}
+    end = time.perf_counter()
+    return {
+        "bytes": total,
+        "blocks": blocks,
+        "seconds": end - started,
+        "open_seconds": opened - started,
+        "read_seconds": end - opened,
+    }
+
+
+def _open_export(x, vdi_uuid: str) -> dict:
+    """The plugin's open_export answer for ``vdi_uuid``, asked of the host its VM runs on."""
+    ref = x.VDI.get_by_uuid(vdi_uuid)
+    host = None
+    for vbd in x.VDI.get_VBDs(ref):
+        resident = x.VM.get_resident_on(x.VBD.get_VM(vbd))
+        if resident != "OpaqueRef:NULL":
+            host = resident
+            break
+    host = host or x.host.get_all()[0]
+    args = {"vdi": vdi_uuid, "transports": "nbd,http", "ttl": "600"}
+    return json.loads(x.host.call_plugin(host, "fastpath", "open_export", args))
 
 
 def main(argv: list[str] | None = None) -> int:

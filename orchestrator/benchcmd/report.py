@@ -57,6 +57,12 @@ def make_row(
         "vs_xapi": None,
         "vs_limit": None,
     }
+    data = [s.get("data_seconds") for s in samples]
+    if data and all(d is not None for d in data):
+        # End to end: the data phase alone (process start, XAPI login, snapshot and commit
+        # left out), so a small disk still measures the data path, not the fixed cost.
+        row["data_seconds"] = spread([max(d, 1e-9) for d in data])
+        row["data_gbps"] = spread([nbytes / max(d, 1e-9) / GB for d in data])
     row.update(extra)
     return row
 
@@ -79,6 +85,7 @@ def _f(value: float | None, fmt: str = "{:.2f}", suffix: str = "") -> str:
 
 def markdown_table(rows: list[dict[str, Any]], extra_cols: tuple[str, ...] = ()) -> str:
     head = ["disk", *extra_cols, "what", "GB/s median (min–max)", "vs XAPI's way", "vs limit"]
+    head += ["data phase s"]
     head += ["CPU s/GB client", "CPU s/GB server", "peak RSS client MiB", "peak RSS server MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
@@ -88,6 +95,7 @@ def markdown_table(rows: list[dict[str, Any]], extra_cols: tuple[str, ...] = ())
             f"{g['median']:.3f} ({g['min']:.3f}–{g['max']:.3f})",
             _f(r["vs_xapi"], suffix="×"),
             _f(r["vs_limit"], suffix="×"),
+            _f((r.get("data_seconds") or {}).get("median"), "{:.3f}"),
             _f(r["cpu_client_s_per_gb"]),
             _f(r["cpu_server_s_per_gb"]),
             _f(r["peak_rss_client_mib"], "{:.0f}"),
@@ -166,8 +174,11 @@ def check_consistency(result: dict[str, Any], rel: float = 1e-9) -> list[str]:
 
 
 # The project's speed goals (docs/benchmarks.md "How speed is compared"): (name, numerator row,
-# denominator row, goal,
-# "min" = ratio must be >= goal / "max" = <= goal). Rows are ids with {disk} and {repo} filled in.
+# denominator row, goal, "min" = ratio must be >= goal / "max" = <= goal, metric). Rows are ids
+# with {disk} filled in. Host-side rows compare whole reads ("gbps"); end-to-end goals compare
+# data phases ("data_gbps": the backup's reading and storing vs the physical copy's), since a
+# command's fixed cost (process start, XAPI login, snapshot, commit; reported in the table and by
+# bench/startup.py) is not what the goal is about.
 GOALS = (
     (
         "agent NBD vs XAPI's way",
@@ -175,21 +186,31 @@ GOALS = (
         "host/{disk}/xapi-export",
         5.0,
         "min",
+        "gbps",
     ),
-    ("agent NBD vs qemu-nbd", "host/{disk}/agent-nbd-nbdcopy", "host/{disk}/qemu-nbd", 1.5, "min"),
     (
-        "full backup (nbd) vs copy + fdatasync",
+        "agent NBD vs qemu-nbd",
+        "host/{disk}/agent-nbd-nbdcopy",
+        "host/{disk}/qemu-nbd",
+        1.5,
+        "min",
+        "gbps",
+    ),
+    (
+        "full backup (nbd) vs copy + fdatasync, data phase",
         "e2e/{disk}/nbd/local/full",
         "e2e/{disk}/limit/local",
         0.8,
         "min",
+        "data_gbps",
     ),
     (
-        "1 % incremental time / full time (nbd)",
+        "1 % incremental time / full time (nbd), data phase",
         "e2e/{disk}/nbd/local/full",  # same bytes: time ratio = inverse GB/s ratio
         "e2e/{disk}/nbd/local/inc1",
         0.03,
         "max",
+        "data_gbps",
     ),
 )
 
@@ -200,11 +221,11 @@ def headline(questions: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     disks = list(dict.fromkeys(r["disk"] for r in rows.values()))
     out = []
     for disk in disks:
-        for name, num, den, goal, kind in GOALS:
+        for name, num, den, goal, kind, metric in GOALS:
             a, b = rows.get(num.format(disk=disk)), rows.get(den.format(disk=disk))
-            if a is None or b is None:
+            if a is None or b is None or metric not in a or metric not in b:
                 continue
-            value = a["gbps"]["median"] / b["gbps"]["median"]
+            value = a[metric]["median"] / b[metric]["median"]
             out.append(
                 {
                     "disk": disk,
@@ -212,6 +233,7 @@ def headline(questions: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                     "value": value,
                     "goal": goal,
                     "kind": kind,
+                    "metric": metric,
                     "met": value >= goal if kind == "min" else value <= goal,
                     "numerator": a["id"],
                     "denominator": b["id"],

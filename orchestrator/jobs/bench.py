@@ -13,7 +13,7 @@ from orchestrator.cliutil import CommandFailed, UsageError
 from orchestrator.progress import Progress
 
 QUICK = {
-    "size": "16M",
+    "size": "256M",
     "runs": 2,
     "transports": ("nbd", "xapi-export"),
     "variants": ("encrypted", "s3"),
@@ -28,9 +28,9 @@ def register(registry) -> None:
         "bench", run_bench, help="speed comparison: fast path vs XAPI's way vs the physical limit"
     )
     p.add_argument(
-        "--quick", action="store_true", help="tiny disks, 2 runs, fewer rows (a smoke run)"
+        "--quick", action="store_true", help="256 MiB disks, 2 runs, fewer rows (about a minute)"
     )
-    p.add_argument("--size", help="virtual size of each test disk (default 1G; --quick 16M)")
+    p.add_argument("--size", help="virtual size of each test disk (default 1G; --quick 256M)")
     p.add_argument("--runs", type=int, help="runs per measurement (default 3; --quick 2)")
     p.add_argument("--connections", type=int, default=4, help="connections/streams (default 4)")
     p.add_argument("--xapi", metavar="URL", help="measure a real pool instead of hostsim")

@@ -48,6 +48,7 @@ def register(registry) -> None:
     p.add_argument("--sr", metavar="UUID", help="SR for the new VDIs (with --to-xapi)")
     p.add_argument("--new-vm", metavar="NAME", help="also create a VM with the restored disks")
     p.add_argument("--threads", type=int, default=4, help="parallel chunk reads")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 
 class DiskReader:
@@ -230,11 +231,14 @@ def _restore_to_files(args, ui, repo, point, disks) -> list[dict[str, Any]]:
             f"restore point {point.id} has {len(disks)} disks: choose one with --disk, or give "
             "a directory as -o"
         )
+    paths = {vdi: os.path.join(target, f"{vdi}.vhd") if is_dir else target for vdi in disks}
+    for path in paths.values():
+        check_output_path(path, args.force)
     out = []
     for vdi, key in disks.items():
         index = repo.read_index(key)
         reader = DiskReader(repo, index, args.threads)
-        path = os.path.join(target, f"{vdi}.vhd") if is_dir else target
+        path = paths[vdi]
         with ui.task(f"restore {vdi}", total=index.virtual_size, unit="bytes") as task:
             if path == "-":
                 written, fmt = write_stdout(reader, task), "raw"
@@ -255,6 +259,21 @@ def _restore_to_files(args, ui, repo, point, disks) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def check_output_path(path: str, force: bool) -> None:
+    """Before any byte is read: the directory exists, and an existing file is only replaced
+    with --force (never a directory or a device)."""
+    if path == "-":
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CommandFailed(f"cannot write {path}: directory {parent} does not exist")
+    if os.path.lexists(path):
+        if os.path.isdir(path) or not (os.path.isfile(path) or os.path.islink(path)):
+            raise CommandFailed(f"cannot write {path}: it exists and is not a regular file")
+        if not force:
+            raise CommandFailed(f"{path} exists: give --force to overwrite it")
 
 
 def _restore_to_xapi(args, ui, repo, point, meta, disks) -> tuple[list, dict | None]:

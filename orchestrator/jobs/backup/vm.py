@@ -24,6 +24,7 @@ from orchestrator.jobs.backup.context import (
 from orchestrator.jobs.backup.options import VmBackupOptions
 from orchestrator.jobs.backup.transports import cbt_blocks, close_sources, open_all
 from orchestrator.jobs.pipeline import Cancelled, copy_disks
+from orchestrator.jobs.vifplan import read_vifs
 from orchestrator.jobs.vmrecord import VBD_KEPT_FIELDS, vm_configuration
 from orchestrator.jobs.xapi_session import XapiTarget
 from orchestrator.progress import Progress
@@ -195,6 +196,7 @@ def _backup_vm(
             "xapi": target.url,
             "transport": options.transport,
             "vm": vm_configuration(vm_rec),
+            "vifs": read_vifs(x, vm_ref),
             "snapshot": {"uuid": snap_uuid, "time": when, "purged": bool(options.cbt_purge)},
             "disks": {
                 d.vdi_uuid: {

@@ -18,6 +18,7 @@ import sys
 import threading
 
 import nbd
+import pytest
 
 from agent.nbd import wire as w
 from orchestrator.repo.codec import CHUNK_SIZE
@@ -223,3 +224,28 @@ def test_usage_errors(local_point, tmp_path):
     )
     assert missing.returncode == 1
     assert "no restore point" in missing.stderr
+
+
+def test_a_missing_chunk_fails_that_read_only(local_point, serve, tmp_path):
+    """A chunk object gone from the repository: reads of it fail with EIO, the rest of the disk
+    and the server go on."""
+    import os
+
+    from orchestrator.repo.codec import chunk_key
+    from orchestrator.repo.repository import Repository
+
+    disk = local_point.disks[0]
+    with Repository.open(local_point.url) as repo:
+        index = repo.read_index(local_point.keys[disk.vdi])
+        os.unlink(os.path.join(local_point.url, chunk_key(index.get(9))))
+    srv = serve(local_point.url, local_point.id, "--disk", disk.vdi, "--prefetch", "0")
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    with pytest.raises(nbd.Error) as exc:
+        h.pread(4096, 9 * CHUNK_SIZE)
+    assert "Input/output error" in str(exc.value)  # EIO
+    assert h.pread(4096, 10 * CHUNK_SIZE) == bytes(
+        disk.data[10 * CHUNK_SIZE : 10 * CHUNK_SIZE + 4096]
+    )
+    h.shutdown()
+    assert srv.alive()

@@ -23,7 +23,10 @@ def read_vifs(x, vm_ref: str) -> list[dict[str, Any]]:
     """The VM's VIFs as a restore point keeps them, ordered by device."""
     out = []
     for vif in x.VM.get_VIFs(vm_ref):
-        rec = x.VIF.get_record(vif)
+        try:
+            rec = x.VIF.get_record(vif)
+        except Exception:  # unplugged and destroyed since VM.get_VIFs: not part of the VM
+            continue
         entry = {k: rec[k] for k in VIF_KEPT_FIELDS if k in rec}
         try:
             net = x.network.get_record(rec["network"])

@@ -18,10 +18,12 @@ NULL_REF = "OpaqueRef:NULL"
 
 # The classes hostsim knows, with XAPI's spelling (API name) -> defaults of their fields.
 CLASSES = ("pool", "host", "SR", "PBD", "VDI", "VBD", "VM", "task", "message", "session")
+CLASSES += ("network", "VIF")
 LOWER = {c.lower(): c for c in CLASSES}
 
 # Classes whose changes are visible through event.from (XAPI: gen_events objects).
 EVENT_CLASSES = ("pool", "host", "SR", "PBD", "VDI", "VBD", "VM", "task", "message")
+EVENT_CLASSES += ("network", "VIF")
 
 
 def new_ref():

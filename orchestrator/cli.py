@@ -300,33 +300,22 @@ def cmd_repo_init(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
+    from orchestrator.jobs.listing import describe_points
+
     with open_repo(args, need_key=False) as repo:
         cat = repo.scan()
         points = cat.restore_points(args.vm, None if args.all else True)
         return {
             "ok": True,
             "repo": repo.url,
-            "restore_points": [
-                {
-                    "id": p.id,
-                    "vm": p.vm,
-                    "time": p.time,
-                    "complete": p.complete,
-                    "disks": dict(sorted(p.disks.items())),
-                }
-                for p in points
-            ],
+            "restore_points": describe_points(repo, points, args.concurrency_io),
         }
 
 
 def _render_list(result: dict[str, Any]) -> str:
-    rows = result["restore_points"]
-    if not rows:
-        return "no restore points"
-    return "\n".join(
-        f"{r['id']}  {len(r['disks'])} disk(s){'' if r['complete'] else '  (incomplete)'}"
-        for r in rows
-    )
+    from orchestrator.jobs.listing import render
+
+    return render(result)
 
 
 def cmd_show(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:

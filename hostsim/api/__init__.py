@@ -15,6 +15,7 @@ per SR, looked up by SR uuid.
     vm.py        VM: VM_CREATE_FIELDS, vm_defaults(), create/start/shutdown/snapshot/clone/destroy
     vbd.py       VBD: create/destroy and the VM<->VDI links
     storage.py   SR and VDI: create/snapshot/clone/destroy, CBT, get_nbd_info, SR.scan
+    network.py   network and VIF: create/destroy, MACs
 
 A new class family (Network and VIF, say) is a new module with a `<Name>Methods` class whose
 methods are named `<class>__<method>` (`vif__create`), added to `Xapi`'s bases below; its
@@ -32,6 +33,7 @@ from hostsim.api.marshal import (
     unmarshal_record,
     wire,
 )
+from hostsim.api.network import NetworkMethods
 from hostsim.api.storage import VDIMethods, vdi_defaults
 from hostsim.api.tasks import TaskMethods
 from hostsim.api.vbd import VBDMethods
@@ -45,7 +47,7 @@ from hostsim.api.vm import (
 )
 
 
-class Xapi(Core, TaskMethods, HostMethods, VMMethods, VBDMethods, VDIMethods):
+class Xapi(Core, TaskMethods, HostMethods, VMMethods, VBDMethods, VDIMethods, NetworkMethods):
     """The API of one simulated pool (one master host)."""
 
 

@@ -257,6 +257,8 @@ class VMMethods:
         )
         for vbd in self.store.field("VM", vm, "VBDs"):
             self.store.update("VBD", vbd, currently_attached=state == "Running")
+        for vif in self.store.field("VM", vm, "VIFs"):
+            self.store.update("VIF", vif, currently_attached=state == "Running")
 
     def _shutdown(self, vm):
         rec = self.store.get("VM", vm)
@@ -327,6 +329,7 @@ class VMMethods:
             raise XapiError(E.VM_BAD_POWER_STATE, vm, "halted", "running")
         for vbd in rec["VBDs"]:
             self._drop_vbd(vbd, self.store.get("VBD", vbd))
+        self._drop_vifs(rec)
         if rec["snapshot_of"] != NULL_REF:
             self.store.list_remove("VM", rec["snapshot_of"], "snapshots", vm)
         if rec["parent"] != NULL_REF:

@@ -32,6 +32,7 @@ from urllib.parse import urlencode, urlparse
 
 from orchestrator.cliutil import CommandFailed, UsageError, add_repo_argument, open_repo
 from orchestrator.jobs import xapi_session
+from orchestrator.jobs.vifplan import parse_network_map, plan_vifs, vif_create_record
 from orchestrator.jobs.vmrecord import vbd_create_record, vbd_plan, vm_create_record
 from orchestrator.progress import Progress
 from orchestrator.repo.codec import ZERO_DIGEST
@@ -47,7 +48,22 @@ def register(registry) -> None:
     xapi_session.add_xapi_arguments(p, required_flag="--to-xapi")
     p.add_argument("--sr", metavar="UUID", help="SR for the new VDIs (with --to-xapi)")
     p.add_argument("--new-vm", metavar="NAME", help="also create a VM with the restored disks")
+    p.add_argument(
+        "--network",
+        action="append",
+        metavar="OLD=NEW",
+        help="with --new-vm: put the VIFs of network OLD (uuid or name-label) on NEW (repeatable)",
+    )
+    p.add_argument(
+        "--keep-macs", action="store_true", help="with --new-vm: keep the VIFs' MAC addresses"
+    )
+    p.add_argument(
+        "--metadata-only",
+        action="store_true",
+        help="with --new-vm: create the VM and its VIFs, no disks",
+    )
     p.add_argument("--threads", type=int, default=4, help="parallel chunk reads")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 
 class DiskReader:
@@ -189,6 +205,12 @@ def run_restore(args: argparse.Namespace, ui: Progress):
         raise UsageError("-o and --to-xapi are exclusive")
     if args.new_vm and not args.xapi:
         raise UsageError("--new-vm needs --to-xapi URL --sr UUID")
+    if (args.network or args.keep_macs or args.metadata_only) and not args.new_vm:
+        raise UsageError("--network, --keep-macs and --metadata-only go with --new-vm NAME")
+    try:
+        args.network_map = parse_network_map(args.network)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.output == "-" and args.json:
         raise UsageError("-o - writes the disk on stdout: --json is not possible")
     started = time.monotonic()
@@ -230,11 +252,14 @@ def _restore_to_files(args, ui, repo, point, disks) -> list[dict[str, Any]]:
             f"restore point {point.id} has {len(disks)} disks: choose one with --disk, or give "
             "a directory as -o"
         )
+    paths = {vdi: os.path.join(target, f"{vdi}.vhd") if is_dir else target for vdi in disks}
+    for path in paths.values():
+        check_output_path(path, args.force)
     out = []
     for vdi, key in disks.items():
         index = repo.read_index(key)
         reader = DiskReader(repo, index, args.threads)
-        path = os.path.join(target, f"{vdi}.vhd") if is_dir else target
+        path = paths[vdi]
         with ui.task(f"restore {vdi}", total=index.virtual_size, unit="bytes") as task:
             if path == "-":
                 written, fmt = write_stdout(reader, task), "raw"
@@ -257,12 +282,27 @@ def _restore_to_files(args, ui, repo, point, disks) -> list[dict[str, Any]]:
     return out
 
 
+def check_output_path(path: str, force: bool) -> None:
+    """Before any byte is read: the directory exists, and an existing file is only replaced
+    with --force (never a directory or a device)."""
+    if path == "-":
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CommandFailed(f"cannot write {path}: directory {parent} does not exist")
+    if os.path.lexists(path):
+        if os.path.isdir(path) or not (os.path.isfile(path) or os.path.islink(path)):
+            raise CommandFailed(f"cannot write {path}: it exists and is not a regular file")
+        if not force:
+            raise CommandFailed(f"{path} exists: give --force to overwrite it")
+
+
 def _restore_to_xapi(args, ui, repo, point, meta, disks) -> tuple[list, dict | None]:
     import http.client
 
     import XenAPI
 
-    if not args.sr:
+    if not args.sr and not args.metadata_only:
         raise UsageError("--to-xapi needs --sr UUID")
     target = xapi_session.resolve_target(args)
     session = xapi_session.connect(target)
@@ -270,12 +310,13 @@ def _restore_to_xapi(args, ui, repo, point, meta, disks) -> tuple[list, dict | N
     created = []
     out = []
     try:
-        try:
-            sr_ref = x.SR.get_by_uuid(args.sr)
-        except XenAPI.Failure as exc:
-            raise CommandFailed(f"SR {args.sr}: {' '.join(map(str, exc.details))}") from None
+        if not args.metadata_only:
+            try:
+                sr_ref = x.SR.get_by_uuid(args.sr)
+            except XenAPI.Failure as exc:
+                raise CommandFailed(f"SR {args.sr}: {' '.join(map(str, exc.details))}") from None
         dmeta = (meta.get("metadata") or {}).get("disks", {})
-        for vdi, key in disks.items():
+        for vdi, key in {} if args.metadata_only else disks.items():
             index = repo.read_index(key)
             info = dmeta.get(vdi, {})
             name = info.get("name_label") or f"restored {vdi}"
@@ -343,7 +384,16 @@ def _restore_to_xapi(args, ui, repo, point, meta, disks) -> tuple[list, dict | N
         raise
     try:
         if args.new_vm:
-            vm_info = create_vm(x, args.new_vm, meta, point, out, ui)
+            vm_info = create_vm(
+                x,
+                args.new_vm,
+                meta,
+                point,
+                out,
+                ui,
+                network_map=args.network_map,
+                keep_macs=args.keep_macs,
+            )
             for d in out:
                 d["new_vm"] = vm_info["uuid"]
             return out, vm_info
@@ -359,8 +409,19 @@ def _kept(disks: list[dict[str, Any]]) -> str:
     return ", ".join(f"{d['new_vdi']} (disk {d['vdi']})" for d in disks)
 
 
-def create_vm(x, name: str, meta: dict, point, disks: list[dict[str, Any]], ui=None) -> dict:
-    """Create VM ``name`` from the backed-up VM record with the restored disks attached.
+def create_vm(
+    x,
+    name: str,
+    meta: dict,
+    point,
+    disks: list[dict[str, Any]],
+    ui=None,
+    *,
+    network_map: dict[str, str] | None = None,
+    keep_macs: bool = False,
+) -> dict:
+    """Create VM ``name`` from the backed-up VM record with the restored disks attached and
+    its VIFs on the networks ``plan_vifs`` maps them to (orchestrator/jobs/vifplan.py).
 
     A failure leaves no half-made VM (it is destroyed, its VBDs with it) and keeps the restored
     VDIs; the error names them.
@@ -371,6 +432,9 @@ def create_vm(x, name: str, meta: dict, point, disks: list[dict[str, Any]], ui=N
     vm_meta = md.get("vm") or {}
     record, defaulted = vm_create_record(name, vm_meta, point.id)
     plan = vbd_plan(disks, md.get("disks") or {})
+    vif_plan, unmapped, unused = plan_vifs(
+        md.get("vifs") or [], x.network.get_all_records(), network_map or {}, keep_macs
+    )
     result = {"id": point.id, "disks": disks, "kept_vdis": [d["new_vdi"] for d in disks]}
     try:
         vm = x.VM.create(record)
@@ -388,6 +452,11 @@ def create_vm(x, name: str, meta: dict, point, disks: list[dict[str, Any]], ui=N
             step = f"VBD.create for disk {p['vdi']} (userdevice {p['userdevice']})"
             x.VBD.create(vbd_create_record(vm, x.VDI.get_by_uuid(p["new_vdi"]), p))
             vbds.append(p)
+        vifs = []
+        for v in vif_plan:
+            step = f"VIF.create for device {v['device']} on network {v['network_uuid']}"
+            ref = x.VIF.create(vif_create_record(vm, v))
+            vifs.append({**v, "MAC": x.VIF.get_MAC(ref)})
     except BaseException as exc:
         why = " ".join(map(str, exc.details)) if isinstance(exc, XenAPI.Failure) else repr(exc)
         try:
@@ -413,11 +482,20 @@ def create_vm(x, name: str, meta: dict, point, disks: list[dict[str, Any]], ui=N
             notes.append(f"BIOS strings not set: {' '.join(map(str, exc.details))}")
     if defaulted and ui is not None:
         ui.log(f"VM {name}: not in the backup, defaults used for: {', '.join(defaulted)}")
+    for u in unmapped:
+        notes.append(f"{u['vif']} not created: {u['reason']}")
+    for k in unused:
+        notes.append(f"--network {k}=...: no VIF of the backup is on network {k!r}")
+    if ui is not None:
+        for n in notes:
+            ui.log(f"VM {name}: {n}")
     return {
         "uuid": vm_uuid,
         "name": name,
         "restored_from": vm_meta.get("uuid"),
         "vbds": vbds,
+        "vifs": vifs,
+        "unmapped_vifs": unmapped,
         "defaults": defaulted,
         "notes": notes,
     }

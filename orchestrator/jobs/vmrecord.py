@@ -7,6 +7,9 @@
   XAPI requires; what the restore point lacks gets a plain valid default, and is listed) and one
   ``vbd_create_record`` per ``vbd_plan`` entry to VBD.create.
 
+The VM's network interfaces (VIFs: network uuid and name-label, MAC, device) are kept and made
+again by ``orchestrator/jobs/vifplan.py``.
+
 VM_FIELDS is the orchestrator's own reading of XAPI's datamodel (xapi-project/xen-api
 ocaml/idl/datamodel_vm.ml, the VM class), written independently of hostsim's
 (hostsim/api/vm.py): hostsim judges this client, and tests/e2e/test_restore_new_vm.py checks

@@ -24,6 +24,7 @@ from orchestrator.jobs.backup.context import (
 from orchestrator.jobs.backup.options import VmBackupOptions
 from orchestrator.jobs.backup.transports import cbt_blocks, close_sources, open_all
 from orchestrator.jobs.pipeline import Cancelled, copy_disks
+from orchestrator.jobs.vifplan import read_vifs
 from orchestrator.jobs.vmrecord import VBD_KEPT_FIELDS, vm_configuration
 from orchestrator.jobs.xapi_session import XapiTarget
 from orchestrator.progress import Progress
@@ -93,6 +94,7 @@ def _backup_vm(
     ctx = XapiContext(session, target, tuning, ui)
     vm_ref = find_vm(x, vm_uuid)
     vm_rec = x.VM.get_record(vm_ref)
+    vifs = read_vifs(x, vm_ref)  # with the record: the VM may be gone by the commit
     if vm_rec.get("is_a_snapshot") or vm_rec.get("is_a_template"):
         raise UsageError(f"{vm_uuid} is a snapshot or a template, not a VM")
     point, prev = (None, None) if options.full else _previous(repo, vm_uuid)
@@ -195,6 +197,7 @@ def _backup_vm(
             "xapi": target.url,
             "transport": options.transport,
             "vm": vm_configuration(vm_rec),
+            "vifs": vifs,
             "snapshot": {"uuid": snap_uuid, "time": when, "purged": bool(options.cbt_purge)},
             "disks": {
                 d.vdi_uuid: {

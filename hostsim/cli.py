@@ -4,13 +4,16 @@
                   [--disk-size SIZE] [--tls] [--gc-interval S] [--no-agent] [--agent-tls off|require]
     hostsim write [--root DIR] VM [--pattern P] [--count N] [--length SIZE] [--seed N] [--source VM]
     hostsim gc [--root DIR]
-    hostsim info [--root DIR]
+    hostsim info [--root DIR] [--vm NAME]
+    hostsim stop [--root DIR]
 
 `serve` builds a demo pool (one host, one file SR, a template and N VMs fast-cloned from it, with
 realistic data), serves XAPI and xapi-nbd, starts the fastpath agent on the SR root as it would run in
 dom0 (when agent.daemon is available), then writes DIR/hostsim.json once everything answers:
 {"xapi": {"url", "user", "password", "fingerprint"}, "sr": {"uuid", "root", "path"}, "sm_lock_dir",
  "xapi_nbd": {"host", "port"}, "agent": {... the agent's ready file ...} or null, "vms": [...], "pid"}.
+`serve --daemon` starts the same in the background (log in DIR/hostsim.log) and returns once
+hostsim.json is written and XAPI answers, so the next command can use it; `stop` ends it.
 The other commands talk to a running `serve` through DIR/hostsim.json (DIR defaults to $HOSTSIM_ROOT,
 else the current directory). Exit codes: 0 ok, 1 failure, 2 usage.
 """
@@ -189,6 +192,83 @@ def _check_xapi(url, user, password, cafile=None):
     proxy.session.logout(r["Value"])
 
 
+def serve_daemon(args, argv, timeout=300.0):
+    """`serve --daemon`: the same serve as a detached child; return once it is ready."""
+    root = os.path.abspath(_root(args))
+    os.makedirs(root, exist_ok=True)
+    state = os.path.join(root, "hostsim.json")
+    old = _read_state(state)
+    if old and _alive(old.get("pid")):
+        raise UsageError(
+            "a hostsim is already running in %s (pid %s): hostsim stop --root %s"
+            % (root, old["pid"], root)
+        )
+    child_argv = [a for a in argv if a != "--daemon"]
+    if "--root" not in child_argv and not any(a.startswith("--root=") for a in child_argv):
+        child_argv += ["--root", root]
+    log_path = os.path.join(root, "hostsim.log")
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hostsim.cli"] + child_argv,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        info = _read_state(state)
+        if info and info.get("pid") == proc.pid:
+            print(json.dumps({"ready": state, "xapi": info["xapi"]["url"], "pid": proc.pid}))
+            return 0
+        if proc.poll() is not None:
+            raise RuntimeError(
+                "hostsim serve exited with %s before it was ready; see %s"
+                % (proc.returncode, log_path)
+            )
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise RuntimeError("hostsim serve not ready after %ds; see %s" % (timeout, log_path))
+        time.sleep(0.1)
+
+
+def _read_state(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # absent, or being written (the writer renames it into place)
+
+
+def _alive(pid):
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cmd_stop(args):
+    root = _root(args)
+    state = os.path.join(root, "hostsim.json")
+    info = _read_state(state)
+    if not info or not _alive(info.get("pid")):
+        raise UsageError("no running hostsim in %s" % root)
+    pid = info["pid"]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while _alive(pid) and os.path.exists(state):
+        if time.monotonic() > deadline:
+            raise RuntimeError("hostsim (pid %d) did not stop within 60 s" % pid)
+        time.sleep(0.1)
+    print(json.dumps({"stopped": pid}))
+    return 0
+
+
 def cmd_serve(args):
     from hostsim.certs import fingerprint
     from hostsim.host import Pool
@@ -344,10 +424,20 @@ def cmd_info(args):
     root = _root(args)
     try:
         with open(os.path.join(root, "hostsim.json")) as f:
-            print(f.read().rstrip())
+            text = f.read()
     except FileNotFoundError:
         raise UsageError("no running hostsim in %s" % root) from None
-    return 0
+    if args.vm is None:
+        print(text.rstrip())
+        return 0
+    vms = json.loads(text)["vms"]
+    for vm in vms:
+        if args.vm in (vm["name"], vm["uuid"]):
+            print(vm["uuid"])
+            return 0
+    raise UsageError(
+        "no VM %r in %s (VMs: %s)" % (args.vm, root, ", ".join(v["name"] for v in vms))
+    )
 
 
 def build_parser():
@@ -385,6 +475,11 @@ def build_parser():
         default="processes",
         help="export_raw_vdi?format=vhd as tapdisk + vhd-tool processes (like XAPI) or inline",
     )
+    s.add_argument(
+        "--daemon",
+        action="store_true",
+        help="run in the background (log: DIR/hostsim.log); return once ready (hostsim stop)",
+    )
     s.set_defaults(fn=cmd_serve)
     w = sub.add_parser("write", help="guest writes into a VM's disks")
     w.add_argument("--root")
@@ -400,9 +495,13 @@ def build_parser():
     g = sub.add_parser("gc", help="run SM's GC now")
     g.add_argument("--root")
     g.set_defaults(fn=cmd_gc)
-    i = sub.add_parser("info", help="print hostsim.json")
+    i = sub.add_parser("info", help="print hostsim.json (or one VM's uuid)")
     i.add_argument("--root")
+    i.add_argument("--vm", metavar="NAME", help="print only this VM's uuid (name or uuid)")
     i.set_defaults(fn=cmd_info)
+    t = sub.add_parser("stop", help="stop a running serve (SIGTERM) and wait for it")
+    t.add_argument("--root")
+    t.set_defaults(fn=cmd_stop)
     return p
 
 
@@ -411,8 +510,11 @@ def main(argv=None):
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "daemon", False):
+            return serve_daemon(args, argv)
         return args.fn(args)
     except UsageError as e:
         sys.stderr.write("hostsim: %s\n" % e)

@@ -38,7 +38,11 @@ def test_operations_examples_run_as_written(tmp_path):
     assert len(blocks) >= 8
     script = "set -euo pipefail\n" + "\n".join(blocks)
     # if anything fails, do not leave hostsim or moto behind
-    script = "trap 'kill ${HOSTSIM_PID:-} ${MOTO_PID:-} 2>/dev/null || true' EXIT\n" + script
+    script = (
+        "trap 'kill ${MOTO_PID:-} 2>/dev/null || true; "
+        '[ -z "${HOSTSIM_ROOT:-}" ] || hostsim stop --root "$HOSTSIM_ROOT" '
+        ">/dev/null 2>&1 || true' EXIT\n" + script
+    )
     # its own process group: hostsim or moto left running cannot hold our pipes past the timeout
     proc = run_in_own_group(script, tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + "\n---\n" + proc.stderr[-3000:]

@@ -78,7 +78,7 @@ def test_copy_local_to_s3_and_back_restores_byte_identical(tmp_path, s3_env):
     disk = DiskModel(chunks=3, tail=4096, seed=1)
     disk.data[:] = expected[max(k for k in expected if k.startswith(VM_A))][disk.vdi]
     disk.write_chunk(2, seed=4242)
-    last = [p for p in src.list_restore_points(VM_A)][-1]
+    last = src.list_restore_points(VM_A)[-1]
     rid, _ = backup(src, VM_A, [disk], bases={disk.vdi: last.disks[disk.vdi]})
     expected[rid] = {disk.vdi: bytes(disk.data)}
     third = copy_repository(src, s3)

@@ -191,3 +191,31 @@ def test_repair_from_a_copy(tmp_path, other_keys):
     assert result["ok"] and result["healed"] == [shared.hex()]
     assert restore(repo, old_key) == good_old and restore(repo, new_key) == good_new
     assert run_verify(repo)["ok"] and not damaged_digests(repo.backend)
+
+
+def test_cli_verify_mark_repair_and_copy_usage(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    repo = Repository.init(tmp_path / "r")
+    _disk, _old, _new, shared = two_points(repo)
+    Repository.init(tmp_path / "c")
+
+    def cli(*args):
+        p = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True
+        )
+        return p.returncode, p.stdout, p.stderr
+
+    rc, out, _ = cli("copy", str(tmp_path / "r"), str(tmp_path / "c"), "--json")
+    assert rc == 0 and json.loads(out)["points_copied"] == 2
+    flip(repo.backend, chunk_key(shared))
+    rc, out, _ = cli("verify", str(tmp_path / "r"), "--mark", "--json")
+    assert rc == 1 and json.loads(out)["marked"] == 1
+    rc, _out, err = cli("repair", str(tmp_path / "r"))
+    assert rc == 1 and err.strip().splitlines()[-1].startswith("fastpath repair: 1 chunk(s)")
+    rc, out, _ = cli("repair", str(tmp_path / "r"), "--from", str(tmp_path / "c"), "--json")
+    assert rc == 0 and json.loads(out)["healed"] == [shared.hex()]
+    rc, _out, err = cli("copy", str(tmp_path / "r"), str(tmp_path / "c"), "--since", "soon")
+    assert rc == 2 and "--since" in err

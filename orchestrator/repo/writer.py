@@ -311,6 +311,13 @@ class DiskWriter:
             self.index = Index(disk_uuid, virtual_size, cs, None)
             self.known = KnownDigests()
             self.must_put = set()
+        # base entries marked damaged: an incremental should read and put these positions
+        # again (an unchanged chunk is otherwise inherited from the base, damage included)
+        self.damaged_positions: list[int] = (
+            [i for i, d in enumerate(self.index.digests()) if d in session.damaged]
+            if base is not None and session.damaged
+            else []
+        )
         self.stats = WriterStats()
         self.committed_key: str | None = None
         self._pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix=f"put {vdi[:8]}")

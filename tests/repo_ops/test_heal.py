@@ -55,6 +55,9 @@ def test_flipped_byte_marked_then_a_backup_heals_every_point(tmp_path, encrypted
     report = run_verify(repo, mark=True)
     assert not report["ok"] and report["marked"] == 1
     assert damaged_digests(repo.backend) == {shared}
+    with repo.begin_backup(VM) as session:  # an incremental is told which base entries to put
+        w = session.disk_writer(disk.vdi, disk.vdi, disk.size, base=new_key)
+        assert w.damaged_positions == [0]
     # a fresh full backup of the same data stores the chunk again instead of deduplicating
     full = DiskModel(chunks=3, seed=3)
     full.data[:] = disk.data

@@ -26,6 +26,7 @@ from orchestrator.lazy import numpy as np
 from orchestrator.progress import Progress
 from orchestrator.repo.catalog import RP_FORMAT, Catalog, fetch_many
 from orchestrator.repo.codec import DIGEST_SIZE, chunk_key, digest_from_key
+from orchestrator.repo.damage import clear_mark, damaged_digests, mark_damaged
 from orchestrator.repo.dedup import records
 from orchestrator.repo.errors import CorruptChunk, CorruptIndex, NotFound
 from orchestrator.repo.index import Index
@@ -131,15 +132,13 @@ def _read_all(repo, digests: list[bytes], concurrency: int, task) -> Iterator[tu
 
     def one(d: bytes) -> str | None:
         try:
-            obj = repo.backend.get(chunk_key(d))
+            obj = repo.read_chunk_object(d)[0]  # read again once before calling it damaged
         except NotFound:
             return "missing"
-        with lock:
-            total[0] += len(obj)
-        try:
-            repo.codec.decode(obj, d)
         except CorruptChunk as exc:
             return str(exc)
+        with lock:
+            total[0] += len(obj)
         return None
 
     with ThreadPoolExecutor(concurrency, thread_name_prefix="verify") as pool:
@@ -170,7 +169,11 @@ def run_verify(
     concurrency: int = 8,
     ui: Progress | None = None,
     seed: int | None = None,
+    mark: bool = False,
 ) -> dict[str, Any]:
+    """``mark``: record each damaged or missing chunk as ``damaged/<digest>`` (the next backup
+    producing it stores it again, ``fastpath repair`` fetches it from a copy) and clear the
+    marks of checked chunks that are sound again."""
     ui = ui or Progress("quiet")
     cat = repo.scan()
     unique, damaged_indexes, _short, _logical = _scan_indexes(repo, cat, ui)
@@ -193,6 +196,16 @@ def run_verify(
             affected.setdefault(item["restore_point"], []).append(f"index {item['index']}")
     for item in points_bad:
         affected.setdefault(item["restore_point"], []).append(item["error"])
+    marked = cleared = 0
+    if mark:
+        before = damaged_digests(repo.backend)
+        for d, err in sorted(bad.items()):
+            mark_damaged(repo.backend, d, err)
+            marked += 1
+        sound = (before & set(digests)) - set(bad)
+        for d in sorted(sound):
+            clear_mark(repo.backend, d)
+        cleared = len(sound)
     ok = not bad and not damaged_indexes and not points_bad
     return {
         "ok": ok,
@@ -209,6 +222,8 @@ def run_verify(
         "damaged_indexes": damaged_indexes,
         "damaged_restore_points": points_bad,
         "affected_restore_points": dict(sorted(affected.items())),
+        "marked": marked,
+        "marks_cleared": cleared,
     }
 
 
@@ -301,6 +316,11 @@ def register(registry) -> None:
         "--sample", type=float, metavar="P", help="check a random P percent of the chunks"
     )
     p.add_argument("--concurrency", type=int, default=8, metavar="N", help="parallel reads")
+    p.add_argument(
+        "--mark",
+        action="store_true",
+        help="record damaged chunks so that the next backup stores them again (heals)",
+    )
     p.set_defaults(_render=_render)
     p = registry.add("check", cmd_check, help="check structure: indexes decode, chunks exist")
     add_repo_argument(p)
@@ -311,7 +331,9 @@ def cmd_verify(args: argparse.Namespace, ui: Progress):
     if args.sample is not None and not 0 < args.sample <= 100:
         raise UsageError(f"--sample must be in (0, 100], not {args.sample}")
     with open_repo(args) as repo:
-        result = run_verify(repo, sample=args.sample, concurrency=args.concurrency, ui=ui)
+        result = run_verify(
+            repo, sample=args.sample, concurrency=args.concurrency, ui=ui, mark=args.mark
+        )
     return result, 0 if result["ok"] else 1
 
 
@@ -333,6 +355,8 @@ def _render(r: dict[str, Any]) -> str:
         lines.append(f"damaged restore point {i['restore_point']}: {i['error']}")
     for rp in r["affected_restore_points"]:
         lines.append(f"affected restore point {rp}")
+    if r.get("marked"):
+        lines.append(f"marked {r['marked']} damaged chunk(s): the next backup stores them again")
     checked = r.get("chunks_checked", r.get("chunks_referenced"))
     lines.append(
         f"{'OK' if r['ok'] else 'DAMAGED'}: {r['restore_points']} restore points, "

@@ -127,6 +127,16 @@ class ChunkCodec:
             self._aead = AESGCM(cipher_key)
         self._local = threading.local()
 
+    def same_keys(self, other: object) -> bool:
+        """True if ``other`` computes the same digests and opens the same ciphertext (both
+        unencrypted, or both encrypted under the same data key): its chunk objects can then
+        be copied into this codec's repository as they are."""
+        if not isinstance(other, ChunkCodec) or self.encrypted != other.encrypted:
+            return False
+        if not self.encrypted:
+            return True
+        return hmac.compare_digest(self._digest_key or b"", other._digest_key or b"")
+
     # -- per-thread zstd contexts --------------------------------------------------------------
 
     def _compressor(self) -> zstandard.ZstdCompressor:

@@ -35,12 +35,20 @@ from orchestrator.repo.catalog import (
     decode_point_document,
     fetch_many,
     format_time,
+    parse_time,
     scan_backups,
 )
 from orchestrator.repo.codec import ZERO_DIGEST, ChunkCodec, chunk_key
 from orchestrator.repo.config import RepoConfig, init_repo, load_repo, read_config
+from orchestrator.repo.damage import damaged_digests
 from orchestrator.repo.dedup import CACHE_KEY, DigestLookup
-from orchestrator.repo.errors import CorruptIndex, NotFound, PassphraseRequired, RepoError
+from orchestrator.repo.errors import (
+    CorruptChunk,
+    CorruptIndex,
+    NotFound,
+    PassphraseRequired,
+    RepoError,
+)
 from orchestrator.repo.index import Index
 from orchestrator.repo.writer import BackupSession
 
@@ -155,12 +163,23 @@ class Repository:
     def read_index(self, key: str) -> Index:
         return Index.decode(self.backend.get(key), f"{self.url}/{key}")
 
+    def read_chunk_object(self, digest: bytes) -> tuple[bytes, bytes]:
+        """A chunk's stored object and its checked plaintext. A chunk that fails its check is
+        read once more before CorruptChunk is raised: a fault on the wire is not damage."""
+        key = chunk_key(digest)
+        obj = self.backend.get(key)
+        try:
+            return obj, self.codec.decode(obj, digest)
+        except CorruptChunk:
+            obj = self.backend.get(key)
+            return obj, self.codec.decode(obj, digest)
+
     def read_chunk(self, digest: bytes, length: int | None = None) -> bytes:
         """A chunk's plaintext (zeros for ZERO_DIGEST, ``length`` bytes or a full chunk)."""
         if digest == ZERO_DIGEST:
             return bytes(self.config.chunk_size if length is None else length)
         key = chunk_key(digest)
-        data = self.codec.decode(self.backend.get(key), digest)
+        data = self.read_chunk_object(digest)[1]
         if length is not None and len(data) != length:
             raise RepoError(f"{self.url}/{key}: {len(data)} bytes where {length} were expected")
         return data
@@ -212,19 +231,26 @@ class Repository:
         lease_ttl: float = locks.DEFAULT_TTL,
         use_lookup: bool = True,
         gc_wait: float | None = None,
+        when: str | None = None,
     ) -> BackupSession:
-        """Start a backup session of one VM (takes a writer lease, then loads the lookup)."""
+        """Start a backup session of one VM (takes a writer lease, then loads the lookup and
+        the damage marks). ``when``: the restore point's time (``fastpath copy`` keeps the
+        source's), default now."""
         check_name("VM uuid", vm_uuid)
         if isinstance(self.codec, MissingKeyCodec):
             self.codec.encode  # noqa: B018 - raises PassphraseRequired, before any lease
-        when = format_time(time.time())
+        if when is None:
+            when = format_time(time.time())
+        else:
+            parse_time(when)
         lease = locks.acquire_writer_lease(
             self.backend, f"{vm_uuid}.{when}", ttl=lease_ttl, info={"vm": vm_uuid, "time": when}
         )
         try:
             # Order matters: the lease exists before anything (lookup, base) is read.
             lookup = self.dedup_lookup() if use_lookup else DigestLookup()
+            damaged = damaged_digests(self.backend)
         except BaseException:
             lease.release()
             raise
-        return BackupSession(self, vm_uuid, when, lease, lookup, gc_wait=gc_wait)
+        return BackupSession(self, vm_uuid, when, lease, lookup, gc_wait=gc_wait, damaged=damaged)

@@ -62,6 +62,7 @@ from orchestrator.repo.codec import (
     chunk_key,
 )
 from orchestrator.repo.config import RepoConfig
+from orchestrator.repo.damage import damage_key
 from orchestrator.repo.dedup import DigestLookup, KnownDigests
 from orchestrator.repo.deletions import vanished_digests
 from orchestrator.repo.durable import DurableBatches
@@ -123,6 +124,7 @@ class BackupSession:
         lookup: DigestLookup,
         *,
         gc_wait: float | None = None,
+        damaged: set[bytes] | None = None,
     ):
         self.repo = repo
         self.vm = vm
@@ -133,6 +135,10 @@ class BackupSession:
         self.writers: list[DiskWriter] = []
         self.written: set[bytes] = set()  # chunks this session stored or confirmed
         self.inflight: dict[bytes, threading.Event] = {}  # chunks being stored right now
+        # chunks marked damaged (orchestrator.repo.damage): never deduplicated onto, stored
+        # again when produced; ``healed``: those this session stored again, marks to clear
+        self.damaged: frozenset[bytes] = frozenset(damaged or ())
+        self.healed: set[bytes] = set()
         self.lock = threading.Lock()
         self.committed_id: str | None = None
         self._closed = False
@@ -180,8 +186,13 @@ class BackupSession:
             total.add(w.stats)
         return total
 
-    def commit(self, metadata: dict[str, Any] | None = None) -> str:
-        """Write ``backups/<vm>/<time>.json`` after every disk index; release the lease."""
+    def commit(
+        self, metadata: dict[str, Any] | None = None, *, document: dict[str, Any] | None = None
+    ) -> str:
+        """Write ``backups/<vm>/<time>.json`` after every disk index; release the lease.
+        ``document``: more top-level fields of the restore point document (``fastpath copy``
+        keeps the source's ``created`` and ``stats`` and adds ``copied_from``); the fields that
+        identify the point (format, version, id, vm, time, disks) cannot be replaced."""
         if self._closed:
             raise RepoError(f"backup session {self.id} is closed")
         pending = [w.vdi for w in self.writers if w.committed_key is None]
@@ -209,6 +220,9 @@ class BackupSession:
             "stats": self.stats().to_json(),
             "metadata": metadata or {},
         }
+        for name, value in (document or {}).items():
+            if name not in ("format", "version", "id", "vm", "time", "disks"):
+                doc[name] = value
         self.repo.backend.put(rp_key(self.vm, self.time), encode_point_document(doc))
         self.committed_id = self.id
         self._close()
@@ -243,6 +257,13 @@ class BackupSession:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or self.committed_id is None:
             self.abort()
+
+    def clear_healed_marks(self) -> None:
+        """Remove the damage marks of the chunks this session stored again (once durable)."""
+        with self.lock:
+            healed, self.healed = self.healed, set()
+        if healed:
+            self.repo.backend.delete_many(damage_key(d) for d in sorted(healed))
 
     # -- commit check against concurrent GC --------------------------------------------------
 
@@ -290,6 +311,13 @@ class DiskWriter:
             self.index = Index(disk_uuid, virtual_size, cs, None)
             self.known = KnownDigests()
             self.must_put = set()
+        # base entries marked damaged: an incremental should read and put these positions
+        # again (an unchanged chunk is otherwise inherited from the base, damage included)
+        self.damaged_positions: list[int] = (
+            [i for i, d in enumerate(self.index.digests()) if d in session.damaged]
+            if base is not None and session.damaged
+            else []
+        )
         self.stats = WriterStats()
         self.committed_key: str | None = None
         self._pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix=f"put {vdi[:8]}")
@@ -343,6 +371,9 @@ class DiskWriter:
     def _known(self, digest: bytes) -> bool:
         if digest in self._vanished:
             return False
+        if digest in self.session.damaged:  # only a copy this session stored again counts
+            with self.session.lock:
+                return digest in self.session.written
         if digest in self.known:
             return True
         with self.session.lock:
@@ -376,6 +407,7 @@ class DiskWriter:
                 try:
                     if (
                         digest not in self._vanished
+                        and digest not in self.session.damaged
                         and self.session.lookup.may_contain(digest)
                         and backend.exists(chunk_key(digest))
                     ):
@@ -396,6 +428,8 @@ class DiskWriter:
                         self._vanished.discard(digest)
                     with self.session.lock:
                         self.session.written.add(digest)
+                        if digest in self.session.damaged and stats.chunks_new:
+                            self.session.healed.add(digest)
                 finally:
                     with self.session.lock:
                         self.session.inflight.pop(digest).set()
@@ -414,6 +448,7 @@ class DiskWriter:
                 fut.exception()
         self._raise_error()
         self.session.durable.flush()
+        self.session.clear_healed_marks()
 
     def commit(self) -> str:
         """Make the disk's index the commit point; returns its key. See the module docstring."""

@@ -243,10 +243,12 @@ def test_compressed_cluster_with_garbage(tmp_path):
     [
         (["compression_type=zstd"], "compression_type", "zstd"),
         (["extended_l2=on"], "incompatible_features", "extended L2"),
-        (["data_file=external.raw"], "incompatible_features", "external data file"),
+        # qemu-img makes a relative data file in its cwd: keep it in tmp_path
+        (["data_file={tmp}/external.raw"], "incompatible_features", "external data file"),
     ],
 )
 def test_refused_features(tmp_path, opts, field, words):
+    opts = [o.format(tmp=tmp_path) for o in opts]
     p = create(tmp_path / "f.qcow2", 4 * MiB, opts=opts)
     err = expect(qcow2.UnsupportedQcow2, p, field)
     assert words in str(err)

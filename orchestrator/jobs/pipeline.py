@@ -61,6 +61,20 @@ def copy_disk(
     started = time.monotonic()
     blocks_read = 0
     todo: list[int] | None = None
+    damaged = [i for i in getattr(writer, "damaged_positions", ()) if i not in set(plan.blocks)]
+    if damaged and not source.reads_any_block:
+        plan.notes.append(
+            f"{len(damaged)} unchanged block(s) whose stored chunk is marked damaged cannot be "
+            f"read again through {plan.transport}: a full backup (--full) heals them"
+        )
+    elif damaged:
+        # The base's chunk at these positions is marked damaged (verify --mark): an incremental
+        # would inherit it unchanged. Read them again so this backup heals every point sharing it.
+        todo = sorted(set(plan.blocks) | set(damaged))
+        plan.notes.append(
+            f"{len(damaged)} unchanged block(s) whose stored chunk is marked damaged read "
+            "again (healing)"
+        )
     for _round in range(MAX_VANISHED_ROUNDS + 1):
         it = source.read_blocks(todo)
         try:

@@ -80,6 +80,9 @@ class Source:
     """Base class. Subclasses implement ``open`` and ``_workers``."""
 
     name = "source"
+    # Can read_blocks() read any block of the disk, not only plan.blocks? (False for a stream
+    # that carries only the changed blocks, such as XAPI's VHD export against a base.)
+    reads_any_block = True
 
     def __init__(self, *, max_in_flight: int = 16):
         self.max_in_flight = max(1, max_in_flight)

@@ -43,6 +43,7 @@ class _Stream:
 
 class XapiExportSource(Source):
     name = "xapi-export"
+    reads_any_block = False  # one stream of the blocks it carries, in file order
 
     def __init__(
         self,

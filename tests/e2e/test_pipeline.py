@@ -98,3 +98,41 @@ def test_one_failing_disk_cancels_the_others(tmp_path):
             ev.set()
             copy_disk(src, plan, w, vdi="a", cancel=ev)
     repo.close()
+
+
+def test_an_incremental_heals_a_damaged_chunk_it_would_inherit(tmp_path):
+    """verify --mark found a damaged chunk; the next incremental, even with nothing changed on
+    that block, reads it again and stores it, so the OLD point restores correctly again."""
+    from orchestrator.jobs.verify import run_verify
+    from orchestrator.repo.codec import chunk_key
+    from orchestrator.repo.damage import damaged_digests
+
+    vhd = make_vhd(tmp_path / "d.vhd", [(0, 2 * MiB, 0x31), (2 * MiB, 2 * MiB, 0x32)])
+    want = qemu_raw(vhd, tmp_path)
+    repo = Repository.init(str(tmp_path / "repo"))
+    vdi = "00000000-0000-0000-0000-0000000000d1"
+    src = VhdFileSource(str(vhd))
+    with src, repo.begin_backup("vm") as session:
+        plan = src.open()
+        w = session.disk_writer("d1", vdi, plan.size)
+        first = copy_disk(src, plan, w, vdi="d1").index_key
+        session.commit({})
+    digest = list(repo.read_index(first).digests())[1]
+    path = tmp_path / "repo" / chunk_key(digest)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert run_verify(repo, mark=True)["marked"] == 1
+    src = VhdFileSource(str(vhd))
+    with src, repo.begin_backup("vm") as session:
+        plan = src.open()
+        plan.blocks = []  # an incremental in which nothing changed
+        w = session.disk_writer("d1", vdi, plan.size, base=first)
+        result = copy_disk(src, plan, w, vdi="d1")
+        session.commit({})
+    assert result.blocks_read == 1 and any("healing" in n for n in result.notes)
+    assert damaged_digests(repo.backend) == set()
+    for key in (first, result.index_key):  # both points read right: one chunk, stored again
+        assert b"".join(repo.iter_disk(repo.read_index(key))) == want
+    assert run_verify(repo)["ok"]
+    repo.close()

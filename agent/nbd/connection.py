@@ -165,11 +165,16 @@ class Connection(Transport):
             return self._refuse(name, exc)
         if info:
             try:
-                return self.proto.accept_export(export.size, export.description)
+                return self._accept(export)
             finally:
                 self.server.exports.release(ticket.id)
         self.export = export
-        return self.proto.accept_export(export.size, export.description)
+        return self._accept(export)
+
+    def _accept(self, export):
+        return self.proto.accept_export(
+            export.size, export.description, getattr(export, "block_size", None)
+        )
 
     def _drop_ticket(self):
         if self.ticket_id is not None:
@@ -259,22 +264,20 @@ class Connection(Transport):
             self._send(self.proto.error_reply(req.handle, code, message))
 
     def _reply_block_status(self, req):
+        # Runs come from generators over bounded windows and stop at max_descriptors per
+        # context: the reply and the memory behind it stay small however fragmented the disk.
         export = self.export
+        cap = self.server.max_descriptors
+        req_one = bool(req.flags & w.CMD_FLAG_REQ_ONE)
         chunks = []
         try:
             for ctx_id, name in sorted(self.proto.meta_contexts.items()):
                 if name == w.CONTEXT_ALLOCATION:
-                    descs = [
-                        (n, 0 if kind != HOLE else w.STATE_HOLE | w.STATE_ZERO)
-                        for _, n, kind in export.extents(req.offset, req.length)
-                    ]
+                    runs = _runs(export, "iter_extents", "extents", req)
+                    descs = p.block_status_descriptors(runs, _allocation_flags, cap, req_one)
                 else:
-                    descs = [
-                        (n, w.STATE_CHANGED if changed else 0)
-                        for _, n, changed in export.changed(req.offset, req.length)
-                    ]
-                if req.flags & w.CMD_FLAG_REQ_ONE:
-                    descs = descs[:1]
+                    runs = _runs(export, "iter_changed", "changed", req)
+                    descs = p.block_status_descriptors(runs, _changed_flags, cap, req_one)
                 chunks.append((ctx_id, descs))
         except Exception as exc:
             self._fail(req, w.EIO, "block status failed: %s" % exc)
@@ -371,3 +374,17 @@ class Connection(Transport):
         except ExportError as exc:
             return str(exc)
         return None
+
+
+def _runs(export, lazy, eager, req):
+    """The export's runs over the request: its generator (bounded windows) when it has one."""
+    fn = getattr(export, lazy, None) or getattr(export, eager)
+    return fn(req.offset, req.length)
+
+
+def _allocation_flags(run):
+    return w.STATE_HOLE | w.STATE_ZERO if run[2] == HOLE else 0
+
+
+def _changed_flags(run):
+    return w.STATE_CHANGED if run[2] else 0

@@ -87,6 +87,7 @@ class NBDServer(object):
         idle_timeout=300.0,
         send_timeout=60.0,
         list_exports=False,
+        max_descriptors=8192,
     ):
         if tls_mode not in w.TLS_MODES:
             raise ValueError("tls_mode must be one of %s" % (w.TLS_MODES,))
@@ -107,6 +108,7 @@ class NBDServer(object):
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
         self.list_exports = list_exports
+        self.max_descriptors = max_descriptors  # per BLOCK_STATUS reply and context
         self._sock = None
         self._stop = threading.Event()
         self._thread = None

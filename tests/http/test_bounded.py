@@ -12,47 +12,9 @@ import uuid
 
 import pytest
 
-from agent import vhd
-from agent.vhd.file import open_level
+from tests.fixtures.fragmented import SECTOR, fragmented_vhd, reset_hwm, vm_hwm_kib
 
 MiB = 1 << 20
-SECTOR = 512
-
-
-def fragmented_vhd(path, size, block_size=2 * MiB):
-    """A dynamic VHD of `size` bytes, every block allocated with the bitmap 0xAA..: even sectors
-    present (they read as zeros, the data area stays sparse), odd sectors absent."""
-    with vhd.create_dynamic(path, size, block_size=block_size) as w:
-        for b in range(size // block_size):
-            w.write(b * block_size, b"\x01")
-    level = open_level(path)
-    try:
-        offsets = [level.block_data_offset(b) for b in range(size // block_size)]
-        bitmap_size = level.bitmap_size
-    finally:
-        level.close()
-    pattern = b"\xaa" * (block_size // SECTOR // 8)
-    with open(path, "r+b") as f:
-        for off in offsets:
-            f.seek(off - bitmap_size)
-            f.write(pattern + b"\0" * (bitmap_size - len(pattern)))
-            f.seek(off)
-            f.write(b"\0")  # the byte written above: the data reads as zeros everywhere
-    return path
-
-
-def vm_hwm_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM for pid %d" % pid)
-
-
-def reset_hwm(pid):
-    """Reset the peak RSS to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
-    with open("/proc/%d/clear_refs" % pid, "w") as f:
-        f.write("5")
 
 
 @pytest.fixture

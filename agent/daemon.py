@@ -89,6 +89,9 @@ class Agent(object):
             handshake_timeout=cfg.handshake_timeout,
             idle_timeout=cfg.idle_timeout,
             list_exports=cfg.list_exports,
+            max_descriptors=cfg.max_block_status_descriptors,
+            max_handshakes=cfg.max_handshakes,
+            max_handshakes_per_address=cfg.max_handshakes_per_address,
         )
         # Same tickets, exports, counters and TLS settings as NBD; /metrics also shows NBD's.
         self.http = HttpServer(
@@ -102,6 +105,9 @@ class Agent(object):
                 header_timeout=cfg.http_header_timeout,
                 idle_timeout=cfg.http_idle_timeout,
                 send_timeout=cfg.http_send_timeout,
+                max_unauthenticated=cfg.http_max_unauthenticated,
+                max_unauthenticated_per_address=cfg.http_max_unauthenticated_per_address,
+                unauthenticated_timeout=cfg.http_unauthenticated_timeout,
             ),
             metrics_extra=lambda: prometheus_lines("fastpath_nbd", self.nbd.stats()),
         )

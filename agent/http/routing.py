@@ -151,6 +151,7 @@ class Handler(object):
         ticket_id = self.ticket_id(in_path)
         gate = self.server.gate
         ticket = gate.lookup(ticket_id)
+        self.conn.authenticated()  # out of the small pre-ticket budget (agent.slots)
         want_vdi = self.req.param("vdi")
         if want_vdi is not None and want_vdi.lower() != str(ticket_attr(ticket, "vdi", "")).lower():
             raise hp.RequestError("this ticket is for another VDI", status=403, code="wrong_vdi")

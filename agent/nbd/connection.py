@@ -48,6 +48,7 @@ class Connection(Transport):
         self.requests = 0
         self._inflight = threading.BoundedSemaphore(server.max_inflight)
         self._pool = None
+        self.slot = None  # agent.slots.Slot, given by the server at accept
 
     # -- teardown --------------------------------------------------------------------------------
 
@@ -73,6 +74,9 @@ class Connection(Transport):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
             self._handshake()
             if self.proto.in_transmission:
+                if self.slot is not None:
+                    self.server.slots.authenticate(self.slot)  # out of the handshake budget
+                    self.server.slots.set_waiting(self.slot, False)
                 reason = self._transmission()
         except p.ProtocolError as exc:
             reason = "protocol error: %s" % exc
@@ -128,7 +132,15 @@ class Connection(Transport):
                 self._start_tls(self.server.ssl_context, deadline)
                 self.proto.tls_established()
             elif isinstance(ev, p.ExportRequest):
-                self._send(self._answer_export(ev))
+                # Opening the export may wait on SM's locks: not displaceable meanwhile.
+                if self.slot is not None and not self.server.slots.set_waiting(self.slot, False):
+                    raise ConnectionClosed(self.broken or "displaced")
+                try:
+                    answer = self._answer_export(ev)
+                finally:
+                    if self.slot is not None and not self.proto.in_transmission:
+                        self.server.slots.set_waiting(self.slot, True)
+                self._send(answer)
                 if self.proto.in_transmission:
                     return
 

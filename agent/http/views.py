@@ -225,8 +225,20 @@ def blocks(h):
 def vhd(h):
     v = h.view
     changed = _wants_changed(h)
+    if v.size % 512:
+        raise hp.RequestError(
+            "a disk of %d bytes (not a multiple of 512) cannot be a VHD stream: use raw or blocks"
+            % v.size,
+            status=409,
+            code="not_vhd_streamable",
+        )
     chosen = v.changed_blocks() if changed else v.allocated_blocks()
-    layout = v.vhd_layout(chosen, delta=changed)
+    try:
+        layout = v.vhd_layout(chosen, delta=changed)
+    except ValueError as exc:  # the VHD format's own bounds (size, block size)
+        raise hp.RequestError(
+            "this disk cannot be a VHD stream: %s" % exc, status=409, code="not_vhd_streamable"
+        ) from None
     resp = h.resp
     resp.transport = "vhd"
     name = "%s%s.vhd" % (v.vdi or "disk", "-delta" if changed else "")

@@ -196,7 +196,12 @@ class Agent(object):
         host, port = self.nbd.address
         http_host, http_port = self.http.address
         scheme = "nbd" if self.cfg.tls_mode == "off" else "nbds"
-        log.info("ticket %s created for VDI %s (base %s)", ticket.id[:8], vdi, base or "-")
+        log.info(
+            "ticket %s created for VDI %s (base %s)",
+            tickets_mod.log_id(ticket.id),
+            vdi,
+            base or "-",
+        )
         return {
             "ticket": ticket.to_dict(),
             "export_name": ticket.id,

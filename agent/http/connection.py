@@ -20,6 +20,7 @@ from agent.http import protocol as hp
 from agent.http.gate import ticket_attr
 from agent.http.response import ClientGone, Response
 from agent.http.routing import Handler
+from agent.tickets import log_id
 
 log = logging.getLogger("fastpath.http")
 
@@ -244,5 +245,5 @@ def _safe_path(req):
     """The request path with the ticket masked, for logs."""
     parts = req.raw_path.split("/")
     if len(parts) > 3 and parts[1] == "v1" and parts[2] == "exports" and parts[3] not in ("", "-"):
-        parts[3] = parts[3][:4] + "..."
+        parts[3] = log_id(parts[3])
     return "/".join(parts)

@@ -18,6 +18,7 @@ from agent.http import views
 from agent.http.exportview import export_view
 from agent.http.gate import map_ticket_error, ticket_attr
 from agent.http.response import ClientGone
+from agent.tickets import log_id
 
 log = logging.getLogger("fastpath.http")
 
@@ -181,7 +182,7 @@ class Handler(object):
             except Exception as exc:
                 log.warning(
                     "http: opening the export of ticket %s failed: %s",
-                    ticket_attr(ticket, "id", "?")[:4],
+                    log_id(ticket_attr(ticket, "id", "?")),
                     exc,
                 )
                 raise _export_error(exc) from exc

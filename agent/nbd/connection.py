@@ -21,7 +21,7 @@ from agent.export import BYTES, HOLE, SENDFILE, ExportError
 from agent.nbd import protocol as p
 from agent.nbd import wire as w
 from agent.nbd.transport import ConnectionClosed, ShortFile, Transport
-from agent.tickets import TicketError
+from agent.tickets import TicketError, log_id
 
 log = logging.getLogger("fastpath.nbd")
 
@@ -95,7 +95,7 @@ class Connection(Transport):
                 self.id,
                 self.peer,
                 time.time() - start,
-                (self.ticket_id or "-")[:8],
+                log_id(self.ticket_id),
                 self.requests,
                 self.bytes_sent,
                 self.proto.tls_active,
@@ -167,7 +167,9 @@ class Connection(Transport):
             export = self.server.exports.acquire(ticket)
         except Exception as exc:
             self._drop_ticket()
-            log.warning("nbd: %s: cannot open export for ticket %s: %s", self.peer, name[:8], exc)
+            log.warning(
+                "nbd: %s: cannot open export for ticket %s: %s", self.peer, log_id(name), exc
+            )
             return self.proto.reject_export(w.REP_ERR_UNKNOWN, "export unavailable: %s" % exc)
         try:
             self.server.tickets.get(ticket.id)  # revoked or expired while the export opened?
@@ -194,7 +196,7 @@ class Connection(Transport):
             self.server.tickets.release(ticket_id)
 
     def _refuse(self, name, exc):
-        log.warning("nbd: %s: export %r refused: %s", self.peer, name[:40], exc)
+        log.warning("nbd: %s: export %r refused: %s", self.peer, log_id(name), exc)
         self.server.counters.add("refused_tickets")
         return self.proto.reject_export(w.REP_ERR_UNKNOWN, "export refused: %s" % exc)
 

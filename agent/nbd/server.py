@@ -22,6 +22,7 @@ from agent.export import Counters
 from agent.nbd import wire as w
 from agent.nbd.connection import Connection, peer_name
 from agent.slots import Budget, Slots
+from agent.tickets import log_id
 
 log = logging.getLogger("fastpath.nbd")
 
@@ -183,7 +184,7 @@ class NBDServer(object):
     def _ticket_gone(self, ticket):
         for c in self.connections():
             if c.ticket_id == ticket.id:
-                c.abort("ticket %s revoked or expired" % ticket.id[:8])
+                c.abort("ticket %s revoked or expired" % log_id(ticket.id))
 
     def _accept_loop(self):
         while not self._stop.is_set():

@@ -21,7 +21,7 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def disk(file_sr):
+def small_disk(file_sr):
     vdis, models = file_sr.chain([Level(4 * MiB, writes=[(0, pattern(5, MiB))])])
     return vdis[0], bytes(models[0])
 
@@ -56,8 +56,10 @@ def get_info(host, port, ticket, context=None):
         conn.close()
 
 
-def test_idle_keep_alive_connections_do_not_lock_ticket_holders_out(file_sr, disk, agent_proc):
-    vdi, _ = disk
+def test_idle_keep_alive_connections_do_not_lock_ticket_holders_out(
+    file_sr, small_disk, agent_proc
+):
+    vdi, _ = small_disk
     agent = agent_proc([file_sr.root])
     resp = agent.admin(op="create_ticket", vdi=vdi)
     host, port = resp["http"]["host"], resp["http"]["port"]
@@ -89,9 +91,9 @@ def test_idle_keep_alive_connections_do_not_lock_ticket_holders_out(file_sr, dis
 
 
 def test_silent_tcp_connections_to_https_do_not_shut_clients_out(
-    file_sr, disk, agent_proc, tls_files
+    file_sr, small_disk, agent_proc, tls_files
 ):
-    vdi, _ = disk
+    vdi, _ = small_disk
     agent = agent_proc(
         [file_sr.root],
         tls="require",
@@ -117,9 +119,9 @@ def test_silent_tcp_connections_to_https_do_not_shut_clients_out(
     )
 
 
-def test_silent_tcp_connections_to_nbd_do_not_shut_clients_out(file_sr, disk, agent_proc):
+def test_silent_tcp_connections_to_nbd_do_not_shut_clients_out(file_sr, small_disk, agent_proc):
     nbd = pytest.importorskip("nbd")
-    vdi, model = disk
+    vdi, model = small_disk
     agent = agent_proc([file_sr.root])
     ticket = agent.ticket(vdi)
     baseline = agent.settled_fd_count()
@@ -147,3 +149,60 @@ def test_silent_tcp_connections_to_nbd_do_not_shut_clients_out(file_sr, disk, ag
     )
     assert stats.get("refused_connections", 0) == 0
     assert during - baseline <= 32 + 4  # the handshake budget bounded what they held
+
+
+def test_the_accept_loop_survives_a_thread_that_cannot_start(make_server, monkeypatch):
+    import threading
+
+    from tests.http.conftest import request, wait_for
+
+    env = make_server()
+    real_start = threading.Thread.start
+    failed = []
+
+    def start(self):
+        if self.name == "http-conn" and not failed:
+            failed.append(self)
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    s = env.connect()
+    try:
+        s.settimeout(10)
+        assert s.recv(100) == b""  # that one is closed, its slot given back
+    finally:
+        s.close()
+    assert failed
+    status, _, _ = request(env, "/healthz")  # the accept loop is still there
+    assert status == 200
+    wait_for(lambda: env.server.metrics.connections_open == 0)
+    assert len(env.server.slots) == 0
+
+
+def test_a_silent_pre_ticket_connection_gets_the_short_timeout(make_server):
+    from agent.http.limits import Limits
+    from tests.http.conftest import request
+
+    env = make_server(
+        limits=Limits(header_timeout=30.0, idle_timeout=30.0, unauthenticated_timeout=0.3)
+    )
+    t = env.ticket()
+    holder = env.connect(timeout=10)
+    silent = env.connect(timeout=10)
+    try:
+        status, _, _ = request(env, "/v1/exports/%s" % t, sock=holder)
+        assert status == 200
+        data = b""
+        while True:  # the server gives up on the silent one (408 or a plain close)
+            got = silent.recv(4096)
+            if not got:
+                break
+            data += got
+        assert data == b"" or b" 408 " in data.split(b"\r\n")[0]
+        # the ticket holder is under idle_timeout (30 s), not the pre-ticket one: still served
+        status, _, _ = request(env, "/v1/exports/%s" % t, sock=holder)
+        assert status == 200
+    finally:
+        holder.close()
+        silent.close()

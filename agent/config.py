@@ -21,16 +21,16 @@ handshake_timeout = 5                   ; seconds a client gets to present its t
 idle_timeout = 300
 list_exports = no
 max_block_status_descriptors = 8192     ; per BLOCK_STATUS reply and context (clients ask again)
-max_handshakes = 32                     ; connections still in their handshake (no ticket yet)
-max_handshakes_per_address = 8          ; the same, per source address
+max_handshakes = 64                     ; connections still in their handshake (no ticket yet)
+max_handshakes_per_address = 16         ; the same, per source address
 [http]
 listen = 0.0.0.0:8843
 max_connections = 64
 header_timeout = 10                     ; seconds to send a request's headers
 idle_timeout = 60                       ; seconds a kept-alive connection may stay silent
 send_timeout = 60                       ; seconds a client may stall reading a response
-max_unauthenticated = 16                ; connections that have not presented a ticket
-max_unauthenticated_per_address = 8     ; the same, per source address
+max_unauthenticated = 32                ; connections that have not presented a ticket
+max_unauthenticated_per_address = 16    ; the same, per source address
 unauthenticated_timeout = 5             ; seconds such a connection may stay silent
 [tls]
 mode = require                          ; off | optional | require
@@ -69,10 +69,10 @@ DEFAULTS = {
     "http_idle_timeout": 60.0,
     "http_send_timeout": 60.0,
     "max_block_status_descriptors": 8192,
-    "max_handshakes": 32,
-    "max_handshakes_per_address": 8,
-    "http_max_unauthenticated": 16,
-    "http_max_unauthenticated_per_address": 8,
+    "max_handshakes": 64,
+    "max_handshakes_per_address": 16,
+    "http_max_unauthenticated": 32,
+    "http_max_unauthenticated_per_address": 16,
     "http_unauthenticated_timeout": 5.0,
 }
 

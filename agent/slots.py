@@ -27,8 +27,8 @@ class Budget(object):
     def __init__(
         self,
         max_connections=64,
-        max_unauthenticated=16,
-        max_per_address=8,
+        max_unauthenticated=32,
+        max_per_address=16,
         evict_idle_authenticated=True,
     ):
         self.max_connections = max_connections

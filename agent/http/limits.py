@@ -40,8 +40,8 @@ class Limits(object):
         send_timeout=60.0,
         max_connections=64,
         max_requests_per_connection=10000,
-        max_unauthenticated=16,
-        max_unauthenticated_per_address=8,
+        max_unauthenticated=32,
+        max_unauthenticated_per_address=16,
         unauthenticated_timeout=5.0,
     ):
         self.max_request_line = max_request_line

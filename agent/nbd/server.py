@@ -90,8 +90,8 @@ class NBDServer(object):
         send_timeout=60.0,
         list_exports=False,
         max_descriptors=8192,
-        max_handshakes=32,
-        max_handshakes_per_address=8,
+        max_handshakes=64,
+        max_handshakes_per_address=16,
     ):
         if tls_mode not in w.TLS_MODES:
             raise ValueError("tls_mode must be one of %s" % (w.TLS_MODES,))

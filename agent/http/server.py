@@ -224,7 +224,7 @@ class HttpServer(object):
     def _serve_connection(self, raw, peer, slot=None):
         conn = raw
         try:
-            conn = self._negotiate(raw, peer)
+            conn = self._negotiate(raw, peer, slot)
             if conn is not None:
                 Connection(self, conn, peer, slot).run()
         except (OSError, ssl.SSLError, ClientGone) as exc:
@@ -247,7 +247,7 @@ class HttpServer(object):
             if slot is not None:
                 self.slots.release(slot)
 
-    def _negotiate(self, raw, peer):
+    def _negotiate(self, raw, peer, slot=None):
         """Plaintext or TLS, according to tls_mode and the client's first byte."""
         if self.tls_mode == "off":
             return raw
@@ -264,6 +264,8 @@ class HttpServer(object):
             return None
         if first == b"\x16":  # a TLS handshake record
             tls = self.tls_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            if slot is not None:
+                slot.conn = tls  # raw is detached now: an eviction shuts this one down
             tls.settimeout(first_timeout)
             try:
                 tls.do_handshake()

@@ -17,15 +17,21 @@ listen = 0.0.0.0:10810                  ; 10809 belongs to xapi-nbd in the same 
 max_connections = 256
 max_inflight = 32
 workers = 4                             ; per connection; 0 = serve in the reader thread
-handshake_timeout = 10
+handshake_timeout = 5                   ; seconds a client gets to present its ticket (whole handshake)
 idle_timeout = 300
 list_exports = no
+max_block_status_descriptors = 8192     ; per BLOCK_STATUS reply and context (clients ask again)
+max_handshakes = 64                     ; connections still in their handshake (no ticket yet)
+max_handshakes_per_address = 16         ; the same, per source address
 [http]
 listen = 0.0.0.0:8843
 max_connections = 64
 header_timeout = 10                     ; seconds to send a request's headers
 idle_timeout = 60                       ; seconds a kept-alive connection may stay silent
 send_timeout = 60                       ; seconds a client may stall reading a response
+max_unauthenticated = 32                ; connections that have not presented a ticket
+max_unauthenticated_per_address = 16    ; the same, per source address
+unauthenticated_timeout = 5             ; seconds such a connection may stay silent
 [tls]
 mode = require                          ; off | optional | require
 cert = /etc/xensource/xapi-ssl.pem
@@ -47,7 +53,7 @@ DEFAULTS = {
     "max_connections": 256,
     "max_inflight": 32,
     "workers": 4,
-    "handshake_timeout": 10.0,
+    "handshake_timeout": 5.0,
     "idle_timeout": 300.0,
     "list_exports": False,
     "sm_lock_dir": "/var/lock/sm",
@@ -62,6 +68,12 @@ DEFAULTS = {
     "http_header_timeout": 10.0,
     "http_idle_timeout": 60.0,
     "http_send_timeout": 60.0,
+    "max_block_status_descriptors": 8192,
+    "max_handshakes": 64,
+    "max_handshakes_per_address": 16,
+    "http_max_unauthenticated": 32,
+    "http_max_unauthenticated_per_address": 16,
+    "http_unauthenticated_timeout": 5.0,
 }
 
 
@@ -107,10 +119,23 @@ class Config(object):
         for key in ("gc_abort_timeout", "sr_lock_timeout"):
             if getattr(self, key) < 0:
                 raise ConfigError("%s must not be negative" % key)
-        for key in ("http_header_timeout", "http_idle_timeout", "http_send_timeout"):
+        for key in (
+            "http_header_timeout",
+            "http_idle_timeout",
+            "http_send_timeout",
+            "http_unauthenticated_timeout",
+        ):
             if not getattr(self, key) > 0:
                 raise ConfigError("[http] %s must be positive" % key[len("http_") :])
-        for key in ("max_connections", "http_max_connections"):
+        for key in (
+            "max_connections",
+            "http_max_connections",
+            "max_block_status_descriptors",
+            "max_handshakes",
+            "max_handshakes_per_address",
+            "http_max_unauthenticated",
+            "http_max_unauthenticated_per_address",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError("%s must be at least 1" % key)
 
@@ -169,6 +194,9 @@ def load(path=None, **overrides):
                 ("workers", int),
                 ("handshake_timeout", float),
                 ("idle_timeout", float),
+                ("max_block_status_descriptors", int),
+                ("max_handshakes", int),
+                ("max_handshakes_per_address", int),
             ):
                 if cp.has_option("nbd", key):
                     values[key] = conv(cp.get("nbd", key))
@@ -177,6 +205,9 @@ def load(path=None, **overrides):
                 ("header_timeout", float),
                 ("idle_timeout", float),
                 ("send_timeout", float),
+                ("max_unauthenticated", int),
+                ("max_unauthenticated_per_address", int),
+                ("unauthenticated_timeout", float),
             ):
                 if cp.has_option("http", key):
                     values["http_" + key] = conv(cp.get("http", key))

@@ -89,6 +89,9 @@ class Agent(object):
             handshake_timeout=cfg.handshake_timeout,
             idle_timeout=cfg.idle_timeout,
             list_exports=cfg.list_exports,
+            max_descriptors=cfg.max_block_status_descriptors,
+            max_handshakes=cfg.max_handshakes,
+            max_handshakes_per_address=cfg.max_handshakes_per_address,
         )
         # Same tickets, exports, counters and TLS settings as NBD; /metrics also shows NBD's.
         self.http = HttpServer(
@@ -102,6 +105,9 @@ class Agent(object):
                 header_timeout=cfg.http_header_timeout,
                 idle_timeout=cfg.http_idle_timeout,
                 send_timeout=cfg.http_send_timeout,
+                max_unauthenticated=cfg.http_max_unauthenticated,
+                max_unauthenticated_per_address=cfg.http_max_unauthenticated_per_address,
+                unauthenticated_timeout=cfg.http_unauthenticated_timeout,
             ),
             metrics_extra=lambda: prometheus_lines("fastpath_nbd", self.nbd.stats()),
         )
@@ -190,7 +196,12 @@ class Agent(object):
         host, port = self.nbd.address
         http_host, http_port = self.http.address
         scheme = "nbd" if self.cfg.tls_mode == "off" else "nbds"
-        log.info("ticket %s created for VDI %s (base %s)", ticket.id[:8], vdi, base or "-")
+        log.info(
+            "ticket %s created for VDI %s (base %s)",
+            tickets_mod.log_id(ticket.id),
+            vdi,
+            base or "-",
+        )
         return {
             "ticket": ticket.to_dict(),
             "export_name": ticket.id,

@@ -7,6 +7,8 @@ the chain holds every file open for the export's life) and an optional base chai
 - extents(offset, length): runs of data / hole (base:allocation)
 - changed(offset, length): runs with a changed flag at block granularity, relative to the base
   (with no base, changed == allocated)
+- iter_extents / iter_changed: the same runs as a generator over bounded windows (windowed_runs),
+  so an answer for a whole, badly fragmented disk never sits in memory at once
 - plan_read(offset, length): how to send a read, as pieces the server can put on the wire:
     ('sendfile', fd, file_offset, n)  bytes [file_offset, +n) of one chain file (os.sendfile-able)
     ('bytes', data)                   assembled in memory (block split across the chain)
@@ -171,6 +173,44 @@ def _merge_runs(runs):
     return out
 
 
+# windowed_runs: first window, and the bounds it adapts between (a window holds at most
+# window / 512 runs, so MAX_WINDOW bounds the memory of one step: 64 K runs for 32 MiB).
+MIN_WINDOW = 2 << 20
+MAX_WINDOW = 32 << 20
+
+
+def windowed_runs(fetch, offset, length, min_window=MIN_WINDOW, max_window=MAX_WINDOW):
+    """Yield fetch's runs over [offset, offset + length), merged, one window at a time.
+
+    fetch(offset, length) returns [(start, length, *values)] covering its range; runs with equal
+    values that touch are merged, also across windows. The window doubles (up to max_window) while
+    the disk is unfragmented and falls back to min_window when a window is busy, so a sparse 2 TiB
+    disk takes few calls and a sector-fragmented one never holds more than one window's runs.
+    Windows end on min_window boundaries (block aligned for the default)."""
+    end = offset + length
+    pos = offset
+    window = min_window
+    pending = None
+    while pos < end:
+        stop = min(end, (pos // min_window) * min_window + window)
+        if stop <= pos:
+            stop = min(end, pos + window)
+        runs = fetch(pos, stop - pos)
+        for run in runs:
+            if run[1] <= 0:
+                continue
+            if pending is not None and pending[2:] == run[2:] and pending[0] + pending[1] == run[0]:
+                pending = (pending[0], pending[1] + run[1]) + tuple(run[2:])
+                continue
+            if pending is not None:
+                yield pending
+            pending = tuple(run)
+        window = min(max_window, window * 2) if len(runs) < 64 else min_window
+        pos = stop
+    if pending is not None:
+        yield pending
+
+
 def _add_sendfile(pieces, fd, foff, n):
     last = pieces[-1] if pieces else None
     if last and last[0] == SENDFILE and last[1] == fd and last[2] + last[3] == foff:
@@ -308,6 +348,20 @@ class Export(object):
             if end > start:
                 runs.append((start, end - start, HOLE if e.zero else DATA))
         return _merge_runs(runs)
+
+    def iter_extents(self, offset=0, length=None):
+        """extents() as a generator over bounded windows (see windowed_runs)."""
+        if length is None:
+            length = self.size - offset
+        self._check_range(offset, length)
+        return windowed_runs(self.extents, offset, length)
+
+    def iter_changed(self, offset=0, length=None):
+        """changed() as a generator over bounded windows (see windowed_runs)."""
+        if length is None:
+            length = self.size - offset
+        self._check_range(offset, length)
+        return windowed_runs(self.changed, offset, length)
 
     def _changed_map(self):
         if self._changed is None:

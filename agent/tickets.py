@@ -1,8 +1,9 @@
-"""One-time export tickets and the agent's local admin API.
+"""Export tickets and the agent's local admin API.
 
 A ticket names a VDI (and optionally its SR and a base VDI for incremental reads), expires, and
 limits how many connections may use it at once. Its id (128 random bits, hex) is the NBD export
-name. Expired or revoked tickets close their connections: the store calls its listeners, and the
+name. A ticket is a bearer token: whoever holds the id may use it, as often as its connection
+limit allows, until it expires or is revoked; so an id never reaches a log whole (log_id). Expired or revoked tickets close their connections: the store calls its listeners, and the
 servers close what they opened with that ticket.
 
 The admin API is a Unix socket (root only) speaking JSON lines, one request and one response per
@@ -26,6 +27,21 @@ import threading
 import time
 
 log = logging.getLogger("fastpath.tickets")
+
+# 32 of a ticket id's 128 bits: enough to tell tickets apart in logs, not to use one.
+LOG_ID_CHARS = 8
+
+
+def log_id(ticket_id):
+    """A ticket id (or a client-supplied export name) as it may appear in logs: a short prefix.
+    Every log line and error message naming a ticket goes through here."""
+    if ticket_id is None:
+        return "-"
+    text = str(ticket_id)
+    if len(text) <= LOG_ID_CHARS:
+        return text
+    return text[:LOG_ID_CHARS] + "..."
+
 
 DEFAULT_TTL = 3600
 MAX_TTL = 7 * 24 * 3600
@@ -106,7 +122,7 @@ class TicketStore(object):
                 try:
                     fn(t)
                 except Exception:
-                    log.exception("ticket listener failed for %s", t.id)
+                    log.exception("ticket listener failed for %s", log_id(t.id))
 
     def create(
         self, vdi, sr=None, base=None, ttl=DEFAULT_TTL, max_connections=DEFAULT_MAX_CONNECTIONS

@@ -20,6 +20,7 @@ from agent.http import protocol as hp
 from agent.http.gate import ticket_attr
 from agent.http.response import ClientGone, Response
 from agent.http.routing import Handler
+from agent.tickets import log_id
 
 log = logging.getLogger("fastpath.http")
 
@@ -37,8 +38,9 @@ def peer_name(peer):
 class Connection(object):
     """Reads requests from one client and answers them, until close, error or idle timeout."""
 
-    def __init__(self, server, sock, peer):
+    def __init__(self, server, sock, peer, slot=None):
         self.server = server
+        self.slot = slot  # agent.slots.Slot: evictable while waiting, pre-ticket until a ticket
         self.sock = sock
         self.peer = peer
         self.limits = server.limits
@@ -46,6 +48,23 @@ class Connection(object):
         self.tls = isinstance(sock, ssl.SSLSocket)
         self._export = None  # (ticket id, export, view) kept between keep-alive requests
         self.last_request = False  # the per-connection request cap is reached: announce the close
+
+    def authenticated(self):
+        """The client presented a valid ticket: normal timeouts, out of the pre-ticket budget."""
+        if self.slot is not None and not self.slot.authenticated:
+            self.server.slots.authenticate(self.slot)
+
+    def _limit(self, value):
+        """value, or the shorter pre-ticket timeout while no ticket was presented."""
+        if self.slot is not None and not self.slot.authenticated:
+            return min(value, self.limits.unauthenticated_timeout)
+        return value
+
+    def _waiting(self, waiting):
+        """False when the server evicted this (idle) connection: end it."""
+        if self.slot is None:
+            return True
+        return self.server.slots.set_waiting(self.slot, waiting)
 
     def cached_export(self, ticket):
         """(export, view) kept from the previous request on this ticket, or (None, None)."""
@@ -91,8 +110,10 @@ class Connection(object):
         try:
             served = 0
             while not self.server._stopping.is_set():
+                if not self._waiting(True):
+                    return
                 req = self._read_request(first=(served == 0))
-                if req is None:
+                if req is None or not self._waiting(False):
                     return
                 served += 1
                 self.last_request = served >= self.limits.max_requests_per_connection
@@ -117,11 +138,11 @@ class Connection(object):
         # within header_timeout (slowloris).
         deadline = None
         if first or self.parser.buffered:
-            deadline = time.time() + limits.header_timeout
+            deadline = time.time() + self._limit(limits.header_timeout)
         else:
             if self._export is not None and not self._readable(EXPORT_LINGER):
                 self.drop_export()  # an idle client must not keep chain files (and locks) held
-            self.sock.settimeout(limits.idle_timeout)
+            self.sock.settimeout(self._limit(limits.idle_timeout))
         while True:
             if deadline is not None:
                 left = deadline - time.time()
@@ -139,7 +160,7 @@ class Connection(object):
             if not data:
                 return None
             if deadline is None:
-                deadline = time.time() + limits.header_timeout
+                deadline = time.time() + self._limit(limits.header_timeout)
             try:
                 req = self.parser.feed(data)
             except hp.ProtocolError as exc:
@@ -224,5 +245,5 @@ def _safe_path(req):
     """The request path with the ticket masked, for logs."""
     parts = req.raw_path.split("/")
     if len(parts) > 3 and parts[1] == "v1" and parts[2] == "exports" and parts[3] not in ("", "-"):
-        parts[3] = parts[3][:4] + "..."
+        parts[3] = log_id(parts[3])
     return "/".join(parts)

@@ -10,6 +10,7 @@ Tests give the server their own ExportView (tests/http/test_views.py) instead of
 
 import os
 
+from agent.export import windowed_runs
 from agent.http.gate import ticket_attr
 
 
@@ -49,6 +50,14 @@ class ExportView(object):
     def extents(self, offset, length):
         """[(start, length, zero, hole)] covering [offset, offset + length)."""
         raise NotImplementedError
+
+    def iter_extents(self, offset, length):
+        """extents() as a generator over bounded windows (agent.export.windowed_runs)."""
+        return windowed_runs(self.extents, offset, length)
+
+    def iter_changed_extents(self, offset, length):
+        """changed_extents() as a generator over bounded windows."""
+        return windowed_runs(self.changed_extents, offset, length)
 
     def changed_extents(self, offset, length):
         """[(start, length, changed)] covering [offset, offset + length)."""

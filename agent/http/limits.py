@@ -10,7 +10,16 @@ it caps and the module that enforces it, so a new bound (and its test) has an ob
                         server.HttpServer._negotiate: the client's first byte and TLS handshake
     idle_timeout        connection.Connection: a keep-alive connection idle between requests closes
     send_timeout        response.Response: a client that stops reading ends its connection
-    max_connections     server.HttpServer: slots taken at accept (503 or a close when all are used)
+    max_connections     server.HttpServer: slots taken at accept; when all are used the oldest
+                        idle connection is closed (pre-ticket first, then idle keep-alive), and only
+                        when every connection is busy is the newcomer refused (503 or a close)
+    max_unauthenticated server.HttpServer: connections that have not presented a valid ticket; a
+                        newcomer over it displaces the oldest idle one (agent.slots)
+    max_unauthenticated_per_address
+                        the same, per source address
+    unauthenticated_timeout
+                        connection.Connection, server._negotiate: how long a connection that has
+                        not presented a ticket may stay silent (first byte, TLS, head, keep-alive)
     max_requests_per_connection
                         connection.Connection: the last one is answered "Connection: close"
 
@@ -31,6 +40,9 @@ class Limits(object):
         send_timeout=60.0,
         max_connections=64,
         max_requests_per_connection=10000,
+        max_unauthenticated=32,
+        max_unauthenticated_per_address=16,
+        unauthenticated_timeout=5.0,
     ):
         self.max_request_line = max_request_line
         self.max_header_bytes = max_header_bytes
@@ -40,3 +52,14 @@ class Limits(object):
         self.send_timeout = send_timeout
         self.max_connections = max_connections
         self.max_requests_per_connection = max_requests_per_connection
+        self.max_unauthenticated = max_unauthenticated
+        self.max_unauthenticated_per_address = max_unauthenticated_per_address
+        self.unauthenticated_timeout = unauthenticated_timeout
+
+    def budget(self):
+        """The slot budget of agent.slots for these limits."""
+        from agent.slots import Budget
+
+        return Budget(
+            self.max_connections, self.max_unauthenticated, self.max_unauthenticated_per_address
+        )

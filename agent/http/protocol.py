@@ -293,6 +293,11 @@ def json_body(obj):
     return (json.dumps(obj, sort_keys=True) + "\n").encode("utf-8")
 
 
+def json_item(obj):
+    """One element of a JSON array, encoded as json_body() would encode it inside the array."""
+    return json.dumps(obj, sort_keys=True).encode("utf-8")
+
+
 def response_head(status, headers, version="HTTP/1.1"):
     """The bytes of a response status line and headers (headers: list of (name, value))."""
     lines = ["%s %d %s" % (version, status, REASONS.get(status, "Unknown"))]

@@ -20,6 +20,15 @@ ZERO_CHUNK = bytes(1 << 20)
 _ZERO_VIEW = memoryview(ZERO_CHUNK)
 
 
+_NOTHING = object()
+
+
+def _prepend(first, rest):
+    yield first
+    for item in rest:
+        yield item
+
+
 class ClientGone(Exception):
     """The client closed or stalled the connection while we were sending."""
 
@@ -39,6 +48,7 @@ class Response(object):
         self.close_after = False
         self.head_only = req is not None and req.method == "HEAD"
         self.corked = False
+        self._chunked = False  # the body goes as chunks (send_json_stream): keep-alive still works
         self.metrics = conn.server.metrics
 
     def start(self, status, headers, length=None, body=None):
@@ -47,7 +57,7 @@ class Response(object):
         headers.append(("Server", self.conn.server.server_name))
         if length is not None:
             headers.append(("Content-Length", length))
-        else:
+        elif not self._chunked:
             self.keep_alive = False
         if not self.keep_alive or self.close_after:
             headers.append(("Connection", "close"))
@@ -83,6 +93,47 @@ class Response(object):
             len(body),
             body,
         )
+
+    def send_json_stream(self, items, status=200, flush_at=64 << 10):
+        """A JSON array of the items of an iterator, sent as it is produced: chunked for HTTP/1.1,
+        close-delimited for HTTP/1.0. Memory holds one batch of flush_at bytes, never the array.
+        The bytes are those send_json(list(items)) would send. The first item is taken before the
+        head, so an error there is still a JSON error; a later one truncates the body (no final
+        chunk, or a close before "]"), which the client detects."""
+        items = iter(items)
+        first = next(items, _NOTHING)
+        chunked = self.req is not None and self.req.version == "HTTP/1.1"
+        headers = [("Content-Type", hp.JSON_TYPE), ("Cache-Control", "no-store")]
+        if chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+            self._chunked = True
+        self.start(status, headers, None)
+        if self.head_only:
+            return
+        batch = [b"["]
+        size = 1
+        sep = b""
+        if first is not _NOTHING:
+            for item in _prepend(first, items):
+                data = sep + hp.json_item(item)
+                sep = b", "
+                batch.append(data)
+                size += len(data)
+                if size >= flush_at:
+                    self._send_body(b"".join(batch), chunked)
+                    batch, size = [], 0
+        batch.append(b"]\n")
+        self._send_body(b"".join(batch), chunked)
+        if chunked:
+            self._send(hp.CHUNK_END)
+
+    def _send_body(self, data, chunked):
+        if chunked:
+            self._send(hp.chunk_header(len(data)) + data + b"\r\n")
+        else:
+            self._send(data)
+        self.body_sent += len(data)
+        self.metrics.add("bytes_sent", self.transport, len(data))
 
     def send_error(self, exc, close=False):
         if close:

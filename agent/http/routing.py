@@ -18,6 +18,7 @@ from agent.http import views
 from agent.http.exportview import export_view
 from agent.http.gate import map_ticket_error, ticket_attr
 from agent.http.response import ClientGone
+from agent.tickets import log_id
 
 log = logging.getLogger("fastpath.http")
 
@@ -151,6 +152,7 @@ class Handler(object):
         ticket_id = self.ticket_id(in_path)
         gate = self.server.gate
         ticket = gate.lookup(ticket_id)
+        self.conn.authenticated()  # out of the small pre-ticket budget (agent.slots)
         want_vdi = self.req.param("vdi")
         if want_vdi is not None and want_vdi.lower() != str(ticket_attr(ticket, "vdi", "")).lower():
             raise hp.RequestError("this ticket is for another VDI", status=403, code="wrong_vdi")
@@ -180,7 +182,7 @@ class Handler(object):
             except Exception as exc:
                 log.warning(
                     "http: opening the export of ticket %s failed: %s",
-                    ticket_attr(ticket, "id", "?")[:4],
+                    log_id(ticket_attr(ticket, "id", "?")),
                     exc,
                 )
                 raise _export_error(exc) from exc

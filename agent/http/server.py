@@ -1,8 +1,9 @@
 """The HTTP API's listening side: HttpServer (listen, accept, connection slots, TLS, stop).
 
-A thread per connection (like the NBD server), bounded by Limits.max_connections: a connection
-over the limit is refused at accept (503 in plaintext, a close under TLS), before anything it sent
-is read. Each accepted socket is negotiated here (plaintext or TLS by its first byte, per tls_mode;
+A thread per connection (like the NBD server), its slot given by agent.slots at accept: a newcomer
+over a budget (max_connections, the pre-ticket ones overall and per address) displaces the oldest
+idle connection, and is refused (503 in plaintext, a close under TLS) only when every connection is
+busy. A thread that cannot start gives its slot back; the accept loop goes on. Each accepted socket is negotiated here (plaintext or TLS by its first byte, per tls_mode;
 the handshake within Limits.header_timeout) and then served by connection.Connection in its own
 thread. stop() shuts every connection's socket down and waits (up to its timeout) for them to end.
 
@@ -33,6 +34,7 @@ from agent.http.gate import TicketGate
 from agent.http.limits import Limits
 from agent.http.metrics import HttpMetrics
 from agent.http.response import ClientGone
+from agent.slots import Slots
 
 log = logging.getLogger("fastpath.http")
 
@@ -83,7 +85,7 @@ class HttpServer(object):
         self._stopping = threading.Event()
         self._conns = set()
         self._conns_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self.slots = Slots(self.limits.budget())
 
     # -- lifecycle --
 
@@ -162,7 +164,11 @@ class HttpServer(object):
                     continue
                 log.error("http: accept failed: %s", exc)
                 continue
-            if not self._slots.acquire(blocking=False):
+            slot, victims = self.slots.admit(peer[0] if isinstance(peer, tuple) else peer, conn)
+            for victim in victims:
+                self.metrics.add("errors", "evicted")
+                _shutdown(victim.conn)  # its thread sees EOF, closes and frees what it held
+            if slot is None:
                 self.metrics.gauge("connections_rejected", 1)
                 self._refuse_busy(conn)
                 continue
@@ -171,9 +177,22 @@ class HttpServer(object):
             with self._conns_lock:
                 self._conns.add(conn)
             t = threading.Thread(
-                target=self._serve_connection, args=(conn, peer), name="http-conn", daemon=True
+                target=self._serve_connection,
+                args=(conn, peer, slot),
+                name="http-conn",
+                daemon=True,
             )
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as exc:
+                # Out of threads or memory: give the slot back and go on accepting.
+                log.error("http %s: refused, cannot start a thread: %s", peer_name(peer), exc)
+                self.metrics.add("errors", "thread_start")
+                with self._conns_lock:
+                    self._conns.discard(conn)
+                self.metrics.gauge("connections_open", -1)
+                self.slots.release(slot)
+                conn.close()
 
     def _refuse_busy(self, conn):
         # The client may be speaking TLS: a plaintext answer would be noise. Answer plaintext only
@@ -202,12 +221,12 @@ class HttpServer(object):
 
     # -- one connection --
 
-    def _serve_connection(self, raw, peer):
+    def _serve_connection(self, raw, peer, slot=None):
         conn = raw
         try:
-            conn = self._negotiate(raw, peer)
+            conn = self._negotiate(raw, peer, slot)
             if conn is not None:
-                Connection(self, conn, peer).run()
+                Connection(self, conn, peer, slot).run()
         except (OSError, ssl.SSLError, ClientGone) as exc:
             self.metrics.add("errors", "connection")
             log.info("http %s: connection ended: %s", peer_name(peer), exc)
@@ -225,13 +244,17 @@ class HttpServer(object):
                 self._conns.discard(raw)
                 self._conns.discard(conn)
             self.metrics.gauge("connections_open", -1)
-            self._slots.release()
+            if slot is not None:
+                self.slots.release(slot)
 
-    def _negotiate(self, raw, peer):
+    def _negotiate(self, raw, peer, slot=None):
         """Plaintext or TLS, according to tls_mode and the client's first byte."""
         if self.tls_mode == "off":
             return raw
-        raw.settimeout(self.limits.header_timeout)
+        # Nobody has presented a ticket yet: the short pre-ticket timeout bounds the first byte
+        # and the TLS handshake.
+        first_timeout = min(self.limits.header_timeout, self.limits.unauthenticated_timeout)
+        raw.settimeout(first_timeout)
         try:
             first = raw.recv(1, socket.MSG_PEEK)
         except socket.timeout:
@@ -241,7 +264,9 @@ class HttpServer(object):
             return None
         if first == b"\x16":  # a TLS handshake record
             tls = self.tls_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-            tls.settimeout(self.limits.header_timeout)
+            if slot is not None:
+                slot.conn = tls  # raw is detached now: an eviction shuts this one down
+            tls.settimeout(first_timeout)
             try:
                 tls.do_handshake()
             except (ssl.SSLError, OSError, socket.timeout) as exc:
@@ -279,6 +304,15 @@ class HttpServer(object):
         except OSError:
             pass
         return None
+
+
+def _shutdown(sock):
+    """Shut a connection's socket down from another thread (plain shutdown, also under TLS: see
+    stop())."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, TypeError):
+        pass
 
 
 def _nodelay(sock):

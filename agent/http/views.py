@@ -78,6 +78,8 @@ def _offset_length(h, size):
 
 
 def extents(h):
+    """GET /v1/exports/<ticket>/extents: a JSON array of runs, streamed (send_json_stream) from
+    generators over bounded windows, so its memory does not grow with the disk's fragmentation."""
     v = h.view
     context = h.req.param("context", "allocation")
     start, length = _offset_length(h, v.size)
@@ -87,14 +89,15 @@ def extents(h):
     if context == "allocation" and granularity == "block":
         # Whole blocks from the BATs: cheap on any disk size, what a block-level copier needs.
         allocated = set(v.allocated_blocks())
-        runs = []
-        for s0, n, alloc in _block_runs(start, length, v.block_size, allocated):
-            runs.append({"start": s0, "length": n, "zero": not alloc, "hole": not alloc})
+        runs = (
+            {"start": s0, "length": n, "zero": not alloc, "hole": not alloc}
+            for s0, n, alloc in _block_runs(start, length, v.block_size, allocated)
+        )
     elif context == "allocation":
-        runs = [
+        runs = (
             {"start": s, "length": n, "zero": bool(z), "hole": bool(hole)}
-            for s, n, z, hole in v.extents(start, length)
-        ]
+            for s, n, z, hole in v.iter_extents(start, length)
+        )
     elif context in ("changed", "dirty"):
         if v.base_vdi is None and not v.base_uuids:
             raise hp.RequestError(
@@ -102,16 +105,16 @@ def extents(h):
                 status=400,
                 code="no_base",
             )
-        runs = [
+        runs = (
             {"start": s, "length": n, "changed": bool(c), "dirty": bool(c)}
-            for s, n, c in v.changed_extents(start, length)
-        ]
+            for s, n, c in v.iter_changed_extents(start, length)
+        )
     else:
         raise hp.RequestError(
             "unknown extents context %r (allocation or changed)" % context[:32],
             code="bad_context",
         )
-    h.resp.send_json(runs)
+    h.resp.send_json_stream(runs)
 
 
 def raw(h):
@@ -222,8 +225,20 @@ def blocks(h):
 def vhd(h):
     v = h.view
     changed = _wants_changed(h)
+    if v.size % 512:
+        raise hp.RequestError(
+            "a disk of %d bytes (not a multiple of 512) cannot be a VHD stream: use raw or blocks"
+            % v.size,
+            status=409,
+            code="not_vhd_streamable",
+        )
     chosen = v.changed_blocks() if changed else v.allocated_blocks()
-    layout = v.vhd_layout(chosen, delta=changed)
+    try:
+        layout = v.vhd_layout(chosen, delta=changed)
+    except ValueError as exc:  # the VHD format's own bounds (size, block size)
+        raise hp.RequestError(
+            "this disk cannot be a VHD stream: %s" % exc, status=409, code="not_vhd_streamable"
+        ) from None
     resp = h.resp
     resp.transport = "vhd"
     name = "%s%s.vhd" % (v.vdi or "disk", "-delta" if changed else "")
@@ -263,20 +278,24 @@ def vhd(h):
 
 
 def _block_runs(offset, length, block_size, members):
-    """[(start, length, in members)] at block granularity over [offset, offset + length), merged."""
-    out = []
+    """(start, length, in members) at block granularity over [offset, offset + length), merged,
+    as a generator (one run in memory)."""
     end = offset + length
     pos = offset
+    run = None
     while pos < end:
         i = pos // block_size
         nxt = min(end, (i + 1) * block_size)
         flag = i in members
-        if out and out[-1][2] == flag:
-            out[-1] = (out[-1][0], out[-1][1] + nxt - pos, flag)
+        if run is not None and run[2] == flag:
+            run = (run[0], run[1] + nxt - pos, flag)
         else:
-            out.append((pos, nxt - pos, flag))
+            if run is not None:
+                yield run
+            run = (pos, nxt - pos, flag)
         pos = nxt
-    return out
+    if run is not None:
+        yield run
 
 
 def _count_block(metrics, pieces, tls):

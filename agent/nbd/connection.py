@@ -21,7 +21,7 @@ from agent.export import BYTES, HOLE, SENDFILE, ExportError
 from agent.nbd import protocol as p
 from agent.nbd import wire as w
 from agent.nbd.transport import ConnectionClosed, ShortFile, Transport
-from agent.tickets import TicketError
+from agent.tickets import TicketError, log_id
 
 log = logging.getLogger("fastpath.nbd")
 
@@ -48,6 +48,7 @@ class Connection(Transport):
         self.requests = 0
         self._inflight = threading.BoundedSemaphore(server.max_inflight)
         self._pool = None
+        self.slot = None  # agent.slots.Slot, given by the server at accept
 
     # -- teardown --------------------------------------------------------------------------------
 
@@ -73,6 +74,9 @@ class Connection(Transport):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
             self._handshake()
             if self.proto.in_transmission:
+                if self.slot is not None:
+                    self.server.slots.authenticate(self.slot)  # out of the handshake budget
+                    self.server.slots.set_waiting(self.slot, False)
                 reason = self._transmission()
         except p.ProtocolError as exc:
             reason = "protocol error: %s" % exc
@@ -91,7 +95,7 @@ class Connection(Transport):
                 self.id,
                 self.peer,
                 time.time() - start,
-                (self.ticket_id or "-")[:8],
+                log_id(self.ticket_id),
                 self.requests,
                 self.bytes_sent,
                 self.proto.tls_active,
@@ -128,7 +132,15 @@ class Connection(Transport):
                 self._start_tls(self.server.ssl_context, deadline)
                 self.proto.tls_established()
             elif isinstance(ev, p.ExportRequest):
-                self._send(self._answer_export(ev))
+                # Opening the export may wait on SM's locks: not displaceable meanwhile.
+                if self.slot is not None and not self.server.slots.set_waiting(self.slot, False):
+                    raise ConnectionClosed(self.broken or "displaced")
+                try:
+                    answer = self._answer_export(ev)
+                finally:
+                    if self.slot is not None and not self.proto.in_transmission:
+                        self.server.slots.set_waiting(self.slot, True)
+                self._send(answer)
                 if self.proto.in_transmission:
                     return
 
@@ -155,7 +167,9 @@ class Connection(Transport):
             export = self.server.exports.acquire(ticket)
         except Exception as exc:
             self._drop_ticket()
-            log.warning("nbd: %s: cannot open export for ticket %s: %s", self.peer, name[:8], exc)
+            log.warning(
+                "nbd: %s: cannot open export for ticket %s: %s", self.peer, log_id(name), exc
+            )
             return self.proto.reject_export(w.REP_ERR_UNKNOWN, "export unavailable: %s" % exc)
         try:
             self.server.tickets.get(ticket.id)  # revoked or expired while the export opened?
@@ -165,11 +179,16 @@ class Connection(Transport):
             return self._refuse(name, exc)
         if info:
             try:
-                return self.proto.accept_export(export.size, export.description)
+                return self._accept(export)
             finally:
                 self.server.exports.release(ticket.id)
         self.export = export
-        return self.proto.accept_export(export.size, export.description)
+        return self._accept(export)
+
+    def _accept(self, export):
+        return self.proto.accept_export(
+            export.size, export.description, getattr(export, "block_size", None)
+        )
 
     def _drop_ticket(self):
         if self.ticket_id is not None:
@@ -177,7 +196,7 @@ class Connection(Transport):
             self.server.tickets.release(ticket_id)
 
     def _refuse(self, name, exc):
-        log.warning("nbd: %s: export %r refused: %s", self.peer, name[:40], exc)
+        log.warning("nbd: %s: export %r refused: %s", self.peer, log_id(name), exc)
         self.server.counters.add("refused_tickets")
         return self.proto.reject_export(w.REP_ERR_UNKNOWN, "export refused: %s" % exc)
 
@@ -259,22 +278,20 @@ class Connection(Transport):
             self._send(self.proto.error_reply(req.handle, code, message))
 
     def _reply_block_status(self, req):
+        # Runs come from generators over bounded windows and stop at max_descriptors per
+        # context: the reply and the memory behind it stay small however fragmented the disk.
         export = self.export
+        cap = self.server.max_descriptors
+        req_one = bool(req.flags & w.CMD_FLAG_REQ_ONE)
         chunks = []
         try:
             for ctx_id, name in sorted(self.proto.meta_contexts.items()):
                 if name == w.CONTEXT_ALLOCATION:
-                    descs = [
-                        (n, 0 if kind != HOLE else w.STATE_HOLE | w.STATE_ZERO)
-                        for _, n, kind in export.extents(req.offset, req.length)
-                    ]
+                    runs = _runs(export, "iter_extents", "extents", req)
+                    descs = p.block_status_descriptors(runs, _allocation_flags, cap, req_one)
                 else:
-                    descs = [
-                        (n, w.STATE_CHANGED if changed else 0)
-                        for _, n, changed in export.changed(req.offset, req.length)
-                    ]
-                if req.flags & w.CMD_FLAG_REQ_ONE:
-                    descs = descs[:1]
+                    runs = _runs(export, "iter_changed", "changed", req)
+                    descs = p.block_status_descriptors(runs, _changed_flags, cap, req_one)
                 chunks.append((ctx_id, descs))
         except Exception as exc:
             self._fail(req, w.EIO, "block status failed: %s" % exc)
@@ -371,3 +388,17 @@ class Connection(Transport):
         except ExportError as exc:
             return str(exc)
         return None
+
+
+def _runs(export, lazy, eager, req):
+    """The export's runs over the request: its generator (bounded windows) when it has one."""
+    fn = getattr(export, lazy, None) or getattr(export, eager)
+    return fn(req.offset, req.length)
+
+
+def _allocation_flags(run):
+    return w.STATE_HOLE | w.STATE_ZERO if run[2] == HOLE else 0
+
+
+def _changed_flags(run):
+    return w.STATE_CHANGED if run[2] else 0

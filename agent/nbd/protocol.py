@@ -20,12 +20,15 @@ What this server offers (proto.md asks servers to document their metadata contex
 
 - Export names are ticket ids. Exports are read-only; transmission flags HAS_FLAGS, READ_ONLY,
   CAN_MULTI_CONN, and SEND_DF once structured replies are negotiated.
-- NBD_INFO_BLOCK_SIZE: minimum 1 (any alignment is served), preferred 2 MiB (one VHD block),
-  maximum 32 MiB (larger READ/CACHE requests fail with EINVAL; a larger WRITE payload closes).
+- NBD_INFO_BLOCK_SIZE: minimum 1 (any alignment is served), preferred the export's own block
+  size (2 MiB for VHD, capped at the maximum), maximum 32 MiB (larger READ/CACHE requests fail with EINVAL; a larger WRITE payload closes).
 - `base:allocation`: HOLE|ZERO where no file of the chain holds the sectors, 0 elsewhere.
 - `fastpath:changed`: bit 0 set on the 2 MiB blocks that differ from the ticket's base VDI (blocks
   allocated in the chain above the base); without a base, on every allocated block. Queries:
   `fastpath:changed`, or `fastpath:` (all fastpath contexts) in LIST_META_CONTEXT.
+- BLOCK_STATUS: at most max_descriptors (default 8192) descriptors per context and reply; the
+  spec lets a server answer a shorter range, and clients ask again from where the reply ended
+  (block_status_descriptors).
 - WRITE, TRIM, WRITE_ZEROES, RESIZE -> EPERM; FLUSH and CACHE succeed and do nothing; unknown
   commands and flags -> EINVAL.
 - TLS modes: off (STARTTLS -> ERR_POLICY), optional (SELECTIVETLS with no TLS-only export), require
@@ -54,6 +57,42 @@ class RequestError(Exception):
         Exception.__init__(self, message)
         self.code = code
         self.message = message
+
+
+def block_status_descriptors(runs, flags_of, max_descriptors, req_one=False):
+    """The descriptors [(length, flags)] of one BLOCK_STATUS reply for one metadata context.
+
+    runs: an iterable (a generator is best: it is consumed only as far as needed) of runs
+    (start, length, ...) covering the request from its offset, in order; flags_of(run) gives the
+    run's NBD flags. Runs with equal flags merge; at most max_descriptors come back (one with
+    NBD_CMD_FLAG_REQ_ONE), so a reply stays small whatever the disk's fragmentation: proto.md
+    lets the server describe less than the requested length, and the client asks again."""
+    limit = 1 if req_one else max(1, max_descriptors)
+    out = []
+    for run in runs:
+        n = run[1]
+        if n <= 0:
+            continue
+        flags = flags_of(run)
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + n, flags)
+        elif len(out) >= limit:
+            break
+        else:
+            out.append((n, flags))
+    return out
+
+
+def preferred_block_size(block_size, max_block):
+    """The preferred block size to advertise: the export's, when it is a power of two from 512
+    up to max_block (proto.md: a power of two, at least 512, at most the maximum), else the
+    nearest such value (the default 2 MiB when unknown)."""
+    if not block_size:
+        block_size = w.PREFERRED_BLOCK_SIZE
+    preferred = 512
+    while preferred * 2 <= min(block_size, max_block):
+        preferred *= 2
+    return preferred
 
 
 # --- Events ---------------------------------------------------------------------------------------
@@ -432,9 +471,10 @@ class ServerConnection(object):
         out.append(w.option_reply(w.OPT_LIST, w.REP_ACK))
         return b"".join(out)
 
-    def accept_export(self, size, description=None):
+    def accept_export(self, size, description=None, block_size=None):
         """Bytes accepting the pending ExportRequest. After EXPORT_NAME or GO the connection is
-        in transmission."""
+        in transmission. block_size: the export's own block size, advertised as the preferred
+        block size of NBD_INFO_BLOCK_SIZE (default PREFERRED_BLOCK_SIZE)."""
         event = self._pending_export
         if event is None:
             raise RuntimeError("no pending ExportRequest")
@@ -447,12 +487,13 @@ class ServerConnection(object):
             return w.export_name_reply(size, flags, self.no_zeroes)
         option = event.option
         max_block = min(w.MAX_BLOCK_SIZE, self.max_request_length)
+        preferred = preferred_block_size(block_size, max_block)
         replies = [
             w.info_reply(option, w.INFO_EXPORT, w.U64.pack(size) + w.U16.pack(flags)),
             w.info_reply(
                 option,
                 w.INFO_BLOCK_SIZE,
-                w.BLOCK_SIZES.pack(w.MIN_BLOCK_SIZE, w.PREFERRED_BLOCK_SIZE, max_block),
+                w.BLOCK_SIZES.pack(w.MIN_BLOCK_SIZE, preferred, max_block),
             ),
         ]
         if w.INFO_NAME in event.info_requests:

@@ -21,6 +21,8 @@ import time
 from agent.export import Counters
 from agent.nbd import wire as w
 from agent.nbd.connection import Connection, peer_name
+from agent.slots import Budget, Slots
+from agent.tickets import log_id
 
 log = logging.getLogger("fastpath.nbd")
 
@@ -87,6 +89,9 @@ class NBDServer(object):
         idle_timeout=300.0,
         send_timeout=60.0,
         list_exports=False,
+        max_descriptors=8192,
+        max_handshakes=64,
+        max_handshakes_per_address=16,
     ):
         if tls_mode not in w.TLS_MODES:
             raise ValueError("tls_mode must be one of %s" % (w.TLS_MODES,))
@@ -107,11 +112,23 @@ class NBDServer(object):
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
         self.list_exports = list_exports
+        self.max_descriptors = max_descriptors  # per BLOCK_STATUS reply and context
         self._sock = None
         self._stop = threading.Event()
         self._thread = None
         self._lock = threading.Lock()
         self._conns = set()
+        # Connections still in their handshake (no ticket yet) have a budget of their own, overall
+        # and per address; a newcomer over it displaces the oldest of them (agent.slots). Clients
+        # in transmission are never displaced.
+        self.slots = Slots(
+            Budget(
+                max_connections,
+                max_handshakes,
+                max_handshakes_per_address,
+                evict_idle_authenticated=False,
+            )
+        )
         self._next_id = 0
         tickets.add_listener(self._ticket_gone)
 
@@ -167,7 +184,7 @@ class NBDServer(object):
     def _ticket_gone(self, ticket):
         for c in self.connections():
             if c.ticket_id == ticket.id:
-                c.abort("ticket %s revoked or expired" % ticket.id[:8])
+                c.abort("ticket %s revoked or expired" % log_id(ticket.id))
 
     def _accept_loop(self):
         while not self._stop.is_set():
@@ -183,18 +200,22 @@ class NBDServer(object):
                 time.sleep(0.1)
                 continue
             with self._lock:
-                full = len(self._conns) >= self.max_connections
-                if not full:
-                    self._next_id += 1
-                    conn = Connection(self, client, addr, self._next_id)
-                    self._conns.add(conn)
-            if full:
+                self._next_id += 1
+                conn = Connection(self, client, addr, self._next_id)
+            slot, victims = self.slots.admit(addr[0] if isinstance(addr, tuple) else addr, conn)
+            for victim in victims:
+                self.counters.add("displaced_handshakes")
+                victim.conn.abort("displaced: too many connections without a ticket")
+            if slot is None:
                 log.warning(
                     "nbd: refused %s: %d connections already", peer_name(addr), self.max_connections
                 )
                 self.counters.add("refused_connections")
                 client.close()
                 continue
+            conn.slot = slot
+            with self._lock:
+                self._conns.add(conn)
             t = threading.Thread(target=conn.run, name="nbd-conn-%d" % conn.id, daemon=True)
             try:
                 t.start()
@@ -211,3 +232,5 @@ class NBDServer(object):
     def _forget(self, conn):
         with self._lock:
             self._conns.discard(conn)
+        if getattr(conn, "slot", None) is not None:
+            self.slots.release(conn.slot)

@@ -168,6 +168,15 @@ def read_response(sock, head_only=False):
         headers[k.strip().lower()] = v.strip()
     if head_only:
         return status, headers, b""
+    if headers.get("transfer-encoding") == "chunked":
+        return status, headers, read_chunked(sock, bytearray(rest))
+    if "content-length" not in headers:  # close-delimited (an HTTP/1.0 stream)
+        body = bytearray(rest)
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                return status, headers, bytes(body)
+            body += data
     length = int(headers["content-length"])
     body = bytearray(rest)
     while len(body) < length:
@@ -176,6 +185,33 @@ def read_response(sock, head_only=False):
             raise EOFError("body truncated at %d of %d bytes" % (len(body), length))
         body += data
     return status, headers, bytes(body)
+
+
+def read_chunked(sock, buf):
+    """The body of a chunked response whose first bytes are buf; EOFError if it is cut short
+    (no final zero-length chunk)."""
+    body = bytearray()
+
+    def need(n):
+        while len(buf) < n:
+            data = sock.recv(1 << 20)
+            if not data:
+                raise EOFError("chunked body truncated after %d bytes" % len(body))
+            buf.extend(data)
+
+    while True:
+        while b"\r\n" not in buf:
+            need(len(buf) + 1)
+        line, _, rest = bytes(buf).partition(b"\r\n")
+        del buf[: len(line) + 2]
+        size = int(line.split(b";")[0], 16)
+        need(size + 2)
+        if bytes(buf[size : size + 2]) != b"\r\n":
+            raise ValueError("chunk of %d bytes not followed by CRLF" % size)
+        body += buf[:size]
+        del buf[: size + 2]
+        if size == 0:
+            return bytes(body)
 
 
 def wait_for(cond, timeout=10.0):

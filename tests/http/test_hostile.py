@@ -125,12 +125,18 @@ def _readable(sock, timeout):
     return bool(r)
 
 
-def test_connection_limit_refuses_with_503_then_recovers(fast_env):
+def test_idle_connections_at_the_limit_are_displaced_oldest_first(fast_env):
+    """Silent connections fill every slot: a newcomer displaces the oldest of them (it was
+    refused with 503 before issue 13), and the count goes back to zero once they are gone."""
     held = [fast_env.connect() for _ in range(6)]
     try:
         wait_for(lambda: fast_env.server.metrics.connections_open == 6)
-        resp = raw_exchange(fast_env, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert status_of(resp) == 503
+        resp = raw_exchange(
+            fast_env, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert status_of(resp) == 200
+        held[0].settimeout(5)
+        assert held[0].recv(100) == b""  # the oldest was closed by the server
     finally:
         for s in held:
             s.close()

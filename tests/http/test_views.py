@@ -205,6 +205,17 @@ def test_vhd_stream_pads_a_short_last_block(serve, tmp_path, qemu_tools):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_vhd_of_a_disk_not_a_multiple_of_512_is_a_typed_409(serve):
+    view = BigBlockView(bytes(2 * BS + 100), allocated=[0, 1, 2])
+    env = serve(lambda ticket: view)
+    t = env.tickets.create("mem").id
+    status, _, body = request(env, "/v1/exports/%s/vhd" % t)
+    assert status == 409 and json.loads(body)["error"] == "not_vhd_streamable"
+    assert "multiple of 512" in json.loads(body)["message"]
+    status, _, body = request(env, "/v1/exports/%s/raw" % t)  # the other streams still serve it
+    assert status == 200 and body == bytes(2 * BS + 100)
+
+
 # Stand-ins for agent.export's errors (same module, same names as the real ones).
 ChainChangedError = type("ChainChanged", (Exception,), {"__module__": "agent.export"})
 ExportErrorStandIn = type("ExportError", (Exception,), {"__module__": "agent.export"})

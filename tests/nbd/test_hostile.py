@@ -449,14 +449,28 @@ def test_vhd_truncated_under_the_server(ctx):
 def test_server_connection_limit(tmp_path, env):
     agent = AgentProcess(tmp_path, [env["sr"].root], extra=["--max-connections", "2"])
     try:
+        ticket = agent.ticket(env["vdi"])
         a, b = Raw(agent), Raw(agent)
         a.greet()
         b.greet()
+        assert a.go(ticket)[-1] == (1, b"") and b.go(ticket)[-1] == (1, b"")
         c = Raw(agent)
-        assert c.closed_by_server()  # refused: two connections already
+        assert c.closed_by_server()  # refused: two clients in transmission already
         c.close()
         a.close()
         b.close()
+        assert agent.wait_idle()
+        # Silent connections without a ticket hold nothing: a newcomer displaces the oldest.
+        e, f = Raw(agent), Raw(agent)
+        e.greet()
+        f.greet()
+        g = Raw(agent)
+        g.greet()
+        assert g.go(ticket)[-1] == (1, b"")
+        assert e.closed_by_server()
+        g.request(2)
+        for r in (e, f, g):
+            r.close()
         assert agent.wait_idle()
         d = Raw(agent)
         d.greet()

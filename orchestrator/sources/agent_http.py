@@ -91,8 +91,9 @@ class AgentHttpSource(Source):
             todo, incremental = sorted(set(blocks)), True
         else:
             incremental = self.incremental and info.get("base") is not None
-            ctx = "changed" if incremental else "allocation"
-            runs = self._get_json(f"{self.path}/extents?context={ctx}")
+            # block granularity: from the BATs alone (metadata only), the blocks /blocks sends
+            query = "context=changed" if incremental else "context=allocation&granularity=block"
+            runs = self._get_json(f"{self.path}/extents?{query}")
             found: set[int] = set()
             for r in runs:
                 want = r.get("changed") if incremental else not (r.get("zero") or r.get("hole"))

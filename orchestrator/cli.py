@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except CommandFailed as exc:
         ui.close()
-        _emit(args, {"ok": False, "error": str(exc), **exc.result}, None)
+        # A command may render its failed result (``_render_failed``: e.g. a job's report).
+        render = getattr(args, "_render_failed", None) if exc.result else None
+        _emit(args, {"ok": False, "error": str(exc), **exc.result}, render)
         print(f"fastpath {name}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     except (RepoError, OSError, ValueError) as exc:

@@ -227,7 +227,9 @@ def _register_builtin(registry: Registry) -> None:
     p.add_argument("--all", action="store_true", help="include incomplete restore points")
     p.set_defaults(_render=_render_list)
 
-    p = registry.add("show", cmd_show, help="show a restore point (ID = <vm>/<time> or latest)")
+    p = registry.add(
+        "show", cmd_show, help="show a restore point (ID = <vm>/<time>, <vm>/latest or latest)"
+    )
     add_repo_argument(p)
     p.add_argument("id", metavar="ID")
 
@@ -297,8 +299,10 @@ def _render_list(result: dict[str, Any]) -> str:
 
 
 def cmd_show(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
+    from orchestrator.jobs.job.names import resolve_point  # <name>/latest as well
+
     with open_repo(args, need_key=False) as repo:
-        point = repo.resolve(args.id)
+        point = resolve_point(repo, args.id)
         doc = repo.read_metadata(point)
         return {"ok": True, "id": point.id, "vm": point.vm, "time": point.time, **doc}
 

@@ -10,7 +10,7 @@ import threading
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.jobs.job import runner
+from orchestrator.jobs.job import render_report, runner
 from tests.e2e.conftest import Sim, fastpath
 from tests.jobs.test_job_file import Hook
 
@@ -141,6 +141,9 @@ def test_vm_deleted_after_selection(sim, tmp_path, monkeypatch):
     bad = rows[victim]
     assert bad["result"] == "failed" and victim in bad["error"] and "\n" not in bad["error"]
     assert "1 of 2 VM(s) failed: doomed" in r["error"]
+    text = render_report(r).splitlines()
+    assert text[0] == "job del: 1 of 2 VM(s) ok"
+    assert any(ln.split()[:2] == ["doomed", "failed"] for ln in text[2:])
     ids = {p["id"] for p in fastpath("list", tmp_path / "repo")["restore_points"]}
     assert rows[sim.vm(0)]["id"] in ids
 
@@ -161,6 +164,11 @@ def test_names(sim, tmp_path):
     name = sim.x.VM.get_name_label(sim.x.VM.get_by_uuid(sim.vm(1)))
     r = fastpath("backup", "vm", name, "--hostsim", sim.root, "--repo", tmp_path / "repo")
     assert r["vm"] == sim.vm(1)
+    shown = fastpath("show", tmp_path / "repo", f"{name}/latest")
+    assert shown["id"] == r["id"]
+    assert fastpath("show", tmp_path / "repo", f"{sim.vm(1)}/latest")["id"] == r["id"]
+    r2 = fastpath("show", tmp_path / "repo", "nosuch/latest", expect=1)
+    assert "no restore point for VM nosuch" in r2["error"]
     r = fastpath(
         "backup", "vm", "vm2-nosuch", "--hostsim", sim.root, "--repo", tmp_path / "repo", expect=1
     )
@@ -175,3 +183,12 @@ def test_names(sim, tmp_path):
         if sim.x.VM.get_power_state(twin) != "Halted":
             sim.x.VM.hard_shutdown(twin)
         sim.x.VM.destroy(twin)
+
+
+def test_full_every(sim, tmp_path):
+    """full-every 2: a full, an incremental, then a full again (the last point was an
+    incremental), judged from the metadata the runs committed."""
+    fastpath("repo", "init", tmp_path / "repo")
+    job = job_file(tmp_path, sim, f'vms = ["{sim.vm(2)}"]\nfull-every = 2\n', name="fe")
+    kinds = [fastpath("job", "run", job)["vms"][0]["kind"] for _ in range(3)]
+    assert kinds == ["full", "incremental", "full"]

@@ -159,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def fail(exc: BaseException, kind: str, code: int, line: str, extra=None) -> int:
         ui.close()
+        doc = {**(extra or {}), **error_document(_one_line(exc), kind, code, exc)}
         if args.json:
-            doc = {**(extra or {}), **error_document(_one_line(exc), kind, code, exc)}
             print(json.dumps(doc, sort_keys=True, default=str))
+        elif extra and getattr(args, "_render_failed", None) is not None:
+            # A command may render its failed result for people (e.g. a job's report).
+            print(args._render_failed(doc))
         print(f"fastpath {name}: {line}", file=sys.stderr)
         return code
 
@@ -260,7 +263,9 @@ def _register_builtin(registry: Registry) -> None:
     p.add_argument("--all", action="store_true", help="include incomplete restore points")
     p.set_defaults(_render=_render_list)
 
-    p = registry.add("show", cmd_show, help="show a restore point (ID = <vm>/<time> or latest)")
+    p = registry.add(
+        "show", cmd_show, help="show a restore point (ID = <vm>/<time>, <vm>/latest or latest)"
+    )
     add_repo_argument(p)
     p.add_argument("id", metavar="ID")
 
@@ -319,8 +324,10 @@ def _render_list(result: dict[str, Any]) -> str:
 
 
 def cmd_show(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
+    from orchestrator.jobs.job.names import resolve_point  # <name>/latest as well
+
     with open_repo(args, need_key=False) as repo:
-        point = repo.resolve(args.id)
+        point = resolve_point(repo, args.id)
         doc = repo.read_metadata(point)
         return {"ok": True, "id": point.id, "vm": point.vm, "time": point.time, **doc}
 

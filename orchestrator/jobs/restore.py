@@ -32,6 +32,7 @@ from urllib.parse import urlencode, urlparse
 
 from orchestrator.cliutil import CommandFailed, UsageError, add_repo_argument, open_repo
 from orchestrator.jobs import xapi_session
+from orchestrator.jobs.job.names import resolve_point
 from orchestrator.jobs.vifplan import parse_network_map, plan_vifs, vif_create_record
 from orchestrator.jobs.vmrecord import vbd_create_record, vbd_plan, vm_create_record
 from orchestrator.progress import Progress
@@ -42,7 +43,11 @@ from orchestrator.repo.errors import RepoError
 def register(registry) -> None:
     p = registry.add("restore", run_restore, help="restore a disk or a VM from a restore point")
     add_repo_argument(p)
-    p.add_argument("id", metavar="ID", help="<vm>/<time> (from backup --json), or latest")
+    p.add_argument(
+        "id",
+        metavar="ID",
+        help="<vm>/<time> (from backup --json), <vm>/latest or latest; <vm>: uuid or name",
+    )
     p.add_argument("--disk", metavar="UUID", help="the disk to restore (VDI uuid)")
     p.add_argument("-o", "--output", metavar="OUT", help="FILE.vhd, FILE.raw, a directory, or -")
     xapi_session.add_xapi_arguments(p, required_flag="--to-xapi")
@@ -215,7 +220,7 @@ def run_restore(args: argparse.Namespace, ui: Progress):
         raise UsageError("-o - writes the disk on stdout: --json is not possible")
     started = time.monotonic()
     with open_repo(args) as repo:
-        point = repo.resolve(args.id)
+        point = resolve_point(repo, args.id)
         meta = repo.read_metadata(point)
         disks = dict(sorted(point.disks.items()))
         if args.disk:

@@ -15,13 +15,14 @@ from orchestrator.jobs import xapi_session
 from orchestrator.jobs.backup.options import Tuning, VmBackupOptions
 from orchestrator.jobs.backup.vdi import backup_vdi, vdi_source
 from orchestrator.jobs.backup.vm import Phases, backup_vm
+from orchestrator.jobs.job.selection import resolve_vm
 from orchestrator.progress import Progress
 from orchestrator.sources import TRANSPORTS
 
 
 def register(registry) -> None:
     p = registry.add("vm", run_backup_vm, help="back up a VM through XAPI", group="backup")
-    p.add_argument("vm", metavar="UUID", help="the VM's uuid")
+    p.add_argument("vm", metavar="VM", help="the VM's uuid or its name-label (when unique)")
     xapi_session.add_xapi_arguments(p)
     _repo_arguments(p)
     p.add_argument(
@@ -124,7 +125,8 @@ def run_backup_vm(args: argparse.Namespace, ui: Progress):
     try:
         with open_repo(args) as repo:
             phases.mark("repo_open")
-            result = backup_vm(session, target, repo, args.vm, options, ui=ui, phases=phases)
+            vm_uuid = resolve_vm(session.xenapi, args.vm)
+            result = backup_vm(session, target, repo, vm_uuid, options, ui=ui, phases=phases)
     finally:
         xapi_session.logout(session)
     phases.mark("close")

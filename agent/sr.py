@@ -4,7 +4,10 @@ File SRs (NFS, ext, SMB, ...) are mounted at <root>/<sr-uuid>/ and hold one <vdi
 8.3) <vdi-uuid>.qcow2 per VDI, whose parents are siblings found through the parent locators (VHD)
 or the backing file name (QCOW2: SM writes a bare `<uuid>.qcow2`, or an absolute path). Export names and uuids never reach the
 filesystem unchecked: a uuid must be a canonical lowercase uuid, and every path (the leaf and each
-parent the chain walks to) must resolve (realpath) inside one of the configured roots.
+parent the chain walks to) must resolve (realpath) inside one of the configured roots. What is
+opened is never decided by that check: each file is opened by an O_NOFOLLOW walk from its root's
+descriptor and fstat()ed against the checked file (agent.rooted), on every open of an export, so a
+symlink swapped into the SR directory is refused, never followed.
 
 LVM SRs are the volume groups VG_XenStorage-<sr-uuid> with one LV per VDI: VHD-<uuid> (a VHD inside
 the LV, which may be larger than the VHD), QCOW2-<uuid> (a QCOW2 image) or LV-<uuid> (raw). Volumes
@@ -32,6 +35,7 @@ import uuid
 from agent import smlock
 from agent.image import FORMAT_QCOW2, FORMAT_VHD
 from agent.lvm import QCOW2_PREFIX, RAW_PREFIX, VG_PREFIX, VHD_PREFIX
+from agent.rooted import OutsideRoots, PathChanged, RootedPath, SRError, check_inside  # noqa: F401
 
 DEFAULT_ROOTS = ("/var/run/sr-mount",)
 FALLBACK_TRANSPORT = "xapi-nbd"
@@ -40,20 +44,12 @@ _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f
 _QCOW2_MAGIC = b"QFI\xfb"
 
 
-class SRError(Exception):
-    """Base of SR lookup errors."""
-
-
 class InvalidUUID(SRError, ValueError):
     pass
 
 
 class VDINotFound(SRError, LookupError):
     pass
-
-
-class OutsideRoots(SRError):
-    """A path (leaf or parent) resolves outside every configured SR root."""
 
 
 class UnsupportedFormat(SRError):
@@ -92,9 +88,14 @@ def _is_qcow2(path_or_fd):
     try:
         if isinstance(path_or_fd, int):
             return os.pread(path_or_fd, 4, 0) == _QCOW2_MAGIC
-        with open(path_or_fd, "rb") as f:
-            return f.read(4) == _QCOW2_MAGIC
-    except OSError:
+        from agent.vhd.file import open_readonly
+
+        fd = open_readonly(path_or_fd)  # never follows a RootedPath's symlinks, nor blocks
+        try:
+            return os.pread(fd, 4, 0) == _QCOW2_MAGIC
+        finally:
+            os.close(fd)
+    except Exception:  # unreadable, refused, changed: not a QCOW2 as far as errors go
         return False
 
 
@@ -177,18 +178,17 @@ class FileSR(_SRBase):
         self.locks = locks if locks is not None else _no_locks()
 
     def inside_roots(self, path):
-        real = os.path.realpath(path)
-        for root in self.roots:
-            if real == root or real.startswith(root.rstrip("/") + "/"):
-                return True
-        return False
+        try:
+            check_inside(path, self.roots, "path")
+        except OutsideRoots:
+            return False
+        return True
 
-    def _check_inside(self, path, what):
-        if not self.inside_roots(path):
-            raise OutsideRoots(
-                "%s %s resolves to %s, outside the SR roots %s"
-                % (what, path, os.path.realpath(path), ", ".join(self.roots))
-            )
+    def _rooted(self, path, what):
+        """`path` checked to resolve inside the roots, as a RootedPath: every open of it (now and
+        on a reopen) walks from the root with O_NOFOLLOW and checks what it opened."""
+        check_inside(path, self.roots, what)
+        return RootedPath(path, self.roots, what)
 
     def _candidates(self, sr_uuid):
         if sr_uuid is not None:
@@ -214,8 +214,7 @@ class FileSR(_SRBase):
             for ext in (".vhd", ".qcow2"):  # SM's FileVDI tries .vhd first too
                 path = os.path.join(root, sr, vdi_uuid + ext)
                 if os.path.isfile(path):
-                    self._check_inside(path, "VDI %s" % vdi_uuid)
-                    return _Located(sr, vdi_uuid, path)
+                    return _Located(sr, vdi_uuid, self._rooted(path, "VDI %s" % vdi_uuid))
         where = "SR %s" % sr_uuid if sr_uuid else "any SR"
         raise VDINotFound(
             "VDI %s not found in %s under %s" % (vdi_uuid, where, ", ".join(self.roots))
@@ -226,7 +225,7 @@ class FileSR(_SRBase):
 
         found = default_resolve_parent(child, locators)
         if found is not None and isinstance(found, str):
-            self._check_inside(found, "parent of %s" % child.path)
+            found = self._rooted(found, "parent of %s" % child.path)
         return found
 
     def _resolve_backing(self, child, name):
@@ -234,7 +233,7 @@ class FileSR(_SRBase):
 
         found = default_resolve_backing(child, name)
         if found is not None:
-            self._check_inside(found, "backing file of %s" % child.path)
+            found = self._rooted(found, "backing file of %s" % child.path)
         return found
 
     def _open_located(self, loc, cleanup, max_depth=64):
@@ -260,13 +259,13 @@ class FileSR(_SRBase):
             cur = exc
             while isinstance(cur, VhdError):
                 bad = getattr(cur, "path", None)
-                if bad and _is_qcow2(bad):
+                if bad and self.inside_roots(bad) and _is_qcow2(self._rooted(bad, "chain file")):
                     raise qcow2_refusal(loc.vdi_uuid, bad) from exc
                 cur = cur.__cause__
             raise
         try:
             for f in chain.files:
-                self._check_inside(f.path, "chain file")
+                check_inside(f.path, self.roots, "chain file")
         except BaseException:
             chain.close()
             raise

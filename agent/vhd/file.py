@@ -43,8 +43,13 @@ def _pread(fd, length, offset, path, what):
 
 def open_readonly(path):
     """Open a regular file or block device read-only. Anything else (a FIFO or a character device a
-    hostile locator may name) is refused without blocking."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    hostile locator may name) is refused without blocking. A path that knows how to open itself
+    (agent.rooted.RootedPath: an O_NOFOLLOW walk from its SR root) is opened that way."""
+    own_open = getattr(path, "open_readonly", None)
+    if own_open is not None:
+        fd = own_open()
+    else:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         mode = os.fstat(fd).st_mode
     except OSError:

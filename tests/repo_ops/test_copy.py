@@ -172,28 +172,34 @@ def _progress(backend) -> int:
 
 def test_killed_copies_resume_and_complete(tmp_path, s3_env):
     """kill -9 of ``fastpath copy`` children at random points of their progress (a random count
-    of objects stored in DST, polled), 20 times, each resuming the last; then one to the end."""
+    of objects stored in DST, polled), 20 trials, each resuming the last; then one to the end."""
     src = Repository.init(tmp_path / "src")
-    expected = populate(src, points=5, chunks=2)
+    expected = populate(src, points=8, chunks=6)
     unique = run_verify(src)["chunks_referenced"]
     total = unique + 2 * len(expected)  # chunks + one index and one document per point
     Repository.init(s3_env.url, retry=fast_retry()).close()
     watch = open_backend(s3_env.url, retry=fast_retry())
     rng = random.Random(14)
+    trials = 20
     states = []
-    for _trial in range(20):
+    for trial in range(trials):
         done = _progress(watch)
         if done >= total:
             break
-        target = rng.randint(done + 1, total)
-        proc = _cli("copy", str(tmp_path / "src"), s3_env.url, "--json", "--concurrency", "2")
+        # spread the kills over the whole copy: each trial lets a random share of what is left
+        # of its slice be stored, then kills the copy
+        step = max(1, (total - done - 1) // (trials - trial))
+        target = done + rng.randint(1, step)
+        proc = _cli("copy", str(tmp_path / "src"), s3_env.url, "--json", "--concurrency", "1")
         deadline = time.monotonic() + 60
         while proc.poll() is None and _progress(watch) < target and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
         states.append(_progress(watch))
-    assert sum(1 for n in states if 0 < n < total) >= 2, states  # kills landed mid-way
+    mid_way = [n for n in states if 0 < n < total]
+    print("copy kills: %d objects, progress after each kill: %s" % (total, states))
+    assert len(mid_way) >= 15, (total, states)  # the kills landed mid-way, not after the end
     stored = sum(1 for _ in watch.list("chunks/"))
     final = _cli("copy", str(tmp_path / "src"), s3_env.url, "--json")
     out, err = final.communicate(timeout=120)

@@ -104,7 +104,7 @@ def _backup_vm(
     # The writer lease first: it protects the base index we read and tells a concurrent run
     # of the same VM that we are here.
     phases.mark("find_vm")
-    backup_session = repo.begin_backup(vm_uuid)
+    backup_session = repo.begin_backup(vm_uuid, on_wait=ui.log)
     phases.mark("lease_and_lookup")
     try:
         _refuse_concurrent(repo, backup_session, vm_uuid)
@@ -258,11 +258,11 @@ def _refuse_concurrent(repo, session, vm_uuid: str) -> None:
     for lease in locks.list_writer_leases(repo.backend):
         info = lease.body.get("info") or {}
         if lease.key == session.lease.key or info.get("vm") != vm_uuid or lease.expired():
-            continue
+            continue  # expired(): also a holder on this machine that no longer runs
         raise CommandFailed(
             f"another backup of VM {vm_uuid} into {repo.url} is running "
-            f"(since {info.get('time', '?')}, host {lease.body.get('host', '?')}, "
-            f"pid {lease.body.get('pid', '?')}); try again when it is done"
+            f"(since {info.get('time', '?')}, {lease.holder()}; its lease expires in "
+            f"{max(0.0, lease.expires_in()):.0f} s unless it renews it); try again when it is done"
         )
 
 

@@ -97,9 +97,13 @@ def _backup_vm(
     vifs = read_vifs(x, vm_ref)  # with the record: the VM may be gone by the commit
     if vm_rec.get("is_a_snapshot") or vm_rec.get("is_a_template"):
         raise UsageError(f"{vm_uuid} is a snapshot or a template, not a VM")
-    point, prev = (None, None) if options.full else _previous(repo, vm_uuid)
+    last_point, last = _previous(repo, vm_uuid)
+    # --full ignores the last restore point as a base, but its snapshot stays the base of the
+    # next incremental until the new point is committed: a --full killed midway must not cost
+    # the next backup a full read (it is removed by the rotation after the commit).
+    point, prev = (None, None) if options.full else (last_point, last)
     prev_meta = (prev or {}).get("metadata", {})
-    prev_snapshot = (prev_meta.get("snapshot") or {}).get("uuid")
+    prev_snapshot = (((last or {}).get("metadata") or {}).get("snapshot") or {}).get("uuid")
 
     # The writer lease first: it protects the base index we read and tells a concurrent run
     # of the same VM that we are here.

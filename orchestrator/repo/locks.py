@@ -25,7 +25,8 @@ A lease is also dead at once, before its ttl, when its holder provably is: same 
 boot, same pid namespace as the reader, and no process with that pid and start time (gone, a
 zombie, or the pid reused by another process). Anything else (another machine, another
 container, a body without these fields) waits for the ttl: a lease is never declared dead on a
-guess.
+guess. A lease belongs to the process that took it: never hand one to a forked child (its pid
+is not the one recorded).
 
 A holder that cannot refresh its lease in time considers it lost (:meth:`Lease.check` raises
 :class:`LeaseLost`); critical steps (a GC delete batch, a writer's commit) call ``check`` first.
@@ -280,12 +281,35 @@ def _this_machine() -> dict[str, str]:
     return {"host": socket.gethostname(), "boot": boot, "pidns": pidns}
 
 
+_SECRET_OPTIONS = ("password", "passphrase", "secret", "token", "key")
+
+
+def _redacted(args: list[str]) -> list[str]:
+    """``args`` with the values of secret-looking options masked: the command is stored in the
+    repository (``--password`` still works, with a warning)."""
+    out: list[str] = []
+    hide = False
+    for arg in args:
+        if hide:
+            out.append("***")
+            hide = False
+            continue
+        name, eq, _value = arg.partition("=")
+        secret = arg.startswith("--") and any(w in name.lower() for w in _SECRET_OPTIONS)
+        if secret and eq:
+            out.append(f"{name}=***")
+        else:
+            out.append(arg)
+            hide = secret
+    return out
+
+
 def holder_identity() -> dict[str, Any]:
     """The fields that name this process in a lease body."""
     me = _this_machine()
     pid = os.getpid()
     started = process_start(pid)
-    cmd = " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])
+    cmd = " ".join([os.path.basename(sys.argv[0] or "python"), *_redacted(sys.argv[1:])])
     return {
         "host": me["host"],
         "pid": pid,

@@ -162,3 +162,11 @@ def test_pid_reuse_other_machines_and_old_bodies():
         assert locks.holder_gone({**me, "pid": 2**22 + 12345, **other}) is None
     old = {k: me[k] for k in ("host", "pid")} | {"pid": 2**22 + 12345}
     assert locks.holder_gone(old) is None  # a lease written before these fields: the ttl decides
+
+
+def test_the_recorded_command_hides_secret_options(monkeypatch):
+    argv = ["fastpath", "backup", "vm", "X", "--password", "hunter2", "--token=abc", "--repo", "r"]
+    monkeypatch.setattr(sys, "argv", argv)
+    cmd = locks.holder_identity()["cmd"]
+    assert "hunter2" not in cmd and "abc" not in cmd
+    assert cmd == "fastpath backup vm X --password *** --token=*** --repo r"

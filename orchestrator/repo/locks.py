@@ -325,8 +325,9 @@ def holder_gone(body: dict[str, Any]) -> str | None:
 
     Only judged for a holder on this very machine and pid namespace (same host name, boot id
     and pid namespace): then its pid must exist, not be a zombie, and have the recorded start
-    time (otherwise the pid was reused). Elsewhere, or with fields missing, None: the ttl
-    decides."""
+    time (otherwise the pid was reused). Elsewhere, with fields missing, or when /proc does
+    not show a process the kernel says exists, None: the ttl decides. A wrong "gone" would let
+    GC treat a running backup as dead, so every doubt counts as alive."""
     me = _this_machine()
     if not me["boot"] or not me["pidns"]:
         return None
@@ -339,9 +340,15 @@ def holder_gone(body: dict[str, Any]) -> str | None:
     pid, start = body.get("pid"), body.get("pid_start")
     if not isinstance(pid, int) or not isinstance(start, int) or pid <= 0:
         return None
+    try:
+        os.kill(pid, 0)  # asks the kernel, whatever /proc shows (hidepid hides other users')
+    except ProcessLookupError:
+        return f"its holder pid {pid} on {me['host']} is gone"
+    except PermissionError:
+        pass  # it exists, under another user
     now = process_start(pid)
     if now is None:
-        return f"its holder pid {pid} on {me['host']} is gone"
+        return None  # it exists but /proc does not show it: cannot tell, the ttl decides
     if now[1] in ("Z", "X"):
         return f"its holder pid {pid} on {me['host']} has exited"
     if now[0] != start:

@@ -153,13 +153,17 @@ def test_a_writer_waiting_for_a_gc_run_elsewhere_says_who_and_how_long(local_rep
     assert restore(repo, key) == bytes(b.data)
 
 
-def test_pid_reuse_other_machines_and_old_bodies():
+def test_pid_reuse_other_machines_and_old_bodies(monkeypatch):
     me = locks.holder_identity()
     assert locks.holder_gone(me) is None  # this process runs
     assert "another process" in locks.holder_gone({**me, "pid_start": me["pid_start"] + 1})
     assert "is gone" in locks.holder_gone({**me, "pid": 2**22 + 12345})  # above pid_max
     for other in ({"host": "elsewhere"}, {"boot": "0" * 36}, {"pidns": "pid:[1]"}):
         assert locks.holder_gone({**me, "pid": 2**22 + 12345, **other}) is None
+    # a live process whose /proc entry is hidden (hidepid, another user): never judged dead
+    with monkeypatch.context() as m:
+        m.setattr(locks, "process_start", lambda pid: None)
+        assert locks.holder_gone({**me, "pid_start": me["pid_start"] + 1}) is None
     old = {k: me[k] for k in ("host", "pid")} | {"pid": 2**22 + 12345}
     assert locks.holder_gone(old) is None  # a lease written before these fields: the ttl decides
 

@@ -273,6 +273,22 @@ def _register_builtin(registry: Registry) -> None:
     add_repo_argument(p)
 
 
+def _check_local_parent(url: str) -> None:
+    """A local repository is made only inside a directory that exists: a path under a NAS
+    mount point that is not mounted must fail, not become a repository on the local disk."""
+    from orchestrator.repo.backends import is_s3_url
+
+    if is_s3_url(url):
+        return
+    path = os.path.abspath(url[len("file://") :] if url.startswith("file://") else url)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise CommandFailed(
+            f"cannot create a repository at {path}: its parent directory {parent} does not "
+            f"exist (create it, or mount the storage it belongs to, first)"
+        )
+
+
 def cmd_repo_init(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
     from orchestrator.repo.config import get_passphrase
     from orchestrator.repo.repository import Repository
@@ -288,6 +304,7 @@ def cmd_repo_init(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
         parse_compression(args.compression)
     except ValueError as exc:
         raise UsageError(f"--compression: {exc}") from None
+    _check_local_parent(args.repo)
     repo = Repository.init(
         args.repo, encrypt=args.encrypt, passphrase=passphrase, compression=args.compression
     )

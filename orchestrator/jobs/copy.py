@@ -174,7 +174,11 @@ class _Copier:
         vdis = [v for v in order if v in point.disks] + sorted(set(point.disks) - set(order))
         indexes = {vdi: src.read_index(point.disks[vdi]) for vdi in vdis}
         session = dst.begin_backup(
-            point.vm, when=point.time, use_lookup=False, lease_ttl=self.options.lease_ttl
+            point.vm,
+            when=point.time,
+            use_lookup=False,
+            lease_ttl=self.options.lease_ttl,
+            on_wait=self.ui.log,
         )
         with session:
             for vdi in vdis:

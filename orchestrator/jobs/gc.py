@@ -15,8 +15,10 @@ G5. List ``chunks/``. Candidates = unmarked chunks whose mtime is older than
     ``cutoff = min(GC lease start, oldest live writer start) - margin``. (The cutoff spares the
     chunks running writers are uploading; it is an optimisation, safety comes from G6-G8.)
 G6. **Publish** the candidate digests as ``locks/gc-deleted/<run>.list`` before deleting anything.
-G7. Re-scan ``backups/`` and mark from every index (final or pending) not read in G4: indexes
-    committed meanwhile. Their chunks leave the candidate set.
+G7. Re-scan ``backups/`` and mark from every final index not read in G4 (committed meanwhile)
+    and from every pending index, read again even if G4 read it: a pending key is not
+    immutable (a commit that raised ChunksVanished removed it and its retry writes it again).
+    Their chunks leave the candidate set.
 G8. Delete the remaining candidates in batches, then write ``<run>.done``.
 G9. Remove the lists (and .done markers) of runs that finished before the oldest live writer
     started; write the dedup cache (the marked set's prefixes); release the lease.
@@ -38,8 +40,10 @@ appears, and W1 < W2 the writer's pending write and list read.
 * If W2 is after P, the writer sees R's list, waits until R can delete nothing more, and finds d
   missing: it does not commit (ChunksVanished). If d still exists then, R did not delete it.
 * If W2 is before P, then W1 < P < G7, so R's re-scan (G7) sees the pending index (or the final
-  one that replaced it) and takes d out of its candidates: R does not delete d. (A pending index
-  is only removed after the final one is written, so G7 sees one of them.)
+  one that replaced it) and takes d out of its candidates: R does not delete d. (Between W1 and
+  the final write the pending index exists, so G7 sees one of them; G7 reads every pending index
+  it lists, since the same pending key may have been read, or found gone, in G4 during an
+  earlier commit attempt of the same writer — test_gc_windows.py pins that window down.)
 
 This holds whatever the writer's knowledge of d came from: a chunk it uploaded itself, its base
 index, or the cross-VM lookup built from indexes that prune deleted a moment later — the case
@@ -137,8 +141,8 @@ def run_gc(
     """One GC run (see the module docstring). Returns a JSON-able report.
 
     ``margin`` (seconds) is subtracted from the sweep cutoff and kept as remaining lease life
-    before each delete batch; ``hooks`` lets tests pause at named steps ("published",
-    "before_delete", "deleted").
+    before each delete batch; ``hooks`` lets tests pause at named steps ("scanned": after G3,
+    "marked": after G4, "before_publish", "published", "before_delete", "deleted").
     """
     ui = ui or Progress("quiet")
     hooks = hooks or {}
@@ -172,6 +176,8 @@ def run_gc(
             backend.delete_many([w.key for w in writers if w.expired()])
         report["writers_live"] = len(live)
         report["pending_removed"] = 0 if dry_run else len(stale_pending)
+        if "scanned" in hooks:
+            hooks["scanned"]()
 
         # G4: mark
         marker = _Marker()
@@ -182,6 +188,8 @@ def run_gc(
             _read_indexes(repo, keys, marker, t, damaged, seen)
             marked = marker.finish()
             t.done(f"{len(marked)} chunks referenced by {len(keys)} indexes")
+        if "marked" in hooks:
+            hooks["marked"]()
         report["indexes"] = len(cat.indexes)
         report["chunks_referenced"] = int(len(marked))
         if damaged:
@@ -244,13 +252,18 @@ def run_gc(
                 "ttl": ttl,
                 "created": time.time(),
             }
+            if "before_publish" in hooks:
+                hooks["before_publish"]()
             backend.put(list_key, encode_deletion_list(meta, candidates))
             if "published" in hooks:
                 hooks["published"]()
 
-            # G7: re-scan; indexes committed meanwhile protect their chunks
+            # G7: re-scan; indexes committed meanwhile protect their chunks. Every pending index
+            # is read again, even one read (or found gone) in G4: a writer whose check raised
+            # ChunksVanished removed it and wrote it again under the same key, and the new one
+            # may be its only trace until the final index lands after this scan.
             cat2 = scan_backups(backend)
-            new_keys = [k for k in cat2.indexes + [p[0] for p in cat2.pending] if k not in seen]
+            new_keys = [k for k in cat2.indexes if k not in seen] + [p[0] for p in cat2.pending]
             marker2 = _Marker()
             damaged2: list[dict[str, str]] = []
             with ui.task("gc re-mark", total=len(new_keys), unit="indexes") as t:

@@ -8,8 +8,8 @@ more are removed later by GC.
 
 Retention (per VM, UTC calendar, like restic's ``forget``): the union of
 - ``keep_last N``: the N newest restore points;
-- ``keep_hourly/daily/weekly/monthly N``: for each of the N most recent hours / days / ISO weeks /
-  months that have restore points, the newest restore point of that period.
+- ``keep_hourly/daily/weekly/monthly/yearly N``: for each of the N most recent hours / days /
+  ISO weeks / months / years that have restore points, the newest restore point of that period.
 Only complete restore points are counted and kept. Incomplete ones (indexes without their JSON:
 a backup that crashed before its last step, or a half-pruned point) are deleted unless a live
 writer lease says the backup is still running. The leases are listed after the catalogue scan:
@@ -33,7 +33,7 @@ from orchestrator.repo import locks
 from orchestrator.repo.catalog import Catalog, RestorePoint, rp_key
 from orchestrator.repo.repository import Repository
 
-RULES = ("last", "hourly", "daily", "weekly", "monthly")
+RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class RetentionPolicy:
     keep_daily: int = 0
     keep_weekly: int = 0
     keep_monthly: int = 0
+    keep_yearly: int = 0
 
     def __post_init__(self) -> None:
         for rule in RULES:
@@ -68,6 +69,8 @@ def _period(rule: str, t: float) -> tuple[int, ...]:
         return (int(iso[0]), int(iso[1]))
     if rule == "monthly":
         return (g.tm_year, g.tm_mon)
+    if rule == "yearly":
+        return (g.tm_year,)
     raise ValueError(rule)
 
 

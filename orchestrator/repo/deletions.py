@@ -17,7 +17,9 @@ run deleted. Why this is safe against prune + GC is argued in :mod:`orchestrator
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator.lazy import numpy as np
@@ -30,6 +32,9 @@ from orchestrator.repo.index import Index
 
 DELETIONS_PREFIX = "locks/gc-deleted/"
 DELETION_MAGIC = b"FPGCDEL1"
+WAIT_NOTICE_EVERY = 30.0  # seconds between "still waiting for GC run ..." messages
+
+log = logging.getLogger(__name__)
 
 
 def encode_deletion_list(meta: dict[str, Any], digests: np.ndarray) -> bytes:
@@ -62,13 +67,21 @@ def decode_deletion_list(data: bytes, name: str) -> tuple[dict[str, Any], np.nda
 
 
 def vanished_digests(
-    backend: Backend, index: Index, lease: locks.Lease, *, gc_wait: float | None, who: str
+    backend: Backend,
+    index: Index,
+    lease: locks.Lease,
+    *,
+    gc_wait: float | None,
+    who: str,
+    notify: Callable[[str], None] | None = None,
 ) -> set[bytes]:
     """Digests of ``index`` deleted (or being deleted) by a GC run. See jobs/gc.py.
 
     ``lease`` is the writer's lease (its start time dates what the writer may have read; it is
     refreshed while waiting); ``gc_wait`` bounds the wait for a run (None: as long as it lives);
-    ``who`` names the writer in errors.
+    ``who`` names the writer in errors and messages; ``notify`` gets a line when the writer
+    starts waiting for a run and every ``WAIT_NOTICE_EVERY`` seconds after (default: a log
+    warning).
     """
     entries = {i.key: i for i in backend.list(DELETIONS_PREFIX)}
     lists = []
@@ -93,7 +106,7 @@ def vanished_digests(
         common = np.intersect1d(ours, digests)
         if not len(common):
             continue
-        wait_for_gc_run(backend, info.key, meta, lease, gc_wait=gc_wait, who=who)
+        wait_for_gc_run(backend, info.key, meta, lease, gc_wait=gc_wait, who=who, notify=notify)
         for rec in common:
             digest = rec.tobytes()
             if not backend.exists(chunk_key(digest)):
@@ -109,15 +122,21 @@ def wait_for_gc_run(
     *,
     gc_wait: float | None,
     who: str,
+    notify: Callable[[str], None] | None = None,
 ) -> None:
-    """Wait until the GC run that published ``list_key`` can no longer delete anything."""
+    """Wait until the GC run that published ``list_key`` can no longer delete anything: its
+    ``.done`` exists, or its lease is gone, expired, or held by a process that provably no
+    longer runs (locks.holder_gone). Says what it waits for (``notify``) while it waits."""
     done_key = list_key[: -len(".list")] + ".done"
     lease_key = str(meta.get("lease", ""))
     token = meta.get("token")
     # By default wait as long as the run holds its lease (it is making progress: a sweep of
     # millions of chunks takes minutes); ``gc_wait`` bounds it for callers that prefer to fail.
     limit = float("inf") if gc_wait is None else gc_wait
-    deadline = time.monotonic() + limit
+    began = time.monotonic()
+    deadline = began + limit
+    next_notice = began  # say it at once, then every WAIT_NOTICE_EVERY seconds
+    say = notify or log.warning
     delay = 0.05
     while True:
         if backend.exists(done_key):
@@ -125,8 +144,20 @@ def wait_for_gc_run(
         held = locks.read_lease(backend, lease_key) if lease_key else None
         if held is None or held.token != token or held.expired():
             return  # that run is dead or finished: it deletes nothing more
-        if time.monotonic() > deadline:
-            raise RepoError(f"{who}: GC run {list_key} still running after {limit:.0f} s")
+        now = time.monotonic()
+        if now > deadline:
+            raise RepoError(
+                f"{who}: GC run {meta.get('run', list_key)} ({held.holder()}) still running "
+                f"after {limit:.0f} s"
+            )
+        if now >= next_notice:
+            say(
+                f"{who}: waiting for GC run {meta.get('run', list_key)} ({held.holder()}) to "
+                f"finish deleting (it may delete chunks this backup uses); waited "
+                f"{now - began:.0f} s, its lease expires in {max(0.0, held.expires_in()):.0f} s "
+                f"unless it renews it"
+            )
+            next_notice = now + WAIT_NOTICE_EVERY
         lease.refresh()
         time.sleep(delay)
         delay = min(delay * 2, 1.0)

@@ -13,11 +13,20 @@ Two kinds, both under ``locks/``:
   finds a higher generation when it checks, so taking over a dead holder needs no delete-then-create
   step that could let two holders in.
 
-A lease body is JSON: kind, token, host, pid, ttl and free-form info. Liveness is judged from the
-object's **backend mtime** (the S3 server's clock, the filesystem's clock) plus its ttl: a holder
-refreshes (rewrites) its lease from a heartbeat thread every ttl/3, so a lease whose mtime is older
-than its ttl belongs to a dead or stalled process. Readers compare with their own clock, so clocks
-must agree to within the margins the callers use (NTP; documented in GC).
+A lease body is JSON: kind, token, ttl, free-form info and who holds it: host, pid, the kernel's
+boot id, the pid namespace, the process's start time (``/proc/<pid>/stat``, clock ticks since
+boot) and its command line. Liveness is judged from the object's **backend mtime** (the S3
+server's clock, the filesystem's clock) plus its ttl: a holder refreshes (rewrites) its lease from
+a heartbeat thread every ttl/3, so a lease whose mtime is older than its ttl belongs to a dead or
+stalled process. Readers compare with their own clock, so clocks must agree to within the margins
+the callers use (NTP; documented in GC).
+
+A lease is also dead at once, before its ttl, when its holder provably is: same host name, same
+boot, same pid namespace as the reader, and no process with that pid and start time (gone, a
+zombie, or the pid reused by another process). Anything else (another machine, another
+container, a body without these fields) waits for the ttl: a lease is never declared dead on a
+guess. A lease belongs to the process that took it: never hand one to a forked child (its pid
+is not the one recorded).
 
 A holder that cannot refresh its lease in time considers it lost (:meth:`Lease.check` raises
 :class:`LeaseLost`); critical steps (a GC delete batch, a writer's commit) call ``check`` first.
@@ -31,10 +40,12 @@ import json
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 from orchestrator.repo.backends.base import Backend
@@ -76,8 +87,24 @@ class LeaseInfo:
     def token(self) -> str:
         return str(self.body.get("token", ""))
 
+    def expires_in(self, now: float | None = None) -> float:
+        """Seconds until the ttl runs out unless the holder refreshes (negative: expired)."""
+        return self.mtime + self.ttl - (time.time() if now is None else now)
+
+    def dead_reason(self, now: float | None = None) -> str | None:
+        """Why this lease is dead (ttl run out, or its holder provably gone), or None."""
+        left = self.expires_in(now)
+        if left < 0:
+            return f"expired {-left:.0f} s ago"
+        return holder_gone(self.body)
+
     def expired(self, now: float | None = None) -> bool:
-        return (time.time() if now is None else now) > self.mtime + self.ttl
+        """True when the lease is dead: its ttl ran out, or its holder provably is gone."""
+        return self.dead_reason(now) is not None
+
+    def holder(self) -> str:
+        """Who holds it, for messages: host, pid and command."""
+        return describe_holder(self.body)
 
     @property
     def started(self) -> float:
@@ -218,12 +245,129 @@ class Lease:
         self.release()
 
 
+# -- who holds a lease, and whether that process still exists ----------------------------------
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def process_start(pid: int) -> tuple[int, str] | None:
+    """(start time in clock ticks since boot, state letter) of ``pid``, None if no such
+    process (or no /proc). Field 22 of /proc/<pid>/stat; the command name in parentheses may
+    hold spaces and parentheses, so the fields are counted from its last ')'."""
+    text = _read_text(f"/proc/{int(pid)}/stat")
+    if not text or ")" not in text:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    try:
+        return int(fields[19]), fields[0]
+    except (IndexError, ValueError):
+        return None
+
+
+@cache
+def _this_machine() -> dict[str, str]:
+    """Host name, boot id and pid namespace of this process (empty values when unknown)."""
+    boot = (_read_text("/proc/sys/kernel/random/boot_id") or "").strip()
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = ""
+    return {"host": socket.gethostname(), "boot": boot, "pidns": pidns}
+
+
+_SECRET_OPTIONS = ("password", "passphrase", "secret", "token", "key")
+
+
+def _redacted(args: list[str]) -> list[str]:
+    """``args`` with the values of secret-looking options masked: the command is stored in the
+    repository (``--password`` still works, with a warning)."""
+    out: list[str] = []
+    hide = False
+    for arg in args:
+        if hide:
+            out.append("***")
+            hide = False
+            continue
+        name, eq, _value = arg.partition("=")
+        secret = arg.startswith("--") and any(w in name.lower() for w in _SECRET_OPTIONS)
+        if secret and eq:
+            out.append(f"{name}=***")
+        else:
+            out.append(arg)
+            hide = secret
+    return out
+
+
+def holder_identity() -> dict[str, Any]:
+    """The fields that name this process in a lease body."""
+    me = _this_machine()
+    pid = os.getpid()
+    started = process_start(pid)
+    cmd = " ".join([os.path.basename(sys.argv[0] or "python"), *_redacted(sys.argv[1:])])
+    return {
+        "host": me["host"],
+        "pid": pid,
+        "boot": me["boot"],
+        "pidns": me["pidns"],
+        "pid_start": started[0] if started else None,
+        "cmd": cmd if len(cmd) <= 160 else cmd[:157] + "...",
+    }
+
+
+def holder_gone(body: dict[str, Any]) -> str | None:
+    """A reason when the holder named by ``body`` provably no longer runs, else None.
+
+    Only judged for a holder on this very machine and pid namespace (same host name, boot id
+    and pid namespace): then its pid must exist, not be a zombie, and have the recorded start
+    time (otherwise the pid was reused). Elsewhere, with fields missing, or when /proc does
+    not show a process the kernel says exists, None: the ttl decides. A wrong "gone" would let
+    GC treat a running backup as dead, so every doubt counts as alive."""
+    me = _this_machine()
+    if not me["boot"] or not me["pidns"]:
+        return None
+    if (body.get("host"), body.get("boot"), body.get("pidns")) != (
+        me["host"],
+        me["boot"],
+        me["pidns"],
+    ):
+        return None
+    pid, start = body.get("pid"), body.get("pid_start")
+    if not isinstance(pid, int) or not isinstance(start, int) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # asks the kernel, whatever /proc shows (hidepid hides other users')
+    except ProcessLookupError:
+        return f"its holder pid {pid} on {me['host']} is gone"
+    except PermissionError:
+        pass  # it exists, under another user
+    now = process_start(pid)
+    if now is None:
+        return None  # it exists but /proc does not show it: cannot tell, the ttl decides
+    if now[1] in ("Z", "X"):
+        return f"its holder pid {pid} on {me['host']} has exited"
+    if now[0] != start:
+        return f"its holder pid {pid} on {me['host']} is gone (the pid now names another process)"
+    return None
+
+
+def describe_holder(body: dict[str, Any]) -> str:
+    text = f"host {body.get('host', '?')} pid {body.get('pid', '?')}"
+    if body.get("cmd"):
+        text += f" ({body['cmd']})"
+    return text
+
+
 def _new_body(kind: str, ttl: float, info: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "kind": kind,
         "token": secrets.token_hex(8),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
+        **holder_identity(),
         "ttl": ttl,
         "created": time.time(),
         "info": info or {},
@@ -293,10 +437,9 @@ def acquire_exclusive(
         if gens:
             held = read_lease(backend, gens[-1][1])
             if held is not None and not held.expired():
-                body = held.body
                 raise LeaseBusy(
-                    f"{name} lease held by {body.get('host')} pid {body.get('pid')} "
-                    f"({gens[-1][1]}, expires in {held.mtime + held.ttl - time.time():.0f} s)"
+                    f"{name} lease held by {held.holder()} ({gens[-1][1]}, expires in "
+                    f"{held.expires_in():.0f} s unless its holder renews it)"
                 )
         key = f"{prefix}lease.{top + 1:010d}"
         body = _new_body(name, ttl, info)
@@ -338,6 +481,9 @@ __all__ = [
     "acquire_exclusive",
     "acquire_writer_lease",
     "current_exclusive",
+    "describe_holder",
+    "holder_gone",
+    "holder_identity",
     "list_writer_leases",
     "read_lease",
 ]

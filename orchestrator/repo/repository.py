@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from orchestrator.repo import locks
@@ -232,10 +232,11 @@ class Repository:
         use_lookup: bool = True,
         gc_wait: float | None = None,
         when: str | None = None,
+        on_wait: Callable[[str], None] | None = None,
     ) -> BackupSession:
         """Start a backup session of one VM (takes a writer lease, then loads the lookup and
         the damage marks). ``when``: the restore point's time (``fastpath copy`` keeps the
-        source's), default now."""
+        source's), default now; ``on_wait``: gets a line while a commit waits for a GC run."""
         check_name("VM uuid", vm_uuid)
         if isinstance(self.codec, MissingKeyCodec):
             self.codec.encode  # noqa: B018 - raises PassphraseRequired, before any lease
@@ -253,4 +254,6 @@ class Repository:
         except BaseException:
             lease.release()
             raise
-        return BackupSession(self, vm_uuid, when, lease, lookup, gc_wait=gc_wait, damaged=damaged)
+        return BackupSession(
+            self, vm_uuid, when, lease, lookup, gc_wait=gc_wait, damaged=damaged, on_wait=on_wait
+        )

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -125,6 +126,7 @@ class BackupSession:
         *,
         gc_wait: float | None = None,
         damaged: set[bytes] | None = None,
+        on_wait: Callable[[str], None] | None = None,
     ):
         self.repo = repo
         self.vm = vm
@@ -132,6 +134,7 @@ class BackupSession:
         self.lease = lease
         self.lookup = lookup
         self.gc_wait = gc_wait
+        self.on_wait = on_wait  # gets a line while a commit waits for a GC run
         self.writers: list[DiskWriter] = []
         self.written: set[bytes] = set()  # chunks this session stored or confirmed
         self.inflight: dict[bytes, threading.Event] = {}  # chunks being stored right now
@@ -270,7 +273,12 @@ class BackupSession:
     def vanished_digests(self, index: Index) -> set[bytes]:
         """Digests of ``index`` deleted (or being deleted) by a GC run; see deletions.py."""
         return vanished_digests(
-            self.repo.backend, index, self.lease, gc_wait=self.gc_wait, who=f"backup {self.id}"
+            self.repo.backend,
+            index,
+            self.lease,
+            gc_wait=self.gc_wait,
+            who=f"backup {self.id}",
+            notify=self.on_wait,
         )
 
 

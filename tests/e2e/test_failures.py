@@ -228,3 +228,50 @@ def test_concurrent_backup_of_the_same_vm_is_refused(msim, repo_factory):
         lease.release()
         backend.close()
     fastpath(*args)
+
+
+STALL = r"""
+import sys, time
+sys.path.insert(0, {root!r})
+from orchestrator.repo.writer import DiskWriter
+def put(self, i, data):
+    print("reading", flush=True)  # the new snapshot exists, data is flowing: kill me here
+    time.sleep(3600)
+DiskWriter.put_chunk = put
+from orchestrator.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_full_backup_keeps_the_base_of_the_next_incremental(msim, repo_factory):
+    """`backup vm --full` killed (kill -9) while reading: the last committed point's snapshot is
+    still there, so the next backup is incremental from it (and is not refused: the killed
+    run's writer lease is dead at once, its pid being gone)."""
+    sim = msim
+    repo = repo_factory("local")
+    vm = sim.vm(3)
+    args = ["backup", "vm", vm, "--hostsim", sim.root, "--repo", repo, "--transport", "nbd"]
+    others = set(sim.fastpath_snapshots(vm))  # other tests' repositories' snapshots of this VM
+    r1 = fastpath(*args)
+    assert r1["snapshot"] in sim.fastpath_snapshots(vm)
+    sim.write(vm, pattern="mixed", count=3, length=64 << 10, seed=41)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALL.format(root=ROOT), *args, "--full"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "reading", proc.stderr.read() if proc.poll() is not None else line
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert r1["snapshot"] in sim.fastpath_snapshots(vm)  # the base survived the killed --full
+    r2 = fastpath(*args)
+    (d2,) = r2["disks"]
+    assert d2["incremental"] and d2["base_mode"] == "agent", d2
+    assert "left behind" in r2["_stderr"]  # the killed run's snapshot was cleaned up
+    assert set(sim.fastpath_snapshots(vm)) == others | {r2["snapshot"]}
+    fastpath("check", repo)

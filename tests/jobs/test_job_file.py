@@ -33,6 +33,11 @@ textfile = "fastpath.prom"
 """
 
 
+def test_keep_yearly_is_a_retention_key(tmp_path):
+    job = load_job(str(write(tmp_path, GOOD.replace("keep-daily = 7", "keep-yearly = 5"))))
+    assert job.policy().keep_yearly == 5 and job.policy().keep_last == 2
+
+
 def write(tmp_path, text, name="job.toml"):
     p = tmp_path / name
     p.write_text(text)

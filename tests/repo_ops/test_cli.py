@@ -76,6 +76,21 @@ def test_repo_init_and_errors(tmp_path):
     assert missing.returncode == 1 and "no repository" in one_line_error(missing)
 
 
+def test_repo_init_refuses_a_path_whose_parent_is_missing(tmp_path):
+    """An unmounted NAS (/mnt/nas/backups with nothing at /mnt/nas) must not get a repository
+    on the local disk: the parent must exist, only the last component is created."""
+    url = tmp_path / "nas" / "backups" / "repo"
+    r = fastpath("repo", "init", url, "--json")
+    assert r.returncode == 1 and not as_json(r)["ok"]
+    error = one_line_error(r)
+    assert f"its parent directory {url.parent} does not exist" in error, error
+    assert not (tmp_path / "nas").exists()
+    r = fastpath("repo", "init", f"file://{url}", "--json")
+    assert r.returncode == 1 and not (tmp_path / "nas").exists()
+    (tmp_path / "nas" / "backups").mkdir(parents=True)  # mounted now
+    assert as_json(fastpath("repo", "init", url, "--json"))["ok"]
+
+
 def test_usage_errors_exit_2(populated):
     url, _ = populated
     assert fastpath().returncode == 2

@@ -60,6 +60,21 @@ def test_keep_monthly_and_hourly():
     assert kept(hours, keep_hourly=5) == [1, 2]
 
 
+def test_keep_yearly_keeps_the_newest_of_each_of_the_last_n_years():
+    times = [
+        ts("2023-06-01 10:00"),
+        ts("2024-01-01 00:00"),
+        ts("2024-12-31 23:59"),  # newest of 2024
+        ts("2025-03-01 10:00"),  # newest of 2025
+        ts("2026-01-01 00:00"),
+        ts("2026-11-30 10:00"),  # newest of 2026
+    ]
+    assert kept(times, keep_yearly=1) == [5]
+    assert kept(times, keep_yearly=3) == [2, 3, 5]
+    assert kept(times, keep_yearly=10) == [0, 2, 3, 5]
+    assert RetentionPolicy(keep_yearly=2).to_json() == {"keep_yearly": 2}
+
+
 def test_rules_are_a_union():
     times = [ts("2026-11-01 10:00") + i * DAY / 2 for i in range(20)]  # two per day
     last = set(kept(times, keep_last=2))
@@ -164,19 +179,18 @@ _n = st.integers(0, 6)
 
 
 @settings(max_examples=200, deadline=None)
-@given(_times, _n, _n, _n, _n)
-def test_retention_properties(times, last, daily, weekly, monthly):
-    if not (last or daily or weekly or monthly):
+@given(_times, _n, _n, _n, _n, _n)
+def test_retention_properties(times, last, daily, weekly, monthly, yearly):
+    if not (last or daily or weekly or monthly or yearly):
         return
-    policy = RetentionPolicy(
-        keep_last=last, keep_daily=daily, keep_weekly=weekly, keep_monthly=monthly
-    )
+    rules = {"daily": daily, "weekly": weekly, "monthly": monthly, "yearly": yearly}
+    policy = RetentionPolicy(keep_last=last, **{f"keep_{r}": n for r, n in rules.items()})
     keep = select_keep(times, policy)
     order = sorted(range(len(times)), key=lambda i: times[i], reverse=True)
     if times:
         assert order[0] in keep  # the newest restore point always survives
     assert set(order[:last]) <= set(keep)  # keep-last N: the N newest
-    for rule, n in (("daily", daily), ("weekly", weekly), ("monthly", monthly)):
+    for rule, n in rules.items():
         chosen = [i for i, reasons in keep.items() if rule in reasons]
         periods = {_period_of(rule, times[i]) for i in chosen}
         assert len(chosen) == len(periods) <= n  # one per period, at most N periods
@@ -188,9 +202,7 @@ def test_retention_properties(times, last, daily, weekly, monthly):
             ]
             assert times[i] == max(times[j] for j in same)
     # adding a rule never deletes more (rules are a union)
-    wider = RetentionPolicy(
-        keep_last=last + 1, keep_daily=daily, keep_weekly=weekly, keep_monthly=monthly
-    )
+    wider = RetentionPolicy(keep_last=last + 1, **{f"keep_{r}": n for r, n in rules.items()})
     assert set(keep) <= set(select_keep(times, wider))
 
 

@@ -78,7 +78,7 @@ def backup_vdi(
         raise UsageError("cannot tell the disk's uuid: give --vdi UUID")
     ui.log(f"{src.describe()}: {len(plan.blocks)} of {plan.block_count} blocks to read")
     cancel = threading.Event()
-    with repo.begin_backup(vm) as session:
+    with repo.begin_backup(vm, on_wait=ui.log) as session:
         writer = session.disk_writer(vdi, vdi, plan.size, concurrency=tuning.store_threads)
         with ui.task(f"backup {vdi}", total=plan.bytes_to_read, unit="bytes") as task:
             (result,) = copy_disks(

@@ -97,14 +97,18 @@ def _backup_vm(
     vifs = read_vifs(x, vm_ref)  # with the record: the VM may be gone by the commit
     if vm_rec.get("is_a_snapshot") or vm_rec.get("is_a_template"):
         raise UsageError(f"{vm_uuid} is a snapshot or a template, not a VM")
-    point, prev = (None, None) if options.full else _previous(repo, vm_uuid)
+    last_point, last = _previous(repo, vm_uuid)
+    # --full ignores the last restore point as a base, but its snapshot stays the base of the
+    # next incremental until the new point is committed: a --full killed midway must not cost
+    # the next backup a full read (it is removed by the rotation after the commit).
+    point, prev = (None, None) if options.full else (last_point, last)
     prev_meta = (prev or {}).get("metadata", {})
-    prev_snapshot = (prev_meta.get("snapshot") or {}).get("uuid")
+    prev_snapshot = (((last or {}).get("metadata") or {}).get("snapshot") or {}).get("uuid")
 
     # The writer lease first: it protects the base index we read and tells a concurrent run
     # of the same VM that we are here.
     phases.mark("find_vm")
-    backup_session = repo.begin_backup(vm_uuid)
+    backup_session = repo.begin_backup(vm_uuid, on_wait=ui.log)
     phases.mark("lease_and_lookup")
     try:
         _refuse_concurrent(repo, backup_session, vm_uuid)
@@ -258,11 +262,11 @@ def _refuse_concurrent(repo, session, vm_uuid: str) -> None:
     for lease in locks.list_writer_leases(repo.backend):
         info = lease.body.get("info") or {}
         if lease.key == session.lease.key or info.get("vm") != vm_uuid or lease.expired():
-            continue
+            continue  # expired(): also a holder on this machine that no longer runs
         raise CommandFailed(
             f"another backup of VM {vm_uuid} into {repo.url} is running "
-            f"(since {info.get('time', '?')}, host {lease.body.get('host', '?')}, "
-            f"pid {lease.body.get('pid', '?')}); try again when it is done"
+            f"(since {info.get('time', '?')}, {lease.holder()}; its lease expires in "
+            f"{max(0.0, lease.expires_in()):.0f} s unless it renews it); try again when it is done"
         )
 
 

@@ -11,10 +11,10 @@ import tomllib
 from dataclasses import dataclass, field
 
 from orchestrator.cliutil import UsageError
-from orchestrator.jobs.prune import RetentionPolicy
+from orchestrator.jobs.prune import RULES, RetentionPolicy
 from orchestrator.sources import TRANSPORTS
 
-KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly")
+KEEP_RULES = RULES  # keep-last, keep-hourly, ... keep-yearly: the same rules as `fastpath prune`
 
 TOP = {
     "name": str,

@@ -187,7 +187,11 @@ class XapiNbdServer:
         return uuid, rec["virtual_size"]
 
     def _transmission(self, sock, uuid, size):
-        sr = self.pool.sr
+        api = self.pool.api
+        try:  # the SR the VDI lives on (one backend per SR: several in a pool of hosts)
+            sr = api._vdi_backend(api.store.by_uuid_ref("VDI", uuid))
+        except XapiError:
+            return
         while True:
             magic, _flags, cmd, handle, offset, length = struct.unpack(">IHHQQI", _recv(sock, 28))
             if magic != REQUEST_MAGIC:

@@ -46,7 +46,9 @@ class Core:
         self.password = password
         self.sessions = {}
         self.srs = {}  # SR uuid -> backend
-        self.plugins = None  # hostsim.plugins.PluginRunner
+        self.plugins = None  # hostsim.plugins.PluginRunner (of a host without its own)
+        self.host_plugins = {}  # host ref -> that host's PluginRunner (its /etc/xapi.d/plugins)
+        self.host_certificates = {}  # host ref -> that host's TLS certificate (PEM)
         self.nbd_address = None  # (host, port) of the xapi-nbd endpoint
         self.certificate_pem = ""
         self.cert_subject = "localhost"

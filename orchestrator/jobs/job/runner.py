@@ -99,10 +99,13 @@ def _disk_row(d: dict[str, Any]) -> dict[str, Any]:
     notes = d.get("notes") or []
     return {
         "vdi": d["vdi"],
+        "snapshot_vdi": d.get("snapshot_vdi"),
         "host": host.get("name"),
         "host_uuid": host.get("uuid"),
         "route": host.get("route"),
         "transport": d["transport"],
+        "incremental": d["incremental"],
+        "seconds": d["seconds"],
         "why": "; ".join(notes),
     }
 

@@ -58,7 +58,7 @@ class Disk:
     vbd: dict = field(default_factory=dict)  # VBD_KEPT_FIELDS of the VM's VBD of this disk
     host: str | None = None  # ref of the host whose plugin opens (and closes) the ticket
     route: Route | None = None  # why that host, and the other hosts that can read the SR
-    tried: list[str] = field(default_factory=list)  # "host: why not" of hosts given up on
+    tried: list[str] = field(default_factory=list)  # refs of the hosts given up on (no agent)
 
 
 # Plugin failures that say the host cannot open any export (no plugin, no agent running):

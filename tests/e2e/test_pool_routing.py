@@ -40,21 +40,26 @@ def tickets_created(host, vdi=None):
         return sum(1 for line in f if "created for VDI" in line and (vdi is None or vdi in line))
 
 
-def bytes_served(host):
-    """Data bytes the host's agent sent (its admin API's counters)."""
-    if not host["agent"]:
-        return 0
+def admin(host, op):
+    """One request to the host's agent's admin socket."""
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(10)
     s.connect(host["agent"]["admin_socket"])
     try:
-        s.sendall(b'{"op": "stats"}\n')
+        s.sendall(json.dumps({"op": op}).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
             buf += s.recv(65536)
     finally:
         s.close()
-    stats = json.loads(buf)["stats"]
+    return json.loads(buf)
+
+
+def bytes_served(host):
+    """Data bytes the host's agent sent (its admin API's counters)."""
+    if not host["agent"]:
+        return 0
+    stats = admin(host, "stats")["stats"]
     return sum(stats.get(f"{m}_bytes", 0) for m in ("sendfile", "pread", "assembled"))
 
 
@@ -80,6 +85,9 @@ def test_local_sr_of_a_non_master_host_goes_through_its_agent(pool, tmp_path):
     assert tickets_created(hosts["host1"]) == before["host1"][0]
     assert bytes_served(hosts["host2"]) - before["host2"][1] >= res["bytes_read"] > 0
     assert bytes_served(hosts["host1"]) == before["host1"][1]
+    # the ticket was revoked where it was opened: host2's agent holds none for the snapshot
+    live = admin(hosts["host2"], "list_tickets")["tickets"]
+    assert [t for t in live if t["vdi"] == snap and not t["revoked"]] == []
 
 
 def job_file(tmp_path, pool, body):

@@ -168,3 +168,22 @@ def test_migrated_vm_next_incremental_uses_the_right_base_and_host(pool, tmp_pat
     out = tmp_path / "restored.raw"
     fastpath("restore", repo, second["id"], "--disk", d2["vdi"], "-o", out)
     assert out.read_bytes() == pool.export_raw(d2["snapshot_vdi"])
+
+
+def test_halted_vm_on_the_shared_sr_is_read_on_an_attached_host(pool, tmp_path):
+    hosts = hosts_by_name(pool)
+    vm = pool.info["vms"][3]  # vm4: shared SR
+    x = pool.x
+    ref = x.VM.get_by_uuid(vm["uuid"])
+    x.VM.hard_shutdown(ref)
+    try:
+        assert x.VM.get_resident_on(ref) == "OpaqueRef:NULL"
+        repo = tmp_path / "repo"
+        fastpath("repo", "init", repo)
+        res = fastpath("backup", "vm", vm["uuid"], "--hostsim", pool.root, "--repo", repo)
+        (d,) = res["disks"]
+        assert "VM not running: least loaded attached host" in d["host"]["route"]
+        assert d["transport"] == "nbd" and d["host"]["name"] in ("host1", "host2")
+        assert tickets_created(hosts[d["host"]["name"]], d["snapshot_vdi"]) == 1
+    finally:
+        x.VM.start(ref, False, False)

@@ -16,6 +16,7 @@ demos and benchmarks.
     host.py      Pool: pool + hosts + SRs (each host's local one, a shared one) + PBD records,
                  GC -> database glue, serving
     agents.py    the fastpath agent and its plugin on each host (own ports, SR roots, config)
+    demopool.py  the VMs `serve` builds: a template, fast clones, spread over hosts and SRs
     cli.py       `hostsim serve|write|gc|info|stop` (`serve --hosts N --no-agent-on I`)
 
 Quick use in tests: `Pool(tmp_path).start()` returns the XAPI URL (user root, password hostsim);

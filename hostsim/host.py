@@ -105,7 +105,8 @@ class Pool:
             self.shared = (shared_root, sr, ref)
             st.update("pool", self.pool_ref, default_SR=ref)
         self.server = None
-        self.nbd = None
+        self.nbd = None  # the master's xapi-nbd
+        self.nbds = []  # every host's xapi-nbd
         self.api.extensions["hostsim.write"] = self._ext_write
         self.api.extensions["hostsim.gc"] = self._ext_gc
 
@@ -318,17 +319,28 @@ class Pool:
         if nbd_listen is not None:
             from hostsim.xapinbd import XapiNbdServer
 
-            self.nbd = XapiNbdServer(
-                nbd_listen, self, certs.server_context(self.cert_path, self.key_path)
-            )
-            self.nbd.start()
+            several = len(self.hosts) > 1
+            for h in self.hosts:  # each host its own xapi-nbd, on its address, with its cert
+                listen = nbd_listen if h.index == 0 else (h.address, 0)
+                server = XapiNbdServer(
+                    listen,
+                    self,
+                    certs.server_context(h.cert_path, h.key_path),
+                    host=h.ref if several else None,
+                )
+                server.start()
+                self.nbds.append(server)
+                if several:
+                    self.api.host_nbd[h.ref] = (h.address, server.port)
+            self.nbd = self.nbds[0]
             self.api.nbd_address = (self.address, self.nbd.port)
         return self.server.url
 
     def stop(self):
-        if self.nbd is not None:
-            self.nbd.stop()
-            self.nbd = None
+        for server in self.nbds:
+            server.stop()
+        self.nbds = []
+        self.nbd = None
         if self.server is not None:
             self.server.stop()
             self.server = None

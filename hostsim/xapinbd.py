@@ -4,7 +4,8 @@ What xapi-nbd offers: fixed newstyle handshake; options EXPORT_NAME, STARTTLS, L
 INFO, STRUCTURED_REPLY, meta contexts: unsupported, so clients fall back to EXPORT_NAME); the export
 name is `/<vdi-uuid>?session_id=<ref>`; TLS with the host certificate; raw content; simple replies only,
 no block status, no multi-conn; requests served one at a time. Written here on its own (not agent/nbd)
-on purpose.
+on purpose. In a pool of several hosts each host runs its own (``host``): it serves only the VDIs of
+SRs attached to that host, as a real host's xapi-nbd can only read what is plugged there.
 """
 
 import logging
@@ -71,8 +72,9 @@ def _recv(sock, n):
 
 
 class XapiNbdServer:
-    def __init__(self, listen, pool, tls_context=None, require_tls=True):
+    def __init__(self, listen, pool, tls_context=None, require_tls=True, host=None):
         self.pool = pool
+        self.host = host  # host ref: serve only its SRs' VDIs (None: every SR of the pool)
         self.tls_context = tls_context
         self.require_tls = require_tls and tls_context is not None
         self.sock = socket.create_server(listen, reuse_port=False)
@@ -181,6 +183,9 @@ class XapiNbdServer:
             rec = api.store.get("VDI", ref)
         except XapiError as e:
             log.info("xapi-nbd refused %r: %s", name, e)
+            return None
+        if self.host is not None and self.host not in api.hosts_seeing([rec["SR"]]):
+            log.info("xapi-nbd refused %r: its SR is not attached to this host", name)
             return None
         if rec["type"] == "cbt_metadata":
             return None

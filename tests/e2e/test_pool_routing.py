@@ -121,6 +121,8 @@ def test_host_without_agent_falls_back_and_the_report_says_so(pool, tmp_path):
     assert d["host"] == "host3" and d["transport"] == "xapi-nbd"
     assert "local SR of host3" in d["route"]
     assert "agent plugin on host3: XENAPI_MISSING_PLUGIN" in local3["why"]
+    # XAPI's own NBD of host3 (the only host with that SR): its address, from get_nbd_info
+    assert f"read from xapi-nbd {hosts['host3']['address']}:" in local3["why"]
 
     shared3 = rows["vm6"]
     (d,) = shared3["disks"]

@@ -181,3 +181,51 @@ def test_info_lists_hosts(pool):
 def test_bad_host_index_is_a_usage_error(tmp_path):
     out = hostsim(tmp_path, "serve", "--hosts", "2", "--no-agent-on", "2")
     assert out.returncode == 2 and "no such host" in out.stderr
+
+
+def test_each_host_has_its_own_xapi_nbd(pool, tmp_path):
+    """VDI.get_nbd_info lists one endpoint per host that has the SR attached (that host's
+    address and certificate); a host's xapi-nbd serves only VDIs of its own SRs (nbdinfo, a
+    client we did not write, is the judge)."""
+    _root, info, x = pool
+    hosts = info["hosts"]
+    tmp_path_factory_dir = tmp_path
+    on_host2 = x.VDI.get_by_uuid(info["vms"][1]["vdis"][0])
+    (entry,) = x.VDI.get_nbd_info(on_host2)
+    assert entry["address"] == hosts[1]["address"] == hosts[1]["xapi_nbd"]["host"]
+    assert int(entry["port"]) == hosts[1]["xapi_nbd"]["port"]
+    assert entry["cert"] == x.host.get_server_certificate(x.host.get_by_uuid(hosts[1]["uuid"]))
+    shared = x.VDI.get_by_uuid(info["vms"][3]["vdis"][0])
+    entries = x.VDI.get_nbd_info(shared)
+    assert sorted(e["address"] for e in entries) == sorted(h["address"] for h in hosts)
+
+    def size_over_nbd(host, cert, exportname):
+        """The export's size as libnbd (a client we did not write) reads it from ``host``'s
+        xapi-nbd, TLS verified against ``cert``; None when the server refuses the export."""
+        import nbd
+
+        certs = tmp_path_factory_dir / host["name"]
+        certs.mkdir(exist_ok=True)
+        (certs / "ca-cert.pem").write_text(cert)
+        h = nbd.NBD()
+        h.set_export_name(exportname)
+        h.set_request_structured_replies(False)
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(str(certs))
+        h.set_tls_verify_peer(True)
+        try:
+            h.connect_tcp(host["address"], str(host["xapi_nbd"]["port"]))
+        except nbd.Error:
+            return None
+        size = h.get_size()
+        h.shutdown()
+        return size
+
+    name = entry["exportname"]
+    assert size_over_nbd(hosts[1], entry["cert"], name) == 4 << 20
+    master_cert = x.host.get_server_certificate(x.host.get_by_uuid(hosts[0]["uuid"]))
+    assert size_over_nbd(hosts[0], master_cert, name) is None  # not the master: not its SR
+    # the master's own local SR through its own xapi-nbd
+    (mine,) = x.VDI.get_nbd_info(x.VDI.get_by_uuid(info["vms"][0]["vdis"][0]))
+    assert mine["address"] == hosts[0]["address"]
+    assert size_over_nbd(hosts[0], master_cert, mine["exportname"]) == 4 << 20

@@ -102,11 +102,16 @@ class XapiContext:
         return side
 
     def host_info(self, host: str) -> dict:
-        """{"uuid", "name"} of a host (cached; the router names hosts in its reasons)."""
+        """{"uuid", "name", "address"} of a host (cached; the router names hosts in its
+        reasons)."""
         info = self.hosts.get(host)
         if info is None:
             rec = self.x.host.get_record(host)
-            info = {"uuid": rec["uuid"], "name": rec.get("name_label") or rec["uuid"]}
+            info = {
+                "uuid": rec["uuid"],
+                "name": rec.get("name_label") or rec["uuid"],
+                "address": rec.get("address"),
+            }
             self.hosts[host] = info
             self.router.names[host] = info["name"]
         return info

@@ -75,7 +75,11 @@ def open_disk_source(ctx: XapiContext, disk: Disk, transport: str) -> tuple[Sour
                 disk.base_mode = "full"
                 disk.base_index = disk.base_index  # dedup still applies
         src = XapiNbdSource(
-            ctx.x, disk.snap_ref, connections=tuning.connections, **_source_kw(tuning)
+            ctx.x,
+            disk.snap_ref,
+            connections=tuning.connections,
+            prefer_address=ctx.host_info(disk.host).get("address") if disk.host else None,
+            **_source_kw(tuning),
         )
         plan = src.open(blocks)
         if disk.base_mode == "full" and disk.base_index:

@@ -187,7 +187,10 @@ def _backup_vm(
             if plan.transport in AGENT_TRANSPORTS:
                 why += f" on {ctx.host_info(disk.host)['name']} ({disk.route.why})"
             elif disk.route is not None:
-                why += f"; route was {ctx.host_info(disk.host)['name']} ({disk.route.why})"
+                why += (
+                    f"; route was {ctx.host_info(disk.host)['name']} ({disk.route.why}); "
+                    f"read from {src.describe()}"
+                )
             ui.log(
                 f"disk {disk.vdi_uuid}: {why}; {kind}, {len(plan.blocks)} of "
                 f"{plan.block_count} blocks to read"
@@ -288,6 +291,7 @@ def _host_json(ctx: XapiContext, d: Disk, r) -> dict[str, Any]:
     """The host that served the disk: its agent's (agent transports), else the host the disk
     was routed to (the XAPI way reads through XAPI; the route says which agent was missing)."""
     info = ctx.host_info(d.host) if d.host else {"uuid": None, "name": None}
+    info = {"uuid": info["uuid"], "name": info["name"]}
     return {
         **info,
         "route": d.route.why if d.route else None,

@@ -1,4 +1,5 @@
-"""hostsim: a simulated XCP-ng host for tests, demos and benchmarks.
+"""hostsim: a simulated XCP-ng pool (one host, or several: `Pool(root, hosts=N)`) for tests,
+demos and benchmarks.
 
     store.py     in-memory object database with XAPI's event generations (event.from semantics)
     api/         XAPI methods, one module per class family: core (dispatch, sessions, generic
@@ -12,8 +13,11 @@
     xapinbd.py   an NBD endpoint behaving like xapi-nbd
     plugins.py   host.call_plugin running plugin files with a XenAPIPlugin shim (plugin_shim/)
     guest.py     guest activity (text, binary, random, zeros, copies between VMs)
-    host.py      Pool: pool + host + SR + PBD records, GC -> database glue, serving
-    cli.py       `hostsim serve|write|gc|info`
+    host.py      Pool: pool + hosts + SRs (each host's local one, a shared one) + PBD records,
+                 GC -> database glue, serving
+    agents.py    the fastpath agent and its plugin on each host (own ports, SR roots, config)
+    demopool.py  the VMs `serve` builds: a template, fast clones, spread over hosts and SRs
+    cli.py       `hostsim serve|write|gc|info|stop` (`serve --hosts N --no-agent-on I`)
 
 Quick use in tests: `Pool(tmp_path).start()` returns the XAPI URL (user root, password hostsim);
 see tests/fixtures/hostsim.py.

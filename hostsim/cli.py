@@ -2,6 +2,7 @@
 
     hostsim serve --root DIR [--xapi-listen HOST:PORT] [--nbd-listen HOST:PORT] [--vms N]
                   [--disk-size SIZE] [--tls] [--gc-interval S] [--no-agent] [--agent-tls off|require]
+                  [--hosts N] [--no-agent-on HOST_INDEX]...
     hostsim write [--root DIR] VM [--pattern P] [--count N] [--length SIZE] [--seed N] [--source VM]
     hostsim gc [--root DIR]
     hostsim info [--root DIR] [--vm NAME]
@@ -11,7 +12,13 @@
 realistic data), serves XAPI and xapi-nbd, starts the fastpath agent on the SR root as it would run in
 dom0 (when agent.daemon is available), then writes DIR/hostsim.json once everything answers:
 {"xapi": {"url", "user", "password", "fingerprint"}, "sr": {"uuid", "root", "path"}, "sm_lock_dir",
- "xapi_nbd": {"host", "port"}, "agent": {... the agent's ready file ...} or null, "vms": [...], "pid"}.
+ "xapi_nbd": {"host", "port"}, "agent": {... the agent's ready file ...} or null, "vms": [...], "pid",
+ "hosts": [{"index", "uuid", "name", "address", "master", "dir", "sr", "agent", "agent_ports",
+            "plugin", "xapi_nbd", "agent_log"}], "shared_sr": {"uuid", "root", "path"} or null}
+(each VM: "name", "uuid", "vdis", "host" (resident-on uuid), "sr"). `--hosts N` makes a pool of N
+hosts (hostsim/host.py, hostsim/agents.py): host i at 127.0.0.<i+1>, its own agent (own ports),
+xapi-nbd and local SR, plus a shared SR on every host; the top-level "sr", "agent" and "xapi_nbd"
+are the master's.
 `serve --daemon` starts the same in the background (log in DIR/hostsim.log) and returns once
 hostsim.json is written and XAPI answers, so the next command can use it; `stop` ends it.
 The other commands talk to a running `serve` through DIR/hostsim.json (DIR defaults to $HOSTSIM_ROOT,
@@ -30,11 +37,13 @@ import subprocess
 import sys
 import time
 
+from hostsim.agents import configure_plugin, spawn_agent, start_agent, wait_agent  # noqa: F401
+from hostsim.demopool import NULL_REF, build_demo
+
 log = logging.getLogger("hostsim")
 
 SIZES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AGENT_START_TIMEOUT = 60
 
 
 class UsageError(Exception):
@@ -69,113 +78,11 @@ def _write_json(path, obj):
 # -- serve ----------------------------------------------------------------------------------------
 
 
-def build_demo(pool, vms, disk_size, seed=0, cbt=True):
-    """A template with an OS-like disk and `vms` VMs fast-cloned from it, each with its own writes."""
-    from hostsim import guest
-
-    api, st = pool.api, pool.api.store
-    tpl = pool.create_vm("debian-12-template", [disk_size], template=True)
-    guest.fill_template(pool, pool.vm_vdis(tpl)[0], seed=seed)
-    out = []
-    prev = None
-    for i in range(vms):
-        vm = api.vm__clone(tpl, "vm%d" % (i + 1))
-        st.update("VM", vm, is_a_template=False)
-        vdi = pool.vm_vdis(vm)[0]
-        st.update("VDI", vdi, name_label="vm%d disk 0" % (i + 1))
-        guest.guest_write(pool, vdi, "mixed", count=8, length=256 << 10, seed=seed * 1000 + i + 1)
-        if prev is not None:  # files copied between VMs of one template
-            guest.guest_write(
-                pool, vdi, "copy", count=2, length=128 << 10, seed=seed * 1000 + 77, source_vdi=prev
-            )
-        if cbt:
-            api.vdi__enable_cbt(vdi)
-        api.vm__start(vm, False, False)
-        prev = vdi
-        out.append(vm)
-    return tpl, out
-
-
 def _agent_available():
     try:
         return importlib.util.find_spec("agent.daemon") is not None
     except ImportError:
         return False
-
-
-def start_agent(pool, root, args):
-    """Start `fastpath-agent serve` on the SR root; returns (process, ready info)."""
-    ready = os.path.join(root, "agent-ready.json")
-    if os.path.exists(ready):
-        os.unlink(ready)
-    cmd = [
-        sys.executable,
-        "-m",
-        "agent.daemon",
-        "serve",
-        "--sr-root",
-        pool.sr_root,
-        "--nbd-listen",
-        args.agent_nbd_listen,
-        "--http-listen",
-        args.agent_http_listen,
-        "--admin-socket",
-        os.path.join(root, "agent.sock"),
-        "--sm-lock-dir",  # the agent pauses this host's SM-like GC while exports are open
-        pool.lock_dir,
-        "--tls",
-        args.agent_tls,
-        "--ready-file",
-        ready,
-    ]
-    if args.agent_tls != "off":
-        cmd += ["--tls-cert", pool.cert_path, "--tls-key", pool.key_path]
-    logf = open(os.path.join(root, "agent.log"), "ab")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=root)
-    logf.close()
-    deadline = time.monotonic() + AGENT_START_TIMEOUT
-    while not os.path.exists(ready):
-        if proc.poll() is not None:
-            raise RuntimeError(
-                "the agent exited with %s (see %s)"
-                % (proc.returncode, os.path.join(root, "agent.log"))
-            )
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("the agent did not become ready in %ds" % AGENT_START_TIMEOUT)
-        time.sleep(0.05)
-    with open(ready) as f:
-        info = json.load(f)
-    return proc, info
-
-
-def configure_plugin(pool, root, agent_info):
-    """The plugin reads the agent's config (FASTPATH_CONFIG) and the host inventory, as in dom0."""
-    from hostsim import plugins
-
-    conf = os.path.join(root, "agent.conf")
-    lines = ["[agent]", "sr_roots = %s" % pool.sr_root]
-    if agent_info:
-        lines.append("admin_socket = %s" % agent_info.get("admin_socket", ""))
-        for key in ("nbd", "http"):
-            if agent_info.get(key):
-                host, port = agent_info[key][0], agent_info[key][1]
-                lines += ["[%s]" % key, "listen = %s:%d" % (host, port)]
-        lines += ["[tls]", "mode = %s" % agent_info.get("tls", "off")]
-    lines += ["[plugin]", "address = %s" % pool.address]
-    with open(conf, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    inventory = os.path.join(root, "xensource-inventory")
-    with open(inventory, "w") as f:
-        f.write("INSTALLATION_UUID='%s'\n" % pool.api.store.field("host", pool.host_ref, "uuid"))
-    dirs = [os.path.join(root, "plugins"), os.path.join(REPO, "agent", "plugin")]
-    pool.api.plugins = plugins.PluginRunner(
-        dirs,
-        pool.server.url if pool.server else None,
-        env={"FASTPATH_CONFIG": conf, "FASTPATH_XENSOURCE_INVENTORY": inventory},
-    )
 
 
 def _check_xapi(url, user, password, cafile=None):
@@ -269,10 +176,21 @@ def cmd_stop(args):
     return 0
 
 
+def _sr_json(sr_root, sr):
+    return {"uuid": sr.uuid, "root": sr_root, "path": sr.path}
+
+
 def cmd_serve(args):
     from hostsim.certs import fingerprint
     from hostsim.host import Pool
 
+    if args.hosts < 1:
+        raise UsageError("--hosts needs at least 1 host")
+    bad = [i for i in args.no_agent_on if not 0 <= i < args.hosts]
+    if bad:
+        raise UsageError(
+            "--no-agent-on %d: no such host (hosts are numbered 0 to %d)" % (bad[0], args.hosts - 1)
+        )
     root = _root(args)
     os.makedirs(root, exist_ok=True)
     state = os.path.join(root, "hostsim.json")
@@ -280,31 +198,90 @@ def cmd_serve(args):
         # A previous run: its SR content is unknown to the new (in-memory) database.
         with open(state) as f:
             old = json.load(f)
-        old_path = old.get("sr", {}).get("path")
-        if old_path and os.path.dirname(old_path) == os.path.join(root, "sr-mount"):
-            shutil.rmtree(old_path, ignore_errors=True)
+        old_srs = [h.get("sr", {}) for h in old.get("hosts", [])] + [old.get("sr", {})]
+        old_srs.append(old.get("shared_sr") or {})
+        for sr in old_srs:
+            old_path = sr.get("path")
+            parent = os.path.basename(os.path.dirname(old_path or ""))
+            if (
+                old_path
+                and parent in ("sr-mount", "shared-sr-mount")
+                and os.path.commonpath([root, os.path.abspath(old_path)]) == root
+            ):
+                shutil.rmtree(old_path, ignore_errors=True)
         os.unlink(state)
     disk_size = parse_size(args.disk_size)
-    pool = Pool(root, user=args.user, password=args.password, gc_interval=args.gc_interval)
+    pool = Pool(
+        root,
+        user=args.user,
+        password=args.password,
+        gc_interval=args.gc_interval,
+        hosts=args.hosts,
+    )
     from hostsim import datapath
 
     datapath.set_export_model(pool, args.export_model)
     tpl, vms = build_demo(pool, args.vms, disk_size, seed=args.seed, cbt=not args.no_cbt)
     nbd_listen = parse_listen(args.nbd_listen) if args.nbd_listen else None
     url = pool.start(listen=parse_listen(args.xapi_listen), tls=args.tls, nbd_listen=nbd_listen)
-    agent_proc, agent_info = None, None
+    agents = {}  # host index -> (process, ready info)
     from agent.signalstop import SignalStop
 
     stop = SignalStop()  # a threading.Event set from a handler can deadlock (agent/signalstop.py)
     stop.install(signal.SIGTERM, signal.SIGINT)
     try:
+        with_agent = [h for h in pool.hosts if h.index not in args.no_agent_on]
         if not args.no_agent and _agent_available():
-            agent_proc, agent_info = start_agent(pool, root, args)
+            spawned = [(h, spawn_agent(pool, h.state_dir, args, h)) for h in with_agent]
+            for h, (proc, _ready) in spawned:
+                agents[h.index] = (proc, None)
+            for h, (proc, ready) in spawned:
+                agents[h.index] = (proc, wait_agent(proc, ready, h.state_dir))
         elif not args.no_agent:
             log.warning("agent.daemon is not available: serving without the fastpath agent")
-        configure_plugin(pool, root, agent_info)
+        for h in pool.hosts:
+            info = agents.get(h.index, (None, None))[1]
+            configure_plugin(pool, h.state_dir, info, h, installed=h in with_agent)
         _check_xapi(url, args.user, args.password, cafile=pool.cert_path)
         st = pool.api.store
+        vm_rows = []
+        for vm in vms:
+            vdis = pool.vm_vdis(vm)
+            resident = st.field("VM", vm, "resident_on")
+            vm_rows.append(
+                {
+                    "name": st.field("VM", vm, "name_label"),
+                    "uuid": st.field("VM", vm, "uuid"),
+                    "vdis": [st.field("VDI", v, "uuid") for v in vdis],
+                    "host": st.field("host", resident, "uuid") if resident != NULL_REF else None,
+                    "sr": st.field("SR", st.field("VDI", vdis[0], "SR"), "uuid") if vdis else None,
+                }
+            )
+        hosts = []
+        for h in pool.hosts:
+            agent_info = agents.get(h.index, (None, None))[1]
+            hosts.append(
+                {
+                    "index": h.index,
+                    "uuid": st.field("host", h.ref, "uuid"),
+                    "name": h.name,
+                    "address": h.address,
+                    "master": h.index == 0,
+                    "dir": h.state_dir,
+                    "sr": _sr_json(h.sr_root, h.sr),
+                    "agent": agent_info,
+                    "agent_ports": (
+                        {"nbd": agent_info["nbd"][1], "http": agent_info["http"][1]}
+                        if agent_info and agent_info.get("nbd") and agent_info.get("http")
+                        else None
+                    ),
+                    "plugin": h in with_agent,
+                    "xapi_nbd": (
+                        {"host": h.address, "port": pool.nbds[h.index].port} if pool.nbds else None
+                    ),
+                    "agent_log": os.path.join(h.state_dir, "agent.log") if agent_info else None,
+                }
+            )
         info = {
             "pid": os.getpid(),
             "xapi": {
@@ -316,35 +293,33 @@ def cmd_serve(args):
             },
             "pool": st.field("pool", pool.pool_ref, "uuid"),
             "host": st.field("host", pool.host_ref, "uuid"),
-            "sr": {"uuid": pool.sr_uuid, "root": pool.sr_root, "path": pool.sr.path},
+            "hosts": hosts,
+            "sr": _sr_json(pool.sr_root, pool.sr),
+            "shared_sr": _sr_json(pool.shared[0], pool.shared[1]) if pool.shared else None,
             "sm_lock_dir": pool.lock_dir,
             "xapi_nbd": {"host": pool.address, "port": pool.nbd.port} if pool.nbd else None,
-            "agent": agent_info,
+            "agent": agents.get(0, (None, None))[1],
             "template": st.field("VM", tpl, "uuid"),
-            "vms": [
-                {
-                    "name": st.field("VM", vm, "name_label"),
-                    "uuid": st.field("VM", vm, "uuid"),
-                    "vdis": [st.field("VDI", v, "uuid") for v in pool.vm_vdis(vm)],
-                }
-                for vm in vms
-            ],
+            "vms": vm_rows,
         }
         _write_json(state, info)
         print(json.dumps({"ready": state, "xapi": url}), flush=True)
         while not stop.wait(0.5):
-            if agent_proc is not None and agent_proc.poll() is not None:
-                log.error("the agent exited with %s", agent_proc.returncode)
-                return 1
+            for i, (proc, _info) in agents.items():
+                if proc.poll() is not None:
+                    log.error("the agent of host %d exited with %s", i, proc.returncode)
+                    return 1
         return 0
     finally:
-        if agent_proc is not None and agent_proc.poll() is None:
-            agent_proc.terminate()
+        for proc, _info in agents.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _info in agents.values():
             try:
-                agent_proc.wait(15)
+                proc.wait(15)
             except subprocess.TimeoutExpired:
-                agent_proc.kill()
-                agent_proc.wait(5)
+                proc.kill()
+                proc.wait(5)
         pool.stop()
         if os.path.exists(state):
             os.unlink(state)
@@ -463,7 +438,24 @@ def build_parser():
         "--gc-interval", type=float, default=30.0, help="seconds between SM GC passes (0: off)"
     )
     s.add_argument("--no-cbt", action="store_true", help="do not enable CBT on the VMs' disks")
-    s.add_argument("--no-agent", action="store_true")
+    s.add_argument(
+        "--hosts",
+        type=int,
+        default=1,
+        metavar="N",
+        help="hosts in the pool (default 1); with N > 1 each host has its own agent and local "
+        "SR, plus one shared SR attached to all, and the VMs are spread over the hosts",
+    )
+    s.add_argument(
+        "--no-agent-on",
+        type=int,
+        action="append",
+        default=[],
+        metavar="HOST_INDEX",
+        help="start host HOST_INDEX (0 = the master) without the agent and its plugin "
+        "(host.call_plugin answers XENAPI_MISSING_PLUGIN there); repeatable",
+    )
+    s.add_argument("--no-agent", action="store_true", help="no agent on any host")
     s.add_argument("--agent-nbd-listen", default="127.0.0.1:0", metavar="HOST:PORT")
     s.add_argument("--agent-http-listen", default="127.0.0.1:0", metavar="HOST:PORT")
     s.add_argument("--agent-tls", choices=("off", "optional", "require"), default="require")

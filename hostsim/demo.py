@@ -8,12 +8,16 @@ Part 1, the agent on its own:
      libvhdi read the VHD and compare both with each other and our own bytes with the model;
   3. starts the agent (`fastpath-agent serve`) on that SR, opens a ticket, and reads the disk over
      NBD with nbdinfo (the allocation map) and nbdcopy (the data), compared with qemu-img.
-Part 2, a backup day on a simulated pool (`hostsim serve`: XAPI, a file SR, the agent over TLS):
-  4. backs up two VMs in full (one through NBD, one through HTTP) and, for comparison, one through
-     XAPI's own conversion export; makes guest writes; backs both up again (incremental);
+Part 2, a backup day on a simulated pool (`hostsim serve --hosts 3`: XAPI, three hosts each with
+its own agent over TLS and local SR, a shared SR; host3 runs without the agent):
+  4. runs one backup job (`fastpath job run`) over the 6 VMs: each disk is read on the host that
+     can read its SR, the VM whose host has no agent falls back to XAPI's way, the report says
+     which host, transport and why; guest writes in every VM; the job again (incremental, then
+     its retention); for comparison vm1 in full alone through NBD and through XAPI's own
+     conversion export, and the host-side speed of both;
   5. restores one disk to a VHD file and one VM as a new VM in the pool (restore --new-vm),
      compares the disks with the snapshots they came from (qemu-img compare);
-  6. prunes, collects garbage and verifies the repository, and prints a summary.
+  6. collects garbage and verifies the repository, and prints a summary.
 Usage: python -m hostsim.demo [--size MiB] [--vm-size MiB] [--workdir DIR] [--keep]
 """
 
@@ -215,22 +219,50 @@ def fastpath(*args):
 
 
 def snapshot_raw(sr_path, vdi, out):
-    """The guest-visible bytes of a VDI of the pool's SR, as a raw file."""
+    """The guest-visible bytes of a VDI of one of the pool's SRs, as a raw file."""
     with vhd.open_chain(os.path.join(sr_path, vdi + ".vhd")) as chain:
         vhd.export_raw(chain, out)
     return out
 
 
+def sr_paths(conf):
+    """SR uuid -> its directory, for every SR of the pool (each host's local SR, the shared)."""
+    srs = [h["sr"] for h in conf.get("hosts", [])] + [conf["sr"]]
+    if conf.get("shared_sr"):
+        srs.append(conf["shared_sr"])
+    return {sr["uuid"]: sr["path"] for sr in srs}
+
+
+HOSTS = 3
+POOL_VMS = 6
+NO_AGENT = 2  # host3 (index 2) runs without the agent and its plugin
+
+
+def job_run(job, workdir, n):
+    """`fastpath job run JOB`: its text report (printed) and its JSON report."""
+    report_path = os.path.join(workdir, "report-%d.json" % n)
+    text = run(
+        [sys.executable, "-m", "orchestrator.cli", "job", "run", job, "--report-json", report_path],
+        timeout=600,
+    )
+    print("\n".join("    " + line for line in text.rstrip().splitlines()), flush=True)
+    with open(report_path) as f:
+        return json.load(f)
+
+
 def pool_part(workdir, vm_size, summary, table):
-    """Part 2: backups of a simulated pool through every fast transport, restores, retention."""
+    """Part 2: a backup job over a simulated pool of 3 hosts (one without the agent), run
+    twice (full, then incremental after guest writes), restores, retention."""
     root = os.path.join(workdir, "pool")
     log = open(os.path.join(workdir, "hostsim.log"), "w")
     step(
-        "starting a simulated XCP-ng pool: XAPI (HTTPS), a file SR, 2 VMs of %d MiB, the agent"
-        % vm_size
+        "starting a simulated XCP-ng pool: XAPI (HTTPS), %d hosts each with its own agent and "
+        "local SR (host3 without the agent), a shared SR, %d VMs of %d MiB"
+        % (HOSTS, POOL_VMS, vm_size)
     )
     pool = subprocess.Popen(
-        [sys.executable, "-m", "hostsim.cli", "serve", "--root", root, "--vms", "2"]
+        [sys.executable, "-m", "hostsim.cli", "serve", "--root", root, "--vms", str(POOL_VMS)]
+        + ["--hosts", str(HOSTS), "--no-agent-on", str(NO_AGENT)]
         + ["--disk-size", "%dM" % vm_size, "--gc-interval", "0", "--tls"],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -245,116 +277,164 @@ def pool_part(workdir, vm_size, summary, table):
         with open(conf_path) as f:
             conf = json.load(f)
         os.environ["HOSTSIM_ROOT"] = root
-        vm1, vm2 = (vm["uuid"] for vm in conf["vms"][:2])
+        paths = sr_paths(conf)
+        vms = {vm["name"]: vm for vm in conf["vms"]}
         repo = os.path.join(workdir, "repo")
         fastpath("repo", "init", repo)
-
-        def backup(vm, transport, repo=repo, full=False):
-            args = ["backup", "vm", vm, "--repo", repo, "--transport", transport]
-            res = fastpath(*(args + (["--full"] if full else [])))
-            disk_seconds = max(d["seconds"] for d in res["disks"])
-            kind = "incremental" if res["disks"][0]["incremental"] else "full"
-            table.append(
-                (
-                    "%s %s" % (vm[:8], kind),
-                    transport,
-                    res["bytes_read"],
-                    res["stats"]["bytes_written"],
-                    disk_seconds,
-                    res["seconds"],
-                )
+        x = conf["xapi"]
+        pw = os.path.join(workdir, "xapi-password")
+        with open(pw, "w") as f:
+            f.write(x["password"] + "\n")
+        job = os.path.join(workdir, "nightly.toml")
+        with open(job, "w") as f:
+            f.write(
+                'name = "nightly"\nrepository = "%s"\nxapi = "%s"\nxapi-cafile = "%s"\n'
+                'user = "%s"\npassword-file = "%s"\npools = "all"\nmax-vms = 3\n'
+                "[retention]\nkeep-last = 1\n" % (repo, x["url"], x["cafile"], x["user"], pw)
             )
-            return res
 
-        step("backing up two VMs in full: vm1 through NBD, vm2 through HTTP (TLS, pinned)")
-        f1 = backup(vm1, "nbd")
-        backup(vm2, "http")
+        def rows_to_table(report):
+            for r in report["vms"]:
+                table.append(
+                    (
+                        "%s %s on %s" % (r["name"], r["kind"], r["read_on"]),
+                        r["transport"],
+                        r["bytes_read"],
+                        r["bytes_stored"],
+                        max(d["seconds"] for d in r["disks"]),
+                        r["seconds"],
+                    )
+                )
+
+        step(
+            "job run 1: every VM of the pool, 3 at once, each disk read on the host that can "
+            "read its SR"
+        )
+        r1 = job_run(job, workdir, 1)
+        rows_to_table(r1)
+        step("guest writes in every VM, then job run 2 (incremental, then retention keep-last 1)")
+        writers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "hostsim.cli", "write", name, "--count", "16"],
+                stdout=subprocess.DEVNULL,
+            )
+            for name in sorted(vms)
+        ]
+        if any(w.wait(120) != 0 for w in writers):
+            raise DemoError("hostsim write failed")
+        r2 = job_run(job, workdir, 2)
+        rows_to_table(r2)
+        rows = {r["name"]: r for r in r2["vms"]}
+        for r in r2["vms"]:
+            if r["kind"] != "incremental" or r["result"] != "ok":
+                raise DemoError(
+                    "the second run of %s was %s %s" % (r["name"], r["result"], r["kind"])
+                )
+        fell_back = [r for r in r2["vms"] if r["fallback"]]
+        if [r["read_on"] for r in fell_back] != [conf["hosts"][NO_AGENT]["name"]]:
+            raise DemoError("expected one fallback, on host3: %s" % fell_back)
+        per_host = {}
+        for r in r2["vms"]:
+            per_host.setdefault(r["read_on"], []).append("%s (%s)" % (r["name"], r["transport"]))
+        summary.append(
+            (
+                "pool",
+                "%d hosts, %d VMs; read on: %s; %s fell back to XAPI's way (no agent on its host)"
+                % (
+                    HOSTS,
+                    len(r2["vms"]),
+                    "; ".join("%s: %s" % (h, ", ".join(v)) for h, v in sorted(per_host.items())),
+                    fell_back[0]["name"],
+                ),
+            )
+        )
+
         step("the same full backup of vm1 the XAPI way (export_raw_vdi: decode to raw, re-encode)")
         repo_x = os.path.join(workdir, "repo-xapi")
         fastpath("repo", "init", repo_x)
-        x1 = backup(vm1, "xapi-export", repo=repo_x, full=True)
-
-        step("guest writes in both VMs, then incremental backups (NBD and HTTP)")
-        run([sys.executable, "-m", "hostsim.cli", "write", "vm1", "--count", "32"])
-        run(
-            [
-                sys.executable,
-                "-m",
-                "hostsim.cli",
-                "write",
-                "vm2",
-                "--count",
-                "32",
-                "--pattern",
-                "text",
-            ]
+        x1 = fastpath(
+            "backup", "vm", vms["vm1"]["uuid"], "--repo", repo_x, "--transport", "xapi-export"
         )
-        i1 = backup(vm1, "nbd")
-        i2 = backup(vm2, "http")
-        for res in (i1, i2):
-            if not res["disks"][0]["incremental"]:
-                raise DemoError("the second backup of %s was not incremental" % res["vm"])
+        repo_n = os.path.join(workdir, "repo-nbd")
+        fastpath("repo", "init", repo_n)
+        n1 = fastpath("backup", "vm", vms["vm1"]["uuid"], "--repo", repo_n, "--transport", "nbd")
+        for res, transport in ((n1, "nbd"), (x1, "xapi-export")):
+            table.append(
+                (
+                    "vm1 full, alone",
+                    transport,
+                    res["bytes_read"],
+                    res["stats"]["bytes_written"],
+                    max(d["seconds"] for d in res["disks"]),
+                    res["seconds"],
+                )
+            )
 
-        host_side_speed(conf, i1["disks"][0]["snapshot_vdi"], summary)
+        host_side_speed(conf, n1["disks"][0]["snapshot_vdi"], summary)
 
-        step("restoring vm1's disk to a VHD file and vm2 as a new VM in the pool")
-        disk = i1["disks"][0]
-        restored = os.path.join(workdir, "vm1-restored.vhd")
-        fastpath("restore", repo, i1["id"], "--disk", disk["vdi"], "-o", restored)
-        source = snapshot_raw(conf["sr"]["path"], disk["snapshot_vdi"], restored + ".source.raw")
+        step(
+            "restoring vm3's disk (read the XAPI way) to a VHD file and vm2 (read on host2) as a "
+            "new VM on the shared SR"
+        )
+        (d3,) = rows["vm3"]["disks"]
+        restored = os.path.join(workdir, "vm3-restored.vhd")
+        fastpath("restore", repo, rows["vm3"]["id"], "--disk", d3["vdi"], "-o", restored)
+        source = snapshot_raw(paths[vms["vm3"]["sr"]], d3["snapshot_vdi"], restored + ".source.raw")
         run(["qemu-img", "compare", "-f", "vpc", "-F", "raw", restored, source])
-        r2 = fastpath(
+        shared = conf["shared_sr"]["uuid"]
+        r2vm = fastpath(
             "restore",
             repo,
-            i2["id"],
+            rows["vm2"]["id"],
             "--to-xapi",
-            conf["xapi"]["url"],
+            x["url"],
             "--xapi-cafile",
-            conf["xapi"]["cafile"],
+            x["cafile"],
             "--sr",
-            conf["sr"]["uuid"],
+            shared,
             "--new-vm",
             "vm2 (restored)",
         )
-        new_vm = r2["disks"][0].get("new_vm")
+        new_vm = r2vm["disks"][0].get("new_vm")
         if not new_vm:
             raise DemoError("restore --new-vm did not report the new VM")
-        for got, want in zip(r2["disks"], i2["disks"]):
-            new_raw = snapshot_raw(
-                conf["sr"]["path"], got["new_vdi"], os.path.join(workdir, "a.raw")
-            )
+        for got, want in zip(r2vm["disks"], rows["vm2"]["disks"]):
+            new_raw = snapshot_raw(paths[shared], got["new_vdi"], os.path.join(workdir, "a.raw"))
             old_raw = snapshot_raw(
-                conf["sr"]["path"], want["snapshot_vdi"], os.path.join(workdir, "b.raw")
+                paths[vms["vm2"]["sr"]], want["snapshot_vdi"], os.path.join(workdir, "b.raw")
             )
             run(["qemu-img", "compare", "-f", "raw", "-F", "raw", new_raw, old_raw])
         summary.append(
             (
                 "restore",
-                "vm1's disk -> VHD file and vm2 -> new VM %s with %d new VDI(s) in the pool:"
-                " identical to the snapshots (qemu-img compare)" % (new_vm[:8], len(r2["disks"])),
+                "vm3's disk -> VHD file and vm2 -> new VM %s with %d new VDI(s) on the shared SR:"
+                " identical to the snapshots (qemu-img compare)" % (new_vm[:8], len(r2vm["disks"])),
             )
         )
 
-        step("pruning to the last restore point per VM, collecting garbage, verifying")
-        pruned = fastpath("prune", repo, "--keep-last", "1")
+        step("collecting garbage after the job's retention, verifying")
         gc = fastpath("gc", repo, "--margin", "0")
         verify = fastpath("verify", repo)
         stats = fastpath("stats", repo)
         summary.append(
             (
                 "retention",
-                "prune: %s; gc: %s; verify: %s"
-                % (_brief(pruned), _brief(gc), "clean" if verify.get("ok") else "DAMAGED"),
+                "job keep-last 1: %d restore point(s) deleted; gc: %s; verify: %s"
+                % (
+                    r2["retention"]["deleted"],
+                    _brief(gc),
+                    "clean" if verify.get("ok") else "DAMAGED",
+                ),
             )
         )
         summary.append(("repository", _brief(stats)))
         summary.append(
             (
                 "backup",
-                "vm1 full backup, data phase (read + hash + compress + store): NBD %.2f s vs "
-                "XAPI's conversion export %.2f s; on %d MiB disks the backup's own CPU work "
+                "vm1 full backup alone, data phase (read + hash + compress + store): NBD %.2f s "
+                "vs XAPI's conversion export %.2f s; on %d MiB disks the backup's own CPU work "
                 "bounds both (whole numbers: fastpath bench, docs/benchmarks.md)"
-                % (f1["disks"][0]["seconds"], x1["disks"][0]["seconds"], vm_size),
+                % (n1["disks"][0]["seconds"], x1["disks"][0]["seconds"], vm_size),
             )
         )
         if not verify.get("ok"):

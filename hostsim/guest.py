@@ -104,7 +104,7 @@ def guest_write(
         if pattern == "copy":
             if src_uuid is None:
                 raise ValueError("pattern 'copy' needs a source disk")
-            data = pool.sr.read(src_uuid, off, ln)
+            data = api._vdi_backend(source_vdi).read(src_uuid, off, ln)
         else:
             data = data_for(pattern, rng, ln)
         pool.guest_write(vdi, off, data)

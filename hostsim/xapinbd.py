@@ -4,7 +4,8 @@ What xapi-nbd offers: fixed newstyle handshake; options EXPORT_NAME, STARTTLS, L
 INFO, STRUCTURED_REPLY, meta contexts: unsupported, so clients fall back to EXPORT_NAME); the export
 name is `/<vdi-uuid>?session_id=<ref>`; TLS with the host certificate; raw content; simple replies only,
 no block status, no multi-conn; requests served one at a time. Written here on its own (not agent/nbd)
-on purpose.
+on purpose. In a pool of several hosts each host runs its own (``host``): it serves only the VDIs of
+SRs attached to that host, as a real host's xapi-nbd can only read what is plugged there.
 """
 
 import logging
@@ -71,8 +72,9 @@ def _recv(sock, n):
 
 
 class XapiNbdServer:
-    def __init__(self, listen, pool, tls_context=None, require_tls=True):
+    def __init__(self, listen, pool, tls_context=None, require_tls=True, host=None):
         self.pool = pool
+        self.host = host  # host ref: serve only its SRs' VDIs (None: every SR of the pool)
         self.tls_context = tls_context
         self.require_tls = require_tls and tls_context is not None
         self.sock = socket.create_server(listen, reuse_port=False)
@@ -182,12 +184,19 @@ class XapiNbdServer:
         except XapiError as e:
             log.info("xapi-nbd refused %r: %s", name, e)
             return None
+        if self.host is not None and self.host not in api.hosts_seeing([rec["SR"]]):
+            log.info("xapi-nbd refused %r: its SR is not attached to this host", name)
+            return None
         if rec["type"] == "cbt_metadata":
             return None
         return uuid, rec["virtual_size"]
 
     def _transmission(self, sock, uuid, size):
-        sr = self.pool.sr
+        api = self.pool.api
+        try:  # the SR the VDI lives on (one backend per SR: several in a pool of hosts)
+            sr = api._vdi_backend(api.store.by_uuid_ref("VDI", uuid))
+        except XapiError:
+            return
         while True:
             magic, _flags, cmd, handle, offset, length = struct.unpack(">IHHQQI", _recv(sock, 28))
             if magic != REQUEST_MAGIC:

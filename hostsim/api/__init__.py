@@ -11,7 +11,7 @@ per SR, looked up by SR uuid.
     core.py      state, dispatch, sessions, generic getters/setters (get_record, get_<field>...)
     marshal.py   wire(), constructor-record checks (unmarshal_field/_record, REQUIRED)
     tasks.py     task, Async.* calls, event.from/inject, message
-    hosts.py     host (call_plugin, get_server_certificate); pool and PBD belong here
+    hosts.py     host (call_plugin per host, get_server_certificate), placement (PBDs)
     vm.py        VM: VM_CREATE_FIELDS, vm_defaults(), create/start/shutdown/snapshot/clone/destroy
     vbd.py       VBD: create/destroy and the VM<->VDI links
     storage.py   SR and VDI: create/snapshot/clone/destroy, CBT, get_nbd_info, SR.scan
@@ -48,7 +48,7 @@ from hostsim.api.vm import (
 
 
 class Xapi(Core, TaskMethods, HostMethods, VMMethods, VBDMethods, VDIMethods, NetworkMethods):
-    """The API of one simulated pool (one master host)."""
+    """The API of one simulated pool (its master answers for every host, as XAPI does)."""
 
 
 __all__ = [

@@ -46,8 +46,11 @@ class Core:
         self.password = password
         self.sessions = {}
         self.srs = {}  # SR uuid -> backend
-        self.plugins = None  # hostsim.plugins.PluginRunner
+        self.plugins = None  # hostsim.plugins.PluginRunner (of a host without its own)
+        self.host_plugins = {}  # host ref -> that host's PluginRunner (its /etc/xapi.d/plugins)
+        self.host_certificates = {}  # host ref -> that host's TLS certificate (PEM)
         self.nbd_address = None  # (host, port) of the xapi-nbd endpoint
+        self.host_nbd = {}  # host ref -> (address, port) of that host's xapi-nbd (several hosts)
         self.certificate_pem = ""
         self.cert_subject = "localhost"
         self.master_address = None  # set on a "slave" to refuse logins with HOST_IS_SLAVE

@@ -246,12 +246,25 @@ class VDIMethods:
         rec = self.store.get("VDI", vdi)
         if rec["type"] == "cbt_metadata":
             raise XapiError(E.VDI_INCOMPATIBLE_TYPE, vdi, "cbt_metadata")
+        exportname = "/%s?session_id=%s" % (rec["uuid"], self._current_session_ref)
+        if self.host_nbd:  # several hosts: one entry per host that has the SR attached
+            return [
+                {
+                    "exportname": exportname,
+                    "address": self.host_nbd[h][0],
+                    "port": self.host_nbd[h][1],
+                    "cert": self.host_certificates.get(h, self.certificate_pem),
+                    "subject": self.store.field("host", h, "hostname"),
+                }
+                for h in self.hosts_seeing([rec["SR"]])
+                if h in self.host_nbd
+            ]
         if self.nbd_address is None:
             return []
         host, port = self.nbd_address
         return [
             {
-                "exportname": "/%s?session_id=%s" % (rec["uuid"], self._current_session_ref),
+                "exportname": exportname,
                 "address": host,
                 "port": port,
                 "cert": self.certificate_pem,

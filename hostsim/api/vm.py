@@ -3,7 +3,8 @@
 - VM_CREATE_FIELDS: the fields of XAPI's VM.create record, with their types and XAPI's
   defaults (REQUIRED: none, the record must carry it); `vm_defaults()` makes a complete VM
   record as XAPI's database holds one (hostsim's pool builder and VM.snapshot/clone use it).
-- VM.create, VM.start (with XAPI's delayed parameter validation), clean/hard_shutdown,
+- VM.create, VM.start (with XAPI's delayed parameter validation; placed on a host that sees
+  the VM's SRs, hostsim/api/hosts.py), VM.start_on, VM.pool_migrate, clean/hard_shutdown,
   snapshot, clone (the disks through hostsim/api/storage.py, the VBDs through vbd.py),
   destroy, set_bios_strings.
 
@@ -239,22 +240,48 @@ class VMMethods:
         return ""
 
     def vm__start(self, vm, start_paused, force):
+        self._check_startable(vm)
+        self._set_power(vm, "Running", self.place_vm(vm))
+        return ""
+
+    def vm__start_on(self, vm, host, start_paused, force):
+        self._check_startable(vm)
+        self.check_host_can_run(vm, host)
+        self._set_power(vm, "Running", host)
+        return ""
+
+    def _check_startable(self, vm):
         rec = self.store.get("VM", vm)
         if rec["is_a_template"] or rec["is_a_snapshot"]:
             raise XapiError(E.VM_IS_TEMPLATE, vm, "start")
         if rec["power_state"] != "Halted":
             raise XapiError(E.VM_BAD_POWER_STATE, vm, "halted", rec["power_state"].lower())
         self._validate_basic_parameters(vm, rec)
-        self._set_power(vm, "Running")
+
+    def vm__pool_migrate(self, vm, host, options):
+        """Live migration inside the pool: a running VM moves to ``host``, which must see
+        every SR of the VM's disks (VM_REQUIRES_SR); the disks stay where they are."""
+        rec = self.store.get("VM", vm)
+        if rec["power_state"] != "Running":
+            raise XapiError(E.VM_BAD_POWER_STATE, vm, "running", rec["power_state"].lower())
+        self.check_host_can_run(vm, host)
+        self._set_resident(vm, rec["resident_on"], host)
         return ""
 
-    def _set_power(self, vm, state):
-        self.store.update(
-            "VM",
-            vm,
-            power_state=state,
-            resident_on=self.host_ref if state == "Running" else NULL_REF,
-        )
+    def _set_resident(self, vm, old, new, **fields):
+        """resident_on (and ``fields``) of the VM in one modification, host.resident_VMs kept
+        in step."""
+        if old != new and old != NULL_REF and self.store.exists("host", old):
+            self.store.list_remove("host", old, "resident_VMs", vm)
+        if old != new and new != NULL_REF:
+            self.store.list_add("host", new, "resident_VMs", vm)
+        self.store.update("VM", vm, resident_on=new, **fields)
+
+    def _set_power(self, vm, state, host=None):
+        if state == "Running" and host is None:
+            host = self.place_vm(vm)
+        old = self.store.field("VM", vm, "resident_on")
+        self._set_resident(vm, old, host if state == "Running" else NULL_REF, power_state=state)
         for vbd in self.store.field("VM", vm, "VBDs"):
             self.store.update("VBD", vbd, currently_attached=state == "Running")
         for vif in self.store.field("VM", vm, "VIFs"):

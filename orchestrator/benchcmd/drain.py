@@ -17,7 +17,7 @@ one JSON line: {"bytes": N, "blocks": K}. Kinds:
                    (XapiExportSource: export_raw_vdi?format=vhd, parsed as it streams)
 - ``agent-nbd-xapi``: {"xapi": URL, "user", "vdi": UUID, "cafile": optional, "connections": N}
                    (as a backup opens a disk: the fastpath plugin's open_export through XAPI on
-                   the VM's resident host, or the first host, then AgentNbdSource.from_plugin)
+                   the host that reads the VDI's SR, then AgentNbdSource.from_plugin)
 
 "seconds" in the answer is the time from opening the source to the last byte (XAPI login and
 process start left out, the plugin call and the export's own opening counted), split into
@@ -106,15 +106,24 @@ def drain(spec: dict) -> dict:
 
 
 def _open_export(x, vdi_uuid: str) -> dict:
-    """The plugin's open_export answer for ``vdi_uuid``, asked of the host its VM runs on."""
+    """The plugin's open_export answer for ``vdi_uuid``, asked of the host a backup would ask
+    (orchestrator/jobs/backup/routing.py: the SR's own host, or the VM's resident host on a
+    shared SR)."""
+    from orchestrator.jobs.backup.routing import Pbd, Router
+
     ref = x.VDI.get_by_uuid(vdi_uuid)
-    host = None
+    resident = None
     for vbd in x.VDI.get_VBDs(ref):
-        resident = x.VM.get_resident_on(x.VBD.get_VM(vbd))
-        if resident != "OpaqueRef:NULL":
-            host = resident
+        on = x.VM.get_resident_on(x.VBD.get_VM(vbd))
+        if on != "OpaqueRef:NULL":
+            resident = on
             break
-    host = host or x.host.get_all()[0]
+    pbds = []
+    for pbd in x.SR.get_PBDs(x.VDI.get_SR(ref)):
+        rec = x.PBD.get_record(pbd)
+        pbds.append(Pbd(rec["host"], bool(rec.get("currently_attached"))))
+    master = x.pool.get_master(x.pool.get_all()[0])
+    host = Router().route(pbds, resident, master).host
     args = {"vdi": vdi_uuid, "transports": "nbd,http", "ttl": "600"}
     return json.loads(x.host.call_plugin(host, "fastpath", "open_export", args))
 

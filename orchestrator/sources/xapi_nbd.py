@@ -45,11 +45,15 @@ class XapiNbdSource(NbdSource):
         backoff: float = 0.5,
         max_in_flight: int = 16,
         io_timeout: float = 60.0,
+        prefer_address: str | None = None,
     ):
         super().__init__(max_in_flight=max_in_flight)
         self.io_timeout = io_timeout
         self.xenapi = xenapi
         self.vdi_ref = vdi_ref
+        # XAPI lists one endpoint per host that has the VDI's SR attached: take this host's
+        # (the one the disk is routed to) when it is among them, else the first.
+        self.prefer_address = prefer_address
         self.connections = connections
         self.retries = retries
         self.backoff = backoff
@@ -64,7 +68,8 @@ class XapiNbdSource(NbdSource):
         infos = self.xenapi.VDI.get_nbd_info(self.vdi_ref)
         if not infos:
             raise SourceUnavailable("XAPI offers no NBD endpoint for this VDI (no NBD network?)")
-        self.info = info = infos[0]
+        preferred = [i for i in infos if i.get("address") == self.prefer_address]
+        self.info = info = (preferred or infos)[0]
         if info.get("cert"):
             self._tls = TlsConfig(info["cert"])
         ep = NbdEndpoint(

@@ -15,8 +15,9 @@ backup vm (README "Architecture in one screen")::
          xapi-export: export_raw_vdi?base=<base snapshot>;  xapi-nbd: CBT, else full
        a base that turns out unusable (the agent refuses it, CBT fails) falls back to full,
        and the job says so
-    4. open every disk's source (--transport; auto: nbd, http, xapi-nbd, xapi-export, saying
-       which one was used and why), pull all disks in parallel through the pipeline
+    4. open every disk's source on the host that can read its SR (routing.py; --transport; auto:
+       nbd, http, xapi-nbd, xapi-export, saying which host and transport were used and why),
+       pull all disks in parallel through the pipeline
     5. commit each disk's index, then the restore point's JSON (VM metadata, snapshots, stats)
     6. rotate: keep the new snapshot as the next base, destroy the previous one; with
        --cbt-purge, VDI.data_destroy the new snapshot's disks (only CBT metadata stays)
@@ -30,7 +31,8 @@ Where it lives (orchestrator/jobs/backup/):
     cli.py         the two commands: arguments, runners, text rendering
     options.py     Tuning and VmBackupOptions: what a backup is asked to do, as plain values
     vm.py          backup_vm(session, target, repo, vm_uuid, options, ui=...): steps 1-6
-    context.py     the XAPI side: session, plugin host, tickets, Disk, VM/VDI lookup, snapshots
+    context.py     the XAPI side: session, plugin hosts, tickets, Disk, VM/VDI lookup, snapshots
+    routing.py     which host reads each disk (local SR: its host; shared: resident or least loaded)
     transports.py  opening each disk's source (one transport, or auto with fallback), closing
     vdi.py         backup_vdi: one disk from an agent URL or a VHD file, no XAPI
     ../vmrecord.py what of the VM record a restore point keeps (shared with restore --new-vm)

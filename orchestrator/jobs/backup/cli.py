@@ -80,8 +80,10 @@ def _render(result: dict[str, Any]) -> str:
     lines = [f"restore point {result['id']}"]
     for d in result.get("disks", []):
         kind = "incremental" if d["incremental"] else "full"
+        host = (d.get("host") or {}).get("name")
+        on = f" on {host}" if host else ""
         lines.append(
-            f"  {d['vdi']}: {kind} via {d['transport']}, {d['bytes_read']} bytes read, "
+            f"  {d['vdi']}: {kind} via {d['transport']}{on}, {d['bytes_read']} bytes read, "
             f"{d['stats'].get('bytes_written', 0)} bytes stored, {d['seconds']:.1f} s"
         )
         for n in d.get("notes", []):

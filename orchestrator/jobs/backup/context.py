@@ -1,10 +1,12 @@
-"""The XAPI side of a backup: the context a backup runs in (session, the host whose fastpath
+"""The XAPI side of a backup: the context a backup runs in (session, the hosts whose fastpath
 plugin opens and closes export tickets, side connections), the Disk being backed up, VM/VDI
 lookups and our snapshots (their name tag, their destruction).
 
-The plugin is called on the pool's first host (``XapiContext.host_ref``); routing a VDI to the
-host that can read its SR belongs in ``XapiContext`` (the ticket must be closed where it was
-opened).
+Each disk is routed to the host that can read its SR (``XapiContext.route_disk``, the rules in
+routing.py: a local SR's own host, a shared SR's resident host or the least loaded attached
+one); its ticket is opened and closed on that host (``Disk.host``), and the agent's address
+comes from that host's answer. The master (``XapiContext.host_ref``) is asked only when an SR
+has no PBD.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from orchestrator.cliutil import CommandFailed
 from orchestrator.jobs import xapi_session
 from orchestrator.jobs.backup.options import Tuning
+from orchestrator.jobs.backup.routing import Pbd, Route, Router
 from orchestrator.progress import Progress
 from orchestrator.sources.base import Source, SourceError, SourceUnavailable
 
@@ -53,26 +56,90 @@ class Disk:
     ticket: str | None = None
     export: dict | None = None  # the plugin's answer for ``ticket`` (addresses, fingerprint)
     vbd: dict = field(default_factory=dict)  # VBD_KEPT_FIELDS of the VM's VBD of this disk
+    host: str | None = None  # ref of the host whose plugin opens (and closes) the ticket
+    route: Route | None = None  # why that host, and the other hosts that can read the SR
+    tried: list[str] = field(default_factory=list)  # refs of the hosts given up on (no agent)
+
+
+# Plugin failures that say the host cannot open any export (no plugin, no agent running):
+# the router skips that host for later shared-SR disks.
+AGENT_DOWN_CODES = frozenset(
+    {"XENAPI_MISSING_PLUGIN", "FASTPATH_AGENT_UNAVAILABLE", "XENAPI_PLUGIN_FAILURE"}
+)
+
+
+class AgentUnavailable(SourceUnavailable):
+    """The host's fastpath plugin or agent is not there (not a refusal of this disk)."""
 
 
 class XapiContext:
     """What a backup talks to XAPI with: the session, the host whose plugin opens the exports,
     side connections for other threads, and the tuning of the sources it opens."""
 
-    def __init__(self, session, target, tuning: Tuning, ui: Progress):
+    def __init__(self, session, target, tuning: Tuning, ui: Progress, router: Router | None = None):
         self.session = session
         self.x = session.xenapi
         self.target = target
         self.tuning = tuning
         self.ui = ui
         self.host = None
+        self.router = router if router is not None else Router()
+        self.hosts: dict[str, dict] = {}  # host ref -> {"uuid", "name"}
+        self.pbds: dict[str, list[Pbd]] = {}  # SR ref -> its PBDs
 
     def host_ref(self):
+        """The pool master (asked when an SR has no PBD, and by default)."""
         if self.host is None:
-            self.host = self.x.host.get_all()[0]
+            pool = self.x.pool.get_all()
+            self.host = self.x.pool.get_master(pool[0]) if pool else self.x.host.get_all()[0]
         return self.host
 
-    def open_export(self, vdi: str, base: str | None, transports: str) -> dict:
+    def side(self) -> XapiContext:
+        """A context for another thread: its own connection, the same router and caches."""
+        side = XapiContext(self.session, self.target, self.tuning, self.ui, self.router)
+        side.x = self.side_api()
+        side.host, side.hosts, side.pbds = self.host_ref(), self.hosts, self.pbds
+        return side
+
+    def host_info(self, host: str) -> dict:
+        """{"uuid", "name", "address"} of a host (cached; the router names hosts in its
+        reasons)."""
+        info = self.hosts.get(host)
+        if info is None:
+            rec = self.x.host.get_record(host)
+            info = {
+                "uuid": rec["uuid"],
+                "name": rec.get("name_label") or rec["uuid"],
+                "address": rec.get("address"),
+            }
+            self.hosts[host] = info
+            self.router.names[host] = info["name"]
+        return info
+
+    def route_disk(self, disk: Disk, sr_ref: str, resident: str | None) -> None:
+        """Choose the host that reads ``disk`` (on SR ``sr_ref``; the VM resident on
+        ``resident``) and record it on the disk."""
+        pbds = self.pbds.get(sr_ref)
+        if pbds is None:
+            pbds = []
+            for ref in self.x.SR.get_PBDs(sr_ref):
+                rec = self.x.PBD.get_record(ref)
+                pbds.append(Pbd(rec["host"], bool(rec.get("currently_attached"))))
+            self.pbds[sr_ref] = pbds
+        for p in pbds:
+            self.host_info(p.host)
+        if resident in (None, "", NULL_REF):
+            resident = None
+        else:
+            self.host_info(resident)
+        master = self.host_ref()
+        self.host_info(master)
+        disk.route = self.router.route(pbds, resident, master)
+        disk.host = disk.route.host
+
+    def open_export(
+        self, vdi: str, base: str | None, transports: str, host: str | None = None
+    ) -> dict:
         import json
 
         import XenAPI
@@ -84,13 +151,18 @@ class XapiContext:
         args = {"vdi": vdi, "transports": transports, "ttl": "86400"}
         if base:
             args["base"] = base
+        host = host or self.host_ref()
         try:
-            text = self.x.host.call_plugin(self.host_ref(), "fastpath", "open_export", args)
+            text = self.x.host.call_plugin(host, "fastpath", "open_export", args)
         except XenAPI.Failure as exc:
             code = xapi_session.failure_code(exc)
             if code == "FASTPATH_OPEN_FAILED" and base:
                 raise BaseRefused(" ".join(map(str, exc.details[1:]))) from None
-            raise SourceUnavailable(f"agent plugin: {' '.join(map(str, exc.details))}") from None
+            text = " ".join(map(str, exc.details))
+            where = self.hosts.get(host, {}).get("name", host)
+            if code in AGENT_DOWN_CODES:
+                raise AgentUnavailable(f"agent plugin on {where}: {text}") from None
+            raise SourceUnavailable(f"agent plugin on {where}: {text}") from None
         return json.loads(text)
 
     def side_api(self):
@@ -108,16 +180,17 @@ class XapiContext:
         return side.xenapi
 
     def close_export_async(
-        self, ticket: str | None, export: dict | None = None
+        self, ticket: str | None, export: dict | None = None, host: str | None = None
     ) -> threading.Thread | None:
         """Revoke a ticket in the background (best effort; tickets expire anyway), on its own
         connection, so it overlaps the commit and the snapshot rotation. With the plugin's
         answer (``export``), straight at the agent: ``DELETE`` of the export's URL, as the
         ticket's holder, pinned to the agent's certificate (one HTTPS request instead of a
-        plugin call, which XAPI runs as a new process); through the plugin if that fails."""
+        plugin call, which XAPI runs as a new process); through the plugin of the host that
+        opened it (``host``, default the master) if that fails."""
         if not ticket:
             return None
-        host = self.host_ref()
+        host = host or self.host_ref()
 
         def call():
             if export is not None and _revoke_at_agent(export):
@@ -133,9 +206,11 @@ class XapiContext:
         t.start()
         return t
 
-    def close_export(self, ticket: str | None, wait: float = 10.0, export=None) -> None:
+    def close_export(
+        self, ticket: str | None, wait: float = 10.0, export=None, host: str | None = None
+    ) -> None:
         """Revoke a ticket (best effort; a hung agent cannot hold the job: tickets expire)."""
-        t = self.close_export_async(ticket, export)
+        t = self.close_export_async(ticket, export, host)
         if t is not None:
             t.join(wait)
 

@@ -10,7 +10,13 @@ import time
 from typing import Any
 
 from orchestrator.cliutil import CommandFailed, UsageError
-from orchestrator.jobs.backup.context import BaseRefused, Disk, XapiContext, failure_text
+from orchestrator.jobs.backup.context import (
+    AgentUnavailable,
+    BaseRefused,
+    Disk,
+    XapiContext,
+    failure_text,
+)
 from orchestrator.jobs.backup.options import Tuning
 from orchestrator.sources import AGENT_TRANSPORTS, AUTO_ORDER
 from orchestrator.sources.base import Source, SourceUnavailable
@@ -34,11 +40,11 @@ def open_disk_source(ctx: XapiContext, disk: Disk, transport: str) -> tuple[Sour
     if transport in AGENT_TRANSPORTS:
         base = disk.agent_base if disk.base_mode == "agent" else None
         try:
-            export = ctx.open_export(disk.snap_uuid, base, transport)
+            export = open_agent_export(ctx, disk, base, transport)
         except BaseRefused as exc:
             disk.notes.append(f"the agent refused base {base} ({exc}): full backup")
             disk.base_mode, disk.base_index = "full", None
-            export = ctx.open_export(disk.snap_uuid, None, transport)
+            export = open_agent_export(ctx, disk, None, transport)
         disk.ticket = export.get("ticket")
         disk.export = export
         try:
@@ -54,7 +60,7 @@ def open_disk_source(ctx: XapiContext, disk: Disk, transport: str) -> tuple[Sour
                 )
             plan = src.open(blocks)
         except BaseException:
-            ctx.close_export(disk.ticket, export=export)
+            ctx.close_export(disk.ticket, export=export, host=disk.host)
             disk.ticket = disk.export = None
             raise
         return src, plan
@@ -69,7 +75,11 @@ def open_disk_source(ctx: XapiContext, disk: Disk, transport: str) -> tuple[Sour
                 disk.base_mode = "full"
                 disk.base_index = disk.base_index  # dedup still applies
         src = XapiNbdSource(
-            ctx.x, disk.snap_ref, connections=tuning.connections, **_source_kw(tuning)
+            ctx.x,
+            disk.snap_ref,
+            connections=tuning.connections,
+            prefer_address=ctx.host_info(disk.host).get("address") if disk.host else None,
+            **_source_kw(tuning),
         )
         plan = src.open(blocks)
         if disk.base_mode == "full" and disk.base_index:
@@ -92,6 +102,37 @@ def open_disk_source(ctx: XapiContext, disk: Disk, transport: str) -> tuple[Sour
             disk.base_index = None  # a full export: nothing to merge onto
         return src, plan
     raise UsageError(f"unknown transport {transport!r}")
+
+
+def open_agent_export(ctx: XapiContext, disk: Disk, base: str | None, transport: str) -> dict:
+    """The plugin's open_export answer from the host the disk is routed to. When that host has
+    no agent (no plugin, agent down) the router remembers it, and a disk on a shared SR moves
+    to the next attached host (the note says so); a local SR has no other host:
+    AgentUnavailable, and "auto" falls back to the XAPI way."""
+    router = ctx.router
+    while True:
+        host = disk.host or ctx.host_ref()
+        known = router.unavailable.get(host)
+        try:
+            if known is not None:
+                raise AgentUnavailable(known)  # asked already in this job: no second call
+            return ctx.open_export(disk.snap_uuid, base, transport, host)
+        except AgentUnavailable as exc:
+            why = failure_text(exc)
+            router.mark_unavailable(host, why)
+            alternatives = [
+                h for h in (disk.route.alternatives if disk.route else ()) if h not in disk.tried
+            ]
+            disk.tried.append(host)
+            usable = [h for h in alternatives if h not in router.unavailable]
+            if not usable:
+                raise
+            new = usable[0]
+            disk.notes.append(
+                f"{router.name(host)} cannot open exports ({why}): read on {router.name(new)}"
+            )
+            router.moved(host, new)
+            disk.host = new
 
 
 def cbt_blocks(ctx: XapiContext, disk: Disk) -> None:
@@ -141,12 +182,7 @@ def open_all(ctx: XapiContext, disks: list[Disk], transport: str) -> list[tuple]
 
     if len(disks) <= 1:
         return [one(d, ctx) for d in disks]
-    sides = []
-    for _d in disks:
-        side = XapiContext(ctx.session, ctx.target, ctx.tuning, ctx.ui)
-        side.x = ctx.side_api()
-        side.host = ctx.host_ref()
-        sides.append(side)
+    sides = [ctx.side() for _d in disks]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(min(len(disks), 8), thread_name_prefix="open") as pool:
@@ -171,7 +207,7 @@ def close_sources(ctx: XapiContext, disks: list[Disk], *, wait: bool = True):
                 d.source.close()
             except Exception:
                 pass
-        t = ctx.close_export_async(d.ticket, d.export)
+        t = ctx.close_export_async(d.ticket, d.export, d.host)
         d.ticket = d.export = None
         if t is not None:
             threads.append(t)

@@ -22,6 +22,7 @@ from orchestrator.jobs.backup.context import (
     vm_disks,
 )
 from orchestrator.jobs.backup.options import VmBackupOptions
+from orchestrator.jobs.backup.routing import Router
 from orchestrator.jobs.backup.transports import cbt_blocks, close_sources, open_all
 from orchestrator.jobs.pipeline import Cancelled, copy_disks
 from orchestrator.jobs.vifplan import read_vifs
@@ -29,6 +30,7 @@ from orchestrator.jobs.vmrecord import VBD_KEPT_FIELDS, vm_configuration
 from orchestrator.jobs.xapi_session import XapiTarget
 from orchestrator.progress import Progress
 from orchestrator.repo.errors import NotFound, RepoError
+from orchestrator.sources import AGENT_TRANSPORTS
 from orchestrator.sources.base import SourceError
 
 
@@ -66,6 +68,7 @@ def backup_vm(
     *,
     ui: Progress,
     phases: Phases | None = None,
+    router: Router | None = None,
 ) -> dict[str, Any]:
     """Back up VM ``vm_uuid`` into ``repo`` (an open Repository); returns the result that
     ``fastpath backup vm --json`` prints (``id`` names the new restore point, ``phases`` the
@@ -73,25 +76,34 @@ def backup_vm(
 
     ``session`` is a logged-in XenAPI session on ``target`` (the pool master: URL, CA), used by
     this call only (an XenAPI proxy is one HTTP connection: backups running at once need one
-    each); side connections for parallel work reuse its reference. Raises UsageError
+    each); side connections for parallel work reuse its reference. ``router`` chooses the
+    host that reads each disk (routing.py; a job shares one between its VMs so the load of
+    shared SRs spreads over the pool); by default one for this call. Raises UsageError
     (the VM is a snapshot or a template, options that cannot work), CommandFailed (the backup
     failed: the new snapshot is removed and nothing is committed), KeyboardInterrupt.
     """
     options = options or VmBackupOptions()
     options.check()
     phases = phases or Phases()
-    result = _backup_vm(session, target, repo, vm_uuid, options, ui, phases)
+    result = _backup_vm(session, target, repo, vm_uuid, options, ui, phases, router)
     result["phases"] = phases.seconds
     return result
 
 
 def _backup_vm(
-    session, target, repo, vm_uuid: str, options: VmBackupOptions, ui: Progress, phases: Phases
+    session,
+    target,
+    repo,
+    vm_uuid: str,
+    options: VmBackupOptions,
+    ui: Progress,
+    phases: Phases,
+    router: Router | None,
 ) -> dict[str, Any]:
     started = time.monotonic()
     x = session.xenapi
     tuning = options.tuning
-    ctx = XapiContext(session, target, tuning, ui)
+    ctx = XapiContext(session, target, tuning, ui, router)
     vm_ref = find_vm(x, vm_uuid)
     vm_rec = x.VM.get_record(vm_ref)
     vifs = read_vifs(x, vm_ref)  # with the record: the VM may be gone by the commit
@@ -165,6 +177,7 @@ def _backup_vm(
                 vbd={k: vbd[k] for k in VBD_KEPT_FIELDS if k in vbd},
             )
             _choose_base(ctx, repo, disk, point, prev_disks.get(live["uuid"]))
+            ctx.route_disk(disk, srec["SR"], vm_rec.get("resident_on"))
             disks.append(disk)
         phases.mark("choose_base")
 
@@ -175,6 +188,13 @@ def _backup_vm(
         for disk, (src, plan, why) in zip(disks, opened):
             src.max_in_flight = max(1, tuning.read_ahead)
             kind = "incremental" if plan.incremental else "full"
+            if plan.transport in AGENT_TRANSPORTS:
+                why += f" on {ctx.host_info(disk.host)['name']} ({disk.route.why})"
+            elif disk.route is not None:
+                why += (
+                    f"; route was {ctx.host_info(disk.host)['name']} ({disk.route.why}); "
+                    f"read from {src.describe()}"
+                )
             ui.log(
                 f"disk {disk.vdi_uuid}: {why}; {kind}, {len(plan.blocks)} of "
                 f"{plan.block_count} blocks to read"
@@ -214,6 +234,7 @@ def _backup_vm(
                     "transport": r.transport,
                     "incremental": r.incremental,
                     "base_mode": d.base_mode,
+                    "host": _host_json(ctx, d, r)["uuid"],
                 }
                 for d, r in zip(disks, results)
             },
@@ -246,7 +267,7 @@ def _backup_vm(
         "id": rp_id,
         "vm": vm_uuid,
         "snapshot": snap_uuid,
-        "disks": [_disk_json(d, r) for d, r in zip(disks, results)],
+        "disks": [_disk_json(ctx, d, r) for d, r in zip(disks, results)],
         "bytes_read": sum(r.bytes_read for r in results),
         "bytes_written": stats["bytes_written"],
         "stats": stats,
@@ -270,9 +291,22 @@ def _refuse_concurrent(repo, session, vm_uuid: str) -> None:
         )
 
 
-def _disk_json(d: Disk, r) -> dict[str, Any]:
+def _host_json(ctx: XapiContext, d: Disk, r) -> dict[str, Any]:
+    """The host that served the disk: its agent's (agent transports), else the host the disk
+    was routed to (the XAPI way reads through XAPI; the route says which agent was missing)."""
+    info = ctx.host_info(d.host) if d.host else {"uuid": None, "name": None}
+    info = {"uuid": info["uuid"], "name": info["name"]}
+    return {
+        **info,
+        "route": d.route.why if d.route else None,
+        "agent": r.transport in AGENT_TRANSPORTS,
+    }
+
+
+def _disk_json(ctx: XapiContext, d: Disk, r) -> dict[str, Any]:
     return {
         "vdi": d.vdi_uuid,
+        "host": _host_json(ctx, d, r),
         "snapshot_vdi": d.snap_uuid,
         "index": r.index_key,
         "transport": r.transport,

@@ -182,11 +182,12 @@ def _sinks(job, args, report, vms, ui) -> None:
 
 def render_report(r: dict[str, Any]) -> str:
     lines = [f"job {r['job']}: {r['totals']['ok']} of {r['totals']['vms']} VM(s) ok"]
-    head = f"  {'VM':<20} {'result':<7} {'kind':<12} {'transport':<12} {'read':>12} "
-    lines.append(head + f"{'stored':>12} {'time':>7}  why")
+    head = f"  {'VM':<20} {'result':<7} {'kind':<12} {'read on':<10} {'transport':<12} "
+    lines.append(head + f"{'read':>12} {'stored':>12} {'time':>7}  why")
     for v in r["vms"]:
         lines.append(
             f"  {v['name'][:20]:<20} {v['result']:<7} {v['kind'] or '-':<12} "
+            f"{(v.get('read_on') or '-')[:10]:<10} "
             f"{v['transport'] or '-':<12} {v['bytes_read']:>12} {v['bytes_stored']:>12} "
             f"{v['seconds']:>6.1f}s  {v['error'] or v['why'] or ''}"
         )

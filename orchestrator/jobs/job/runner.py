@@ -85,14 +85,34 @@ def _row(vm: SelectedVm) -> dict[str, Any]:
         "kind": None,
         "bytes_read": 0,
         "bytes_stored": 0,
+        "read_on": None,
+        "disks": [],
         "seconds": 0.0,
         "started": None,
         "ended": None,
     }
 
 
-def backup_one(job, target, vm: SelectedVm, ui: Progress) -> dict[str, Any]:
-    """One VM of the job: its row of the report (never raises but KeyboardInterrupt)."""
+def _disk_row(d: dict[str, Any]) -> dict[str, Any]:
+    """Which host read one disk, through which transport, and why (the report's per-disk row)."""
+    host = d.get("host") or {}
+    notes = d.get("notes") or []
+    return {
+        "vdi": d["vdi"],
+        "snapshot_vdi": d.get("snapshot_vdi"),
+        "host": host.get("name"),
+        "host_uuid": host.get("uuid"),
+        "route": host.get("route"),
+        "transport": d["transport"],
+        "incremental": d["incremental"],
+        "seconds": d["seconds"],
+        "why": "; ".join(notes),
+    }
+
+
+def backup_one(job, target, vm: SelectedVm, ui: Progress, router=None) -> dict[str, Any]:
+    """One VM of the job: its row of the report (never raises but KeyboardInterrupt).
+    ``router`` (routing.Router) is the job's: which host reads each disk."""
     row = _row(vm)
     row["started"] = time.time()
     t0 = time.monotonic()
@@ -107,7 +127,7 @@ def backup_one(job, target, vm: SelectedVm, ui: Progress) -> dict[str, Any]:
                     full=_force_full(repo, vm.uuid, job.full_every),
                     tuning=Tuning(io_timeout=job.io_timeout),
                 )
-                result = backup_vm(session, target, repo, vm.uuid, options, ui=ui)
+                result = backup_vm(session, target, repo, vm.uuid, options, ui=ui, router=router)
         finally:
             xapi_session.logout(session)
         disks = result.get("disks", [])
@@ -120,6 +140,10 @@ def backup_one(job, target, vm: SelectedVm, ui: Progress) -> dict[str, Any]:
             kind="incremental" if disks and all(d["incremental"] for d in disks) else "full",
             bytes_read=result["bytes_read"],
             bytes_stored=result["bytes_written"],
+            disks=[_disk_row(d) for d in disks],
+            read_on=",".join(
+                dict.fromkeys((d.get("host") or {}).get("name") or "?" for d in disks)
+            ),
         )
         fell_back = job.transport == "auto" and any(t not in AGENT_TRANSPORTS for t in transports)
         row["fallback"] = fell_back
@@ -139,7 +163,10 @@ def backup_one(job, target, vm: SelectedVm, ui: Progress) -> dict[str, Any]:
 
 def run_job(job, target, vms: list[SelectedVm], ui: Progress) -> list[dict[str, Any]]:
     """Back up ``vms`` under the job's limits; the rows in selection order."""
+    from orchestrator.jobs.backup.routing import Router
+
     slots = HostSlots(vms, job.max_vms, job.max_per_host)
+    router = Router()  # one for the job: shared-SR load and hosts without an agent, job-wide
     rows: dict[str, dict[str, Any]] = {}
     lock = threading.Lock()
     interrupted: list[BaseException] = []
@@ -150,7 +177,7 @@ def run_job(job, target, vms: list[SelectedVm], ui: Progress) -> list[dict[str, 
             if vm is None:
                 return
             try:
-                row = backup_one(job, target, vm, ui)
+                row = backup_one(job, target, vm, ui, router)
             except BaseException as exc:  # KeyboardInterrupt: stop handing out VMs
                 interrupted.append(exc)
                 row = _row(vm)

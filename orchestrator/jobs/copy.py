@@ -316,11 +316,12 @@ def options_from_args(args: argparse.Namespace) -> CopyOptions:
 
 def cmd_copy(args: argparse.Namespace, ui: Progress):
     options = options_from_args(args)
-    with open_repo(args, args.src) as src:
+    shared = not args.dst_passphrase_file  # --passphrase-file then serves SRC and DST
+    with open_repo(args, args.src, shared_passphrase=shared) as src:
         dst_args = argparse.Namespace(**vars(args))
         if args.dst_passphrase_file:
             dst_args.passphrase_file = args.dst_passphrase_file
-        with open_repo(dst_args, args.dst) as dst:
+        with open_repo(dst_args, args.dst, shared_passphrase=shared) as dst:
             result = copy_repository(src, dst, options, ui)
     if not result["ok"]:
         raise CommandFailed(

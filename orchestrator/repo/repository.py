@@ -39,7 +39,7 @@ from orchestrator.repo.catalog import (
     scan_backups,
 )
 from orchestrator.repo.codec import ZERO_DIGEST, ChunkCodec, chunk_key
-from orchestrator.repo.config import RepoConfig, init_repo, load_repo, read_config
+from orchestrator.repo.config import RepoConfig, Unlocked, init_repo, unlock_repo
 from orchestrator.repo.damage import damaged_digests
 from orchestrator.repo.dedup import CACHE_KEY, DigestLookup
 from orchestrator.repo.errors import (
@@ -73,10 +73,20 @@ class MissingKeyCodec:
 class Repository:
     """An open repository. Thread-safe for reads; writers are per session."""
 
-    def __init__(self, backend: Backend, config: RepoConfig, codec: ChunkCodec):
+    def __init__(
+        self,
+        backend: Backend,
+        config: RepoConfig,
+        codec: ChunkCodec | MissingKeyCodec,
+        unlocked: Unlocked | None = None,
+    ):
         self.backend = backend
         self.config = config
         self.codec = codec
+        # MetadataKeys of an authenticated (version 2) encrypted repository opened with its key
+        self.keys = unlocked.keys if unlocked is not None else None
+        self.legacy = bool(unlocked and unlocked.legacy)  # version 1 encrypted: read only
+        self.unlocked = unlocked
         self._lookup: DigestLookup | None = None
         self._lookup_lock = threading.Lock()
 
@@ -103,15 +113,14 @@ class Repository:
             else open_backend(url, concurrency=concurrency, **backend_options)
         )
         try:
-            config = read_config(backend)
-            if config.encrypted and passphrase is None and not need_key:
-                return cls(backend, config, MissingKeyCodec(backend.url))
-            config, codec = load_repo(backend, passphrase)
+            unlocked = unlock_repo(backend, passphrase, need_key=need_key)
         except BaseException:
             if not isinstance(url, Backend):
                 backend.close()
             raise
-        return cls(backend, config, codec)
+        if unlocked.codec is None:
+            return cls(backend, unlocked.config, MissingKeyCodec(backend.url), unlocked)
+        return cls(backend, unlocked.config, unlocked.codec, unlocked)
 
     @classmethod
     def init(
@@ -130,8 +139,9 @@ class Repository:
             else open_backend(url, concurrency=concurrency, **backend_options)
         )
         init_repo(backend, encrypt=encrypt, passphrase=passphrase, compression=compression)
-        config, codec = load_repo(backend, passphrase)
-        return cls(backend, config, codec)
+        unlocked = unlock_repo(backend, passphrase)
+        assert unlocked.codec is not None
+        return cls(backend, unlocked.config, unlocked.codec, unlocked)
 
     def close(self) -> None:
         self.backend.close()
@@ -239,6 +249,12 @@ class Repository:
         check_name("VM uuid", vm_uuid)
         if isinstance(self.codec, MissingKeyCodec):
             self.codec.encode  # noqa: B018 - raises PassphraseRequired, before any lease
+        if self.legacy:
+            raise RepoError(
+                f"{self.url} is an encrypted repository of format version 1 (its indexes and "
+                f"restore points are not authenticated): it is read only; copy it into a new "
+                f"one (fastpath repo init --encrypt NEW; fastpath copy {self.url} NEW)"
+            )
         if when is None:
             when = format_time(time.time())
         else:

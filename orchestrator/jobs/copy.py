@@ -170,9 +170,10 @@ class _Copier:
     def copy_point(self, point: RestorePoint) -> dict[str, Any]:
         src, dst = self.src, self.dst
         doc = src.read_metadata(point)
+        disks = src.point_disks(point, doc)  # authenticated: exactly the document's
         order = [d.get("vdi") for d in doc.get("disks", []) if isinstance(d, dict)]
-        vdis = [v for v in order if v in point.disks] + sorted(set(point.disks) - set(order))
-        indexes = {vdi: src.read_index(point.disks[vdi]) for vdi in vdis}
+        vdis = [v for v in order if v in disks] + sorted(set(disks) - set(order))
+        indexes = {vdi: src.read_point_index(point, doc, vdi) for vdi in vdis}
         session = dst.begin_backup(
             point.vm, when=point.time, use_lookup=False, lease_ttl=self.options.lease_ttl
         )

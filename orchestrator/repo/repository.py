@@ -33,8 +33,12 @@ from orchestrator.repo.catalog import (
     RestorePoint,
     check_name,
     decode_point_document,
+    encode_point_document,
     fetch_many,
     format_time,
+    index_binding,
+    named_disks,
+    parse_index_key,
     parse_time,
     scan_backups,
 )
@@ -45,11 +49,13 @@ from orchestrator.repo.dedup import CACHE_KEY, DigestLookup
 from orchestrator.repo.errors import (
     CorruptChunk,
     CorruptIndex,
+    IndexTampered,
     NotFound,
     PassphraseRequired,
     RepoError,
+    Tampered,
 )
-from orchestrator.repo.index import Index
+from orchestrator.repo.index import UNVERIFIED, Index, IndexAuth
 from orchestrator.repo.writer import BackupSession
 
 CACHE_REFRESH_AFTER = 64  # a writer that read this many uncached indexes rewrites the cache
@@ -164,14 +170,87 @@ class Repository:
         """``<vm>/<time>``, ``<vm>/latest`` or ``latest`` (the newest restore point of all)."""
         return (catalog or self.scan()).resolve(ident, self.url)
 
+    # -- metadata: restore point documents and indexes (authenticated when encrypted) --------
+
     def read_metadata(self, point: RestorePoint) -> dict[str, Any]:
+        """The restore point's document (opened and authenticated in an encrypted repository;
+        PassphraseRequired there without the key, Tampered if it fails)."""
         if point.json_key is None:
             return {}
         data = self.backend.get(point.json_key)
-        return decode_point_document(data, f"{self.url}/{point.json_key}")
+        return self.decode_point(point, data)
+
+    def decode_point(self, point: RestorePoint, data: bytes) -> dict[str, Any]:
+        return decode_point_document(
+            data,
+            f"{self.url}/{point.json_key}",
+            vm=point.vm,
+            when=point.time,
+            keys=self.keys,
+            need_auth=self.keys is not None,
+        )
+
+    def encode_point(self, doc: dict[str, Any]) -> bytes:
+        if self.legacy or isinstance(self.codec, MissingKeyCodec):
+            raise RepoError(
+                f"{self.url}: cannot write a restore point here"
+            )  # begin_backup says why
+        return encode_point_document(doc, self.keys)
+
+    def index_auth(self, key: str) -> IndexAuth | str | None:
+        """How the index stored under ``key`` is checked: keyed and bound to ``key``'s VM,
+        VDI and time (authenticated encrypted repository), UNVERIFIED (encrypted, no key),
+        or plain checksums (unencrypted, or a version 1 encrypted repository)."""
+        if self.keys is not None:
+            try:
+                vm, vdi, when = parse_index_key(key)
+            except ValueError:
+                raise IndexTampered(f"{self.url}/{key}: not stored under an index key") from None
+            return IndexAuth(self.keys.index_key, index_binding(vm, vdi, when))
+        if isinstance(self.codec, MissingKeyCodec):
+            return UNVERIFIED
+        return None
+
+    def decode_index(self, key: str, data: bytes) -> Index:
+        return Index.decode(data, f"{self.url}/{key}", self.index_auth(key))
+
+    def encode_index(self, index: Index, key: str) -> bytes:
+        """The bytes of ``index`` to store under ``key`` (sets ``index.mac``)."""
+        auth = self.index_auth(key)
+        return index.encode(auth if isinstance(auth, IndexAuth) else None)
 
     def read_index(self, key: str) -> Index:
-        return Index.decode(self.backend.get(key), f"{self.url}/{key}")
+        return self.decode_index(key, self.backend.get(key))
+
+    def point_disks(self, point: RestorePoint, doc: dict[str, Any]) -> dict[str, str]:
+        """vdi -> index key of a restore point. In an authenticated repository the stored
+        indexes must be exactly those its document names (none removed, none added)."""
+        listed = dict(sorted(point.disks.items()))
+        if self.keys is None:
+            return listed
+        where = f"{self.url}/{point.json_key}"
+        named = named_disks(doc, where)
+        if set(named) != set(listed) or any(named[v].get("index") != k for v, k in listed.items()):
+            gone, extra = sorted(set(named) - set(listed)), sorted(set(listed) - set(named))
+            raise Tampered(
+                f"{where}: an index was removed or added (document names {len(named)} disk(s), "
+                f"{len(listed)} stored; missing {gone or '-'}, unexpected {extra or '-'})"
+            )
+        return listed
+
+    def read_point_index(self, point: RestorePoint, doc: dict[str, Any], vdi: str) -> Index:
+        """The index of disk ``vdi`` of ``point`` (``doc``: its document), checked against the
+        document in an authenticated repository (the index it was committed with)."""
+        key = self.point_disks(point, doc)[vdi]
+        index = self.read_index(key)
+        if self.keys is not None:
+            mac = named_disks(doc, key)[vdi].get("index_mac")
+            if not isinstance(mac, str) or mac != (index.mac or b"").hex():
+                raise IndexTampered(
+                    f"{self.url}/{key}: not the index restore point {point.id} was committed "
+                    f"with (replaced)"
+                )
+        return index
 
     def read_chunk_object(self, digest: bytes) -> tuple[bytes, bytes]:
         """A chunk's stored object and its checked plaintext. A chunk that fails its check is
@@ -219,7 +298,7 @@ class Repository:
                     decoded = []
                     for key, data in parts:
                         try:
-                            decoded.append((key, Index.decode(data, key).entries))
+                            decoded.append((key, self.decode_index(key, data).entries))
                         except CorruptIndex:
                             continue  # verify reports it; never dedup against it
                     self._lookup.add_many(decoded)

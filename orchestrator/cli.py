@@ -307,7 +307,7 @@ def cmd_repo_init(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
 def cmd_list(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
     from orchestrator.jobs.listing import describe_points
 
-    with open_repo(args, need_key=False) as repo:
+    with _open_for_documents(args, "list") as repo:
         cat = repo.scan()
         points = cat.restore_points(args.vm, None if args.all else True)
         return {
@@ -326,10 +326,26 @@ def _render_list(result: dict[str, Any]) -> str:
 def cmd_show(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
     from orchestrator.jobs.job.names import resolve_point  # <name>/latest as well
 
-    with open_repo(args, need_key=False) as repo:
+    with _open_for_documents(args, "show") as repo:
         point = resolve_point(repo, args.id)
         doc = repo.read_metadata(point)
         return {"ok": True, "id": point.id, "vm": point.vm, "time": point.time, **doc}
+
+
+def _open_for_documents(args: argparse.Namespace, command: str):
+    """Open for a command that reads restore point documents: in an encrypted repository they
+    are encrypted, so the passphrase is needed (one-line PassphraseRequired without it)."""
+    from orchestrator.repo.errors import PassphraseRequired
+
+    try:
+        return open_repo(args)
+    except PassphraseRequired as exc:
+        if "no passphrase" not in str(exc):
+            raise
+        raise PassphraseRequired(
+            f"the repository at {args.repo} is encrypted (restore point documents too): "
+            f"{command} needs its passphrase (FASTPATH_PASSPHRASE or --passphrase-file)"
+        ) from None
 
 
 def cmd_stats(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:

@@ -203,3 +203,37 @@ def test_removed_disk_index_is_detected(world, tmp_path):
     env = {"FASTPATH_PASSPHRASE": PASSPHRASE}
     r = fastpath("restore", w["url"], w["b"], "-o", tmp_path, "--json", env=env)
     assert r.returncode == 1 and as_json(r)["exception"] == "Tampered"
+
+
+def test_restore_point_documents_are_encrypted(tmp_path):
+    """Finding 3: the VM record (name, platform, xenstore data, disks) is not readable from the
+    stored object; only the passphrase opens it."""
+    url = tmp_path / "enc"
+    repo = Repository.init(url, encrypt=True, passphrase=PASSPHRASE)
+    disk = DiskModel(chunks=1, seed=5)
+    disk.write_chunk(0, seed=50)
+    secret = {"vm": {"name_label": "payroll-db", "xenstore_data": {"vm-data/secret": "s3cr3t"},
+                     "platform": {"secure-boot": "true"}}}  # fmt: skip
+    with repo.begin_backup(VM_A) as session:
+        w = session.disk_writer(disk.vdi, disk.vdi, disk.size)
+        w.put_chunk(0, disk.chunk(0))
+        w.commit()
+        rid = session.commit(secret)
+    repo.close()
+    stored = (url / "backups" / f"{rid}.json").read_bytes()
+    for word in (b"payroll-db", b"s3cr3t", b"secure-boot", disk.vdi.encode(), b"name_label"):
+        assert word not in stored
+    assert json.loads(stored)["format"] == "xcp-fastpath-sealed-restore-point"
+    repo = Repository.open(url, passphrase=PASSPHRASE)
+    (point,) = repo.list_restore_points()
+    assert repo.read_metadata(point)["metadata"] == secret
+    repo.close()
+    keyless = Repository.open(url, need_key=False)
+    with pytest.raises(Exception, match="needs its passphrase"):
+        keyless.read_metadata(point)
+    assert run_check(keyless)["ok"]  # structure checks still run without the key
+    keyless.close()
+    r = fastpath("list", url)
+    assert r.returncode == 1 and "list needs its passphrase" in one_line_error(r)
+    r = fastpath("list", url, "--json", env={"FASTPATH_PASSPHRASE": PASSPHRASE})
+    assert as_json(r)["restore_points"][0]["vm_name"] == "payroll-db"

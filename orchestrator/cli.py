@@ -57,19 +57,23 @@ class Registry:
         self.sub = parser.add_subparsers(dest="command", metavar="COMMAND")
         self.groups: dict[str, argparse._SubParsersAction] = {}
 
+    def _group(self, group: str) -> argparse._SubParsersAction:
+        where = self.groups.get(group)
+        if where is None:
+            parent, _, last = group.rpartition(" ")
+            outer = self._group(parent) if parent else self.sub
+            gp = outer.add_parser(last, help=f"{group} commands")
+            where = gp.add_subparsers(dest=f"{group.replace(' ', '_')}_command", metavar="COMMAND")
+            where.required = True
+            self.groups[group] = where
+        return where
+
     def add(
         self, name: str, run: Runner, *, help: str, group: str | None = None
     ) -> argparse.ArgumentParser:
-        """Add ``fastpath NAME`` (or ``fastpath GROUP NAME``) running ``run(args, ui)``."""
-        if group is None:
-            where = self.sub
-        else:
-            where = self.groups.get(group)
-            if where is None:
-                gp = self.sub.add_parser(group, help=f"{group} commands")
-                where = gp.add_subparsers(dest=f"{group}_command", metavar="COMMAND")
-                where.required = True
-                self.groups[group] = where
+        """Add ``fastpath NAME`` (or ``fastpath GROUP NAME``; GROUP may be two words:
+        ``fastpath repo key list``) running ``run(args, ui)``."""
+        where = self.sub if group is None else self._group(group)
         p = where.add_parser(name, help=help, description=help)
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         p.add_argument(

@@ -210,3 +210,23 @@ def test_version_1_encrypted_repository_is_readable_and_read_only(tmp_path):
     with pytest.raises(RepoError, match="read only; copy it into a new one"):
         repo.begin_backup(VM)
     repo.close()
+
+
+def test_copy_with_one_passphrase_file_between_encrypted_and_plain(tmp_path):
+    """`copy`'s --passphrase-file serves SRC and DST: an unencrypted end does not refuse it."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    repo = Repository.init(src, encrypt=True, passphrase=PASSPHRASE)
+    disk = DiskModel(chunks=1, seed=6)
+    disk.write_chunk(0, seed=60)
+    rid, _ = backup(repo, VM, [disk])
+    repo.close()
+    Repository.init(dst).close()
+    pfile = tmp_path / "pw"
+    pfile.write_text(PASSPHRASE + "\n")
+    r = fastpath("copy", src, dst, "--passphrase-file", pfile, "--json")
+    assert r.returncode == 0 and as_json(r)["ok"], r.stderr
+    assert [p["id"] for p in as_json(fastpath("list", dst, "--json"))["restore_points"]] == [rid]
+    # a DST-only passphrase file for an unencrypted DST is refused
+    r = fastpath("copy", src, dst, "--passphrase-file", pfile, "--dst-passphrase-file", pfile,
+                 "--json")  # fmt: skip
+    assert r.returncode == 1 and as_json(r)["exception"] == "NotEncrypted"

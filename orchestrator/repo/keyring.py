@@ -106,6 +106,10 @@ def import_key(backend: Backend, blob: bytes, passphrase: str, where: str) -> di
     key = parse_key_file(blob, "", where)
     if key.version != 2:
         raise UnknownFormat(f"{where}: a version {key.version} key file cannot be imported")
+    if key.repository != config.id:
+        raise RepoError(
+            f"{where} is a key of repository {key.repository}, not of {backend.url} ({config.id})"
+        )
     data_key = key.unwrap(passphrase, config.id, where)
     check_config_mac(key, MetadataKeys(data_key), config.canonical_bytes(), where)
     name = KEYS_PREFIX + key.id

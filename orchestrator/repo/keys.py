@@ -44,7 +44,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from orchestrator.repo.errors import Tampered, UnknownFormat, WrongPassphrase
+from orchestrator.repo.errors import ConfigTampered, Tampered, UnknownFormat, WrongPassphrase
 
 KEY_FORMAT_NAME = "xcp-fastpath-key"
 KEY_FORMAT_VERSION = 2
@@ -236,8 +236,6 @@ def new_key_file(
 
 def check_config_mac(key: KeyFile, keys: MetadataKeys, canonical: bytes, where: str) -> None:
     """ConfigTampered unless ``key`` (version 2) authenticates this config."""
-    from orchestrator.repo.errors import ConfigTampered
-
     assert key.config_mac is not None
     if not hmac.compare_digest(keys.config_mac(canonical), key.config_mac):
         raise ConfigTampered(

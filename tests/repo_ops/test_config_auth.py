@@ -230,3 +230,30 @@ def test_copy_with_one_passphrase_file_between_encrypted_and_plain(tmp_path):
     r = fastpath("copy", src, dst, "--passphrase-file", pfile, "--dst-passphrase-file", pfile,
                  "--json")  # fmt: skip
     assert r.returncode == 1 and as_json(r)["exception"] == "NotEncrypted"
+
+
+def test_version_1_encrypted_repository_migrates_by_copy(tmp_path):
+    """The documented way forward for an old encrypted repository: copy it into a new one."""
+    from orchestrator.jobs.copy import copy_repository
+    from tests.repo_ops.helpers import restore
+
+    backend = _legacy_repo(tmp_path / "old")
+    old = Repository.open(backend, passphrase=PASSPHRASE)
+    old.legacy = False  # write with the version 1 formats, as the old program did
+    disk = DiskModel(chunks=2, seed=7)
+    disk.write_chunk(0, seed=70)
+    disk.write_chunk(1, seed=71)
+    rid, _ = backup(old, VM, [disk])
+    old.close()
+    old = Repository.open(backend, passphrase=PASSPHRASE)
+    new = Repository.init(tmp_path / "new", encrypt=True, passphrase=PASSPHRASE)
+    assert copy_repository(old, new)["ok"]
+    (point,) = new.list_restore_points()
+    assert point.id == rid and new.config.version == 2
+    doc = new.read_metadata(point)
+    index = new.read_point_index(point, doc, disk.vdi)
+    assert restore(new, point.disks[disk.vdi]) == bytes(disk.data) and index.mac
+    stored = new.backend.get(point.json_key)
+    assert json.loads(stored)["format"] == "xcp-fastpath-sealed-restore-point"
+    old.close()
+    new.close()

@@ -237,3 +237,19 @@ def test_restore_point_documents_are_encrypted(tmp_path):
     assert r.returncode == 1 and "list needs its passphrase" in one_line_error(r)
     r = fastpath("list", url, "--json", env={"FASTPATH_PASSPHRASE": PASSPHRASE})
     assert as_json(r)["restore_points"][0]["vm_name"] == "payroll-db"
+
+
+def test_gc_with_the_key_stops_on_a_tampered_index(world):
+    """A spliced index names chunks GC cannot trust: with the key, GC refuses to sweep."""
+    from orchestrator.jobs.gc import GcRefused, run_gc
+
+    backend, w = world
+    a = unverified(backend.get(w["ka2"]))
+    a.set(1, bytes(32))  # "this chunk is zero now": its real chunk would become garbage
+    backend.put(w["ka2"], forge(a))
+    before = sorted(i.key for i in backend.list("chunks/"))
+    repo = _open(backend)
+    with pytest.raises(GcRefused, match="damaged index"):
+        run_gc(repo, margin=0)
+    repo.close()
+    assert sorted(i.key for i in backend.list("chunks/")) == before

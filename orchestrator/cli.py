@@ -57,19 +57,23 @@ class Registry:
         self.sub = parser.add_subparsers(dest="command", metavar="COMMAND")
         self.groups: dict[str, argparse._SubParsersAction] = {}
 
+    def _group(self, group: str) -> argparse._SubParsersAction:
+        where = self.groups.get(group)
+        if where is None:
+            parent, _, last = group.rpartition(" ")
+            outer = self._group(parent) if parent else self.sub
+            gp = outer.add_parser(last, help=f"{group} commands")
+            where = gp.add_subparsers(dest=f"{group.replace(' ', '_')}_command", metavar="COMMAND")
+            where.required = True
+            self.groups[group] = where
+        return where
+
     def add(
         self, name: str, run: Runner, *, help: str, group: str | None = None
     ) -> argparse.ArgumentParser:
-        """Add ``fastpath NAME`` (or ``fastpath GROUP NAME``) running ``run(args, ui)``."""
-        if group is None:
-            where = self.sub
-        else:
-            where = self.groups.get(group)
-            if where is None:
-                gp = self.sub.add_parser(group, help=f"{group} commands")
-                where = gp.add_subparsers(dest=f"{group}_command", metavar="COMMAND")
-                where.required = True
-                self.groups[group] = where
+        """Add ``fastpath NAME`` (or ``fastpath GROUP NAME``; GROUP may be two words:
+        ``fastpath repo key list``) running ``run(args, ui)``."""
+        where = self.sub if group is None else self._group(group)
         p = where.add_parser(name, help=help, description=help)
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         p.add_argument(
@@ -324,7 +328,7 @@ def cmd_repo_init(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
 def cmd_list(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
     from orchestrator.jobs.listing import describe_points
 
-    with open_repo(args, need_key=False) as repo:
+    with _open_for_documents(args, "list") as repo:
         cat = repo.scan()
         points = cat.restore_points(args.vm, None if args.all else True)
         return {
@@ -343,10 +347,26 @@ def _render_list(result: dict[str, Any]) -> str:
 def cmd_show(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
     from orchestrator.jobs.job.names import resolve_point  # <name>/latest as well
 
-    with open_repo(args, need_key=False) as repo:
+    with _open_for_documents(args, "show") as repo:
         point = resolve_point(repo, args.id)
         doc = repo.read_metadata(point)
         return {"ok": True, "id": point.id, "vm": point.vm, "time": point.time, **doc}
+
+
+def _open_for_documents(args: argparse.Namespace, command: str):
+    """Open for a command that reads restore point documents: in an encrypted repository they
+    are encrypted, so the passphrase is needed (one-line PassphraseRequired without it)."""
+    from orchestrator.repo.errors import PassphraseRequired
+
+    try:
+        return open_repo(args)
+    except PassphraseRequired as exc:
+        if "no passphrase" not in str(exc):
+            raise
+        raise PassphraseRequired(
+            f"the repository at {args.repo} is encrypted (restore point documents too): "
+            f"{command} needs its passphrase (FASTPATH_PASSPHRASE or --passphrase-file)"
+        ) from None
 
 
 def cmd_stats(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:

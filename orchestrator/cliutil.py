@@ -53,13 +53,23 @@ def add_repo_argument(p: argparse.ArgumentParser, *, nargs: str | None = None) -
 
 
 def open_repo(
-    args: argparse.Namespace, url: str | None = None, *, need_key: bool = True
+    args: argparse.Namespace,
+    url: str | None = None,
+    *,
+    need_key: bool = True,
+    shared_passphrase: bool = False,
 ) -> Repository:
     """Open ``args.repo`` (or ``url``), asking for the passphrase only when it is encrypted.
 
-    ``need_key=False`` (list, show, stats, prune, gc, check: metadata only) opens an encrypted
-    repository without its data key when no passphrase is at hand (no prompt); a passphrase
-    from FASTPATH_PASSPHRASE or --passphrase-file is still checked when given.
+    ``need_key=False`` (stats, prune, gc, check: metadata only) opens an encrypted repository
+    without its data key when no passphrase is at hand (no prompt); a passphrase from
+    FASTPATH_PASSPHRASE or --passphrase-file is still checked when given.
+
+    ``--passphrase-file`` given for a repository that is not encrypted is an error
+    (NotEncrypted: a job that expects encryption must not write plaintext into a repository
+    whose encryption was stripped), unless ``shared_passphrase``: the file was given for
+    another repository of the same command too (``copy``, ``repair``). FASTPATH_PASSPHRASE is
+    environment, shared by every repository: it is used only where one is encrypted.
     """
     from orchestrator.repo.backends import open_backend
     from orchestrator.repo.config import PASSPHRASE_ENV, get_passphrase, read_config
@@ -75,6 +85,8 @@ def open_repo(
         if config.encrypted:
             if need_key or pfile or os.environ.get(PASSPHRASE_ENV):
                 passphrase = get_passphrase(pfile)
+        elif pfile and not shared_passphrase:
+            passphrase = get_passphrase(pfile)  # refused below (or the config was edited)
         return Repository.open(backend, passphrase=passphrase, need_key=need_key)
     except BaseException:
         backend.close()

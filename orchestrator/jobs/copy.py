@@ -170,9 +170,10 @@ class _Copier:
     def copy_point(self, point: RestorePoint) -> dict[str, Any]:
         src, dst = self.src, self.dst
         doc = src.read_metadata(point)
+        disks = src.point_disks(point, doc)  # authenticated: exactly the document's
         order = [d.get("vdi") for d in doc.get("disks", []) if isinstance(d, dict)]
-        vdis = [v for v in order if v in point.disks] + sorted(set(point.disks) - set(order))
-        indexes = {vdi: src.read_index(point.disks[vdi]) for vdi in vdis}
+        vdis = [v for v in order if v in disks] + sorted(set(disks) - set(order))
+        indexes = {vdi: src.read_point_index(point, doc, vdi) for vdi in vdis}
         session = dst.begin_backup(
             point.vm,
             when=point.time,
@@ -320,11 +321,12 @@ def options_from_args(args: argparse.Namespace) -> CopyOptions:
 
 def cmd_copy(args: argparse.Namespace, ui: Progress):
     options = options_from_args(args)
-    with open_repo(args, args.src) as src:
+    shared = not args.dst_passphrase_file  # --passphrase-file then serves SRC and DST
+    with open_repo(args, args.src, shared_passphrase=shared) as src:
         dst_args = argparse.Namespace(**vars(args))
         if args.dst_passphrase_file:
             dst_args.passphrase_file = args.dst_passphrase_file
-        with open_repo(dst_args, args.dst) as dst:
+        with open_repo(dst_args, args.dst, shared_passphrase=shared) as dst:
             result = copy_repository(src, dst, options, ui)
     if not result["ok"]:
         raise CommandFailed(

@@ -78,7 +78,6 @@ from orchestrator.repo.codec import DIGEST_SIZE, chunk_key, digest_from_key
 from orchestrator.repo.dedup import CACHE_KEY, DigestLookup, prefixes, records
 from orchestrator.repo.deletions import DELETIONS_PREFIX, encode_deletion_list
 from orchestrator.repo.errors import CorruptIndex, RepoError
-from orchestrator.repo.index import Index
 from orchestrator.repo.repository import Repository
 
 _REC = f"V{DIGEST_SIZE}"  # dtype: one digest
@@ -118,7 +117,7 @@ def _read_indexes(repo, keys, marker, ui_task, damaged, seen) -> None:
             ui_task.advance()
             continue
         try:
-            index = Index.decode(data, f"{repo.url}/{key}")
+            index = repo.decode_index(key, data)
         except CorruptIndex as exc:
             damaged.append({"index": key, "error": str(exc)})
         else:

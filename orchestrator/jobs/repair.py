@@ -103,9 +103,10 @@ def register(registry) -> None:
 
 
 def cmd_repair(args: argparse.Namespace, ui: Progress):
-    with open_repo(args) as repo:
+    shared = bool(args.source)  # one --passphrase-file for REPO and the copy
+    with open_repo(args, shared_passphrase=shared) as repo:
         if args.source:
-            with open_repo(args, args.source) as other:
+            with open_repo(args, args.source, shared_passphrase=True) as other:
                 result = run_repair(repo, other, ui)
         else:
             result = run_repair(repo, None, ui)

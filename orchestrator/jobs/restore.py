@@ -222,7 +222,7 @@ def run_restore(args: argparse.Namespace, ui: Progress):
     with open_repo(args) as repo:
         point = resolve_point(repo, args.id)
         meta = repo.read_metadata(point)
-        disks = dict(sorted(point.disks.items()))
+        disks = repo.point_disks(point, meta)  # authenticated: exactly the document's
         if args.disk:
             if args.disk not in disks:
                 raise UsageError(
@@ -233,7 +233,7 @@ def run_restore(args: argparse.Namespace, ui: Progress):
         if args.xapi:
             out, new_vm = _restore_to_xapi(args, ui, repo, point, meta, disks)
         else:
-            out = _restore_to_files(args, ui, repo, point, disks)
+            out = _restore_to_files(args, ui, repo, point, meta, disks)
     if args.output == "-":
         # stdout carries the disk: the summary goes to stderr
         ui.log(f"restored {point.id} to stdout ({out[0]['bytes']} bytes, verified)")
@@ -249,7 +249,7 @@ def run_restore(args: argparse.Namespace, ui: Progress):
     return result
 
 
-def _restore_to_files(args, ui, repo, point, disks) -> list[dict[str, Any]]:
+def _restore_to_files(args, ui, repo, point, meta, disks) -> list[dict[str, Any]]:
     target = args.output
     is_dir = target != "-" and os.path.isdir(target)
     if len(disks) > 1 and not is_dir:
@@ -262,7 +262,7 @@ def _restore_to_files(args, ui, repo, point, disks) -> list[dict[str, Any]]:
         check_output_path(path, args.force)
     out = []
     for vdi, key in disks.items():
-        index = repo.read_index(key)
+        index = repo.read_point_index(point, meta, vdi)
         reader = DiskReader(repo, index, args.threads)
         path = paths[vdi]
         with ui.task(f"restore {vdi}", total=index.virtual_size, unit="bytes") as task:
@@ -322,7 +322,7 @@ def _restore_to_xapi(args, ui, repo, point, meta, disks) -> tuple[list, dict | N
                 raise CommandFailed(f"SR {args.sr}: {' '.join(map(str, exc.details))}") from None
         dmeta = (meta.get("metadata") or {}).get("disks", {})
         for vdi, key in {} if args.metadata_only else disks.items():
-            index = repo.read_index(key)
+            index = repo.read_point_index(point, meta, vdi)
             info = dmeta.get(vdi, {})
             name = info.get("name_label") or f"restored {vdi}"
             new_ref = x.VDI.create(

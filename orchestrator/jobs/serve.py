@@ -146,7 +146,8 @@ class PointServer:
         with self._lock:
             export = self._exports.get(vdi)
             if export is None:
-                index = self.repo.read_index(self.point.disks[vdi])
+                doc = self.repo.read_metadata(self.point)  # checked against it when encrypted
+                index = self.repo.read_point_index(self.point, doc, vdi)
                 export = PointExport(
                     self.repo, index, name=vdi, point_id=self.point.id, **self._options
                 )

@@ -14,7 +14,6 @@ A damaged index is reported, never half-trusted: nothing of it is used (its dige
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import threading
 from collections.abc import Iterator
@@ -24,13 +23,19 @@ from typing import Any
 from orchestrator.cliutil import UsageError, add_repo_argument, open_repo
 from orchestrator.lazy import numpy as np
 from orchestrator.progress import Progress
-from orchestrator.repo.catalog import RP_FORMAT, Catalog, fetch_many
+from orchestrator.repo.catalog import Catalog, fetch_many, named_disks
 from orchestrator.repo.codec import DIGEST_SIZE, chunk_key, digest_from_key
 from orchestrator.repo.damage import clear_mark, damaged_digests, mark_damaged
 from orchestrator.repo.dedup import records
-from orchestrator.repo.errors import CorruptChunk, CorruptIndex, NotFound
-from orchestrator.repo.index import Index
-from orchestrator.repo.repository import Repository
+from orchestrator.repo.errors import (
+    CorruptChunk,
+    CorruptIndex,
+    NotFound,
+    PassphraseRequired,
+    RepoError,
+    Tampered,
+)
+from orchestrator.repo.repository import MissingKeyCodec, Repository
 
 _REC = f"V{DIGEST_SIZE}"  # dtype: one digest
 
@@ -44,8 +49,9 @@ def _point_of(cat: Catalog) -> dict[str, str]:
     return out
 
 
-def _scan_indexes(repo: Repository, cat: Catalog, ui: Progress):
-    """Decode every index. Returns (unique digests, damaged index reports, short chunk lengths)."""
+def _scan_indexes(repo: Repository, cat: Catalog, ui: Progress, macs: dict | None = None):
+    """Decode every index. Returns (unique digests, damaged index reports, short chunk lengths).
+    ``macs``: filled with index key -> header MAC (to check them against the documents)."""
     point_of = _point_of(cat)
     damaged: list[dict[str, Any]] = []
     parts: list[np.ndarray] = []
@@ -58,13 +64,15 @@ def _scan_indexes(repo: Repository, cat: Catalog, ui: Progress):
                 t.advance()
                 continue  # pruned while we ran
             try:
-                index = Index.decode(data, f"{repo.url}/{key}")
+                index = repo.decode_index(key, data)
             except CorruptIndex as exc:
                 damaged.append(
                     {"index": key, "restore_point": point_of.get(key), "error": str(exc)}
                 )
                 t.advance()
                 continue
+            if macs is not None:
+                macs[key] = index.mac
             recs = records(index.entries)
             logical += len(recs) * index.chunk_size
             tail = index.virtual_size % index.chunk_size
@@ -95,7 +103,7 @@ def _affected(repo: Repository, cat: Catalog, bad: set[bytes]) -> dict[str, list
         if data is None:
             continue
         try:
-            index = Index.decode(data, key)
+            index = repo.decode_index(key, data)
         except CorruptIndex:
             continue
         common = np.intersect1d(records(index.entries), bad_arr)
@@ -105,18 +113,33 @@ def _affected(repo: Repository, cat: Catalog, bad: set[bytes]) -> dict[str, list
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
-def _check_points(repo: Repository, cat: Catalog) -> list[dict[str, Any]]:
-    """Restore point JSON documents that do not parse or name missing indexes."""
+def _check_points(repo: Repository, cat: Catalog, macs: dict | None = None):
+    """Restore point documents that do not parse, fail authentication (encrypted), name
+    missing indexes, or (authenticated repositories) do not name exactly the stored indexes
+    with the MACs they were committed with (``macs``: from :func:`_scan_indexes`)."""
     bad = []
+    keyless = isinstance(repo.codec, MissingKeyCodec)
     for p in cat.restore_points(complete=True):
         try:
-            doc = json.loads(repo.backend.get(p.json_key))
-            if not isinstance(doc, dict) or doc.get("format") != RP_FORMAT:
-                raise ValueError("not a restore point document")
-            named = {d["vdi"]: d["index"] for d in doc.get("disks", [])}
+            try:
+                doc = repo.read_metadata(p)
+            except PassphraseRequired:
+                if keyless:
+                    continue  # check without the key: the sealed document cannot be read
+                raise
+            named = {v: d.get("index") for v, d in named_disks(doc, p.json_key).items()}
+            if repo.keys is not None:
+                repo.point_disks(p, doc)
+                for d in named_disks(doc, p.json_key).values():
+                    got = (macs or {}).get(d.get("index"))
+                    if macs is not None and got is not None and d.get("index_mac") != got.hex():
+                        raise Tampered(
+                            f"{d.get('index')}: not the index the restore point was committed "
+                            f"with (replaced)"
+                        )
         except NotFound:
             continue
-        except (ValueError, KeyError, TypeError) as exc:
+        except (RepoError, ValueError, KeyError, TypeError) as exc:
             bad.append({"restore_point": p.id, "error": f"{p.json_key}: {exc}"})
             continue
         missing = [k for v, k in named.items() if p.disks.get(v) != k]
@@ -176,7 +199,8 @@ def run_verify(
     marks of checked chunks that are sound again."""
     ui = ui or Progress("quiet")
     cat = repo.scan()
-    unique, damaged_indexes, _short, _logical = _scan_indexes(repo, cat, ui)
+    macs: dict[str, bytes] = {}
+    unique, damaged_indexes, _short, _logical = _scan_indexes(repo, cat, ui, macs)
     digests = [r.tobytes() for r in unique]
     if sample is not None:
         if not 0 < sample <= 100:
@@ -190,7 +214,7 @@ def run_verify(
             bad[d] = err
         t.done(f"{len(digests)} chunks read, {len(bad)} damaged")
     affected = _affected(repo, cat, set(bad))
-    points_bad = _check_points(repo, cat)
+    points_bad = _check_points(repo, cat, macs)
     for item in damaged_indexes:
         if item["restore_point"]:
             affected.setdefault(item["restore_point"], []).append(f"index {item['index']}")
@@ -230,7 +254,8 @@ def run_verify(
 def run_check(repo: Repository, *, ui: Progress | None = None) -> dict[str, Any]:
     ui = ui or Progress("quiet")
     cat = repo.scan()
-    unique, damaged_indexes, _short, _logical = _scan_indexes(repo, cat, ui)
+    macs: dict[str, bytes] = {}
+    unique, damaged_indexes, _short, _logical = _scan_indexes(repo, cat, ui, macs)
     present = set()
     with ui.task("list chunks", unit="chunks") as t:
         for info in repo.backend.list("chunks/"):
@@ -241,7 +266,7 @@ def run_check(repo: Repository, *, ui: Progress | None = None) -> dict[str, Any]
             t.advance()
     missing = {r.tobytes() for r in unique} - present
     affected = _affected(repo, cat, missing)
-    points_bad = _check_points(repo, cat)
+    points_bad = _check_points(repo, cat, macs)
     for item in damaged_indexes:
         if item["restore_point"]:
             affected.setdefault(item["restore_point"], []).append(f"index {item['index']}")

@@ -20,6 +20,7 @@ written: ``chunks/`` in :mod:`orchestrator.repo.codec`, ``locks/`` in
 
 from __future__ import annotations
 
+import base64
 import calendar
 import json
 import re
@@ -30,10 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.repo.backends import Backend
-from orchestrator.repo.errors import NotFound, RepoError
+from orchestrator.repo.errors import NotFound, PassphraseRequired, RepoError, Tampered
+from orchestrator.repo.keys import MetadataKeys
 
 BACKUPS = "backups/"
 RP_FORMAT = "xcp-fastpath-restore-point"
+SEALED_RP_FORMAT = "xcp-fastpath-sealed-restore-point"
 _TIME_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z$")
 _UUIDISH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -76,6 +79,26 @@ def pending_key(vm: str, vdi: str, when: str) -> str:
 
 def rp_key(vm: str, when: str) -> str:
     return f"{BACKUPS}{vm}/{when}.json"
+
+
+def parse_index_key(key: str) -> tuple[str, str, str]:
+    """(vm, vdi, time) of ``backups/<vm>/<vdi>/<time>.index`` (or ``.pending``); ValueError."""
+    parts = key[len(BACKUPS) :].split("/") if key.startswith(BACKUPS) else []
+    if len(parts) == 3:
+        stem, dot, suffix = parts[2].rpartition(".")
+        if dot and suffix in ("index", "pending") and _TIME_RE.match(stem):
+            return check_name("VM", parts[0]), check_name("VDI", parts[1]), stem
+    raise ValueError(f"not an index key: {key!r}")
+
+
+def index_binding(vm: str, vdi: str, when: str) -> bytes:
+    """What a keyed index is bound to (orchestrator.repo.index): where it is stored."""
+    return f"xcp-fastpath index v2 vm={vm} vdi={vdi} time={when}".encode()
+
+
+def point_binding(vm: str, when: str) -> bytes:
+    """The associated data of a sealed restore point document."""
+    return f"xcp-fastpath restore point v1 vm={vm} time={when}".encode()
 
 
 @dataclass
@@ -202,17 +225,80 @@ def fetch_many(
 # -- restore point documents -------------------------------------------------------------------
 
 
-def encode_point_document(doc: dict[str, Any]) -> bytes:
-    """The bytes of ``backups/<vm>/<time>.json`` (``doc`` carries ``"format": RP_FORMAT``)."""
-    return json.dumps(doc, indent=1, sort_keys=True).encode()
+def encode_point_document(doc: dict[str, Any], keys: MetadataKeys | None = None) -> bytes:
+    """The bytes of ``backups/<vm>/<time>.json`` (``doc`` carries ``"format": RP_FORMAT``).
+    With ``keys`` (an authenticated encrypted repository): sealed with AES-256-GCM, bound to the
+    document's VM and time, inside a small JSON envelope."""
+    plain = json.dumps(doc, indent=1, sort_keys=True).encode()
+    if keys is None:
+        return plain
+    sealed = keys.seal(point_binding(doc["vm"], doc["time"]), plain)
+    envelope = {
+        "format": SEALED_RP_FORMAT,
+        "version": 1,
+        "cipher": "aes-256-gcm",
+        "sealed": base64.b64encode(sealed).decode(),
+    }
+    return json.dumps(envelope, sort_keys=True).encode()
 
 
-def decode_point_document(data: bytes, where: str) -> dict[str, Any]:
-    """A restore point document; RepoError naming ``where`` if it is not one."""
+def decode_point_document(
+    data: bytes,
+    where: str,
+    *,
+    vm: str | None = None,
+    when: str | None = None,
+    keys: MetadataKeys | None = None,
+    need_auth: bool = False,
+) -> dict[str, Any]:
+    """A restore point document; RepoError naming ``where`` if it is not one. A sealed one is
+    opened with ``keys`` (PassphraseRequired without them; Tampered if it fails authentication
+    or names another VM or time); ``need_auth``: a plain one is refused (Tampered)."""
+    doc = _json_object(data, where)
+    if doc.get("format") == SEALED_RP_FORMAT:
+        if doc.get("version") != 1 or doc.get("cipher") != "aes-256-gcm":
+            raise RepoError(f"{where}: unknown sealed restore point version or cipher")
+        if keys is None:
+            raise PassphraseRequired(
+                f"{where}: restore point documents of this repository are encrypted: this "
+                f"needs its passphrase (FASTPATH_PASSPHRASE or --passphrase-file)"
+            )
+        if vm is None or when is None:
+            raise ValueError("a sealed restore point needs its VM and time")
+        try:
+            sealed = base64.b64decode(doc.get("sealed") or "", validate=True)
+        except ValueError:
+            raise Tampered(f"{where}: sealed restore point is not base64") from None
+        doc = _json_object(keys.open(point_binding(vm, when), sealed, where), where)
+        if doc.get("format") != RP_FORMAT:
+            raise Tampered(f"{where}: sealed object is not a restore point document")
+        if doc.get("vm") != vm or doc.get("time") != when:
+            raise Tampered(f"{where}: document of {doc.get('id')!r} stored as {vm}/{when}")
+        return doc
+    if doc.get("format") != RP_FORMAT:
+        raise RepoError(f"{where}: not a restore point document")
+    if need_auth:
+        raise Tampered(
+            f"{where}: unauthenticated (plain) restore point document in an encrypted repository"
+        )
+    return doc
+
+
+def _json_object(data: bytes, where: str) -> dict[str, Any]:
     try:
         doc = json.loads(data)
     except ValueError:
         raise RepoError(f"{where}: not JSON") from None
-    if not isinstance(doc, dict) or doc.get("format") != RP_FORMAT:
+    if not isinstance(doc, dict):
         raise RepoError(f"{where}: not a restore point document")
     return doc
+
+
+def named_disks(doc: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """vdi -> disk entry of a restore point document (RepoError if malformed)."""
+    disks = doc.get("disks")
+    if not isinstance(disks, list) or not all(
+        isinstance(d, dict) and isinstance(d.get("vdi"), str) for d in disks
+    ):
+        raise RepoError(f"{where}: malformed disk list")
+    return {d["vdi"]: d for d in disks}

@@ -1,24 +1,30 @@
-"""Repository config and keys.
+"""Repository config, and opening (unlocking) a repository.
 
 ``config`` (JSON, no secrets)::
 
-    {"format": "xcp-fastpath-repository", "version": 1, "id": "<32 hex>",
+    {"format": "xcp-fastpath-repository", "version": 1 | 2, "id": "<32 hex>",
      "chunk_size": 2097152, "digest": "blake3", "compression": "zstd:1",
      "encryption": null | {"cipher": "aes-256-gcm", "key": "keys/<key id>"},
      "created": "2026-11-27T08:00:00Z"}
 
-``keys/<key id>`` (JSON) holds the random 32-byte data key wrapped with AES-256-GCM under a key
-derived from the passphrase with scrypt (parameters and salt stored beside it; the repository id
-and key id are the associated data). The config is written last with a create-only write, so a
-crashed or concurrent ``init`` never leaves a config pointing at someone else's key.
+Version 1: unencrypted repositories (and encrypted ones made before version 2, read only).
+Version 2: encrypted repositories whose metadata is authenticated: the config by a MAC stored in
+each key file (:mod:`orchestrator.repo.keys`), indexes by keyed BLAKE3, restore point documents
+by AES-GCM. Opening checks, before anything is trusted:
 
-A reader refuses a format name, a version, a digest, a compression or a cipher it does not know
-(UnknownFormat) rather than guessing.
+- a config that says "unencrypted" while ``keys/`` holds a key object is refused
+  (ConfigTampered): the presence of a key means "encrypted" whatever the config says;
+- a passphrase given to an unencrypted repository is refused (NotEncrypted), so a job that
+  expects encryption never writes plaintext into a repository whose encryption was stripped;
+- an encrypted config must match the MAC of the key file that the passphrase unwraps.
+
+The config is written last with a create-only write, so a crashed or concurrent ``init`` never
+leaves a config pointing at someone else's key. A reader refuses a format name, a version, a
+digest, a compression or a cipher it does not know (UnknownFormat) rather than guessing.
 """
 
 from __future__ import annotations
 
-import base64
 import getpass
 import json
 import os
@@ -28,13 +34,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
 from orchestrator.repo.backends.base import Backend
 from orchestrator.repo.codec import CHUNK_SIZE, ChunkCodec, parse_compression
 from orchestrator.repo.errors import (
+    ConfigTampered,
+    NotEncrypted,
     NotFound,
     PassphraseRequired,
     RepoError,
@@ -43,22 +47,28 @@ from orchestrator.repo.errors import (
     UnknownFormat,
     WrongPassphrase,
 )
+from orchestrator.repo.keys import (
+    KEYS_PREFIX,
+    MAX_KEY_FILES,
+    MAX_SCRYPT_N,
+    MIN_SCRYPT_N,
+    SCRYPT_N,
+    KeyFile,
+    MetadataKeys,
+    check_config_mac,
+    new_key_file,
+    parse_key_file,
+)
 
 FORMAT_NAME = "xcp-fastpath-repository"
-FORMAT_VERSION = 1
-KEY_FORMAT_NAME = "xcp-fastpath-key"
-KEY_FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this program writes for an encrypted repository
+PLAIN_FORMAT_VERSION = 1  # ... and for an unencrypted one (unchanged since version 1)
 CONFIG_KEY = "config"
 
-# scrypt cost: N=2**17, r=8 -> 128 MiB and roughly half a second, once per open.
-SCRYPT_N = 2**17
-SCRYPT_R = 8
-SCRYPT_P = 1
-# Tests may lower the cost (never below this) with init_repo(scrypt_n=...) or this env variable.
+# Tests may lower the scrypt cost (never below MIN_SCRYPT_N) with init_repo(scrypt_n=...) or this.
 TEST_KDF_ENV = "FASTPATH_INSECURE_TEST_KDF_N"
-MIN_SCRYPT_N = 2**10
-MAX_SCRYPT_N = 2**22  # refuse key files that would make us allocate GiBs
 PASSPHRASE_ENV = "FASTPATH_PASSPHRASE"
+NEW_PASSPHRASE_ENV = "FASTPATH_NEW_PASSPHRASE"
 
 
 @dataclass(frozen=True)
@@ -68,15 +78,18 @@ class RepoConfig:
     digest: str = "blake3"
     compression: str = "zstd:1"
     encryption: dict[str, Any] | None = None  # {"cipher": "aes-256-gcm", "key": "keys/<id>"}
-    version: int = FORMAT_VERSION
+    version: int = PLAIN_FORMAT_VERSION
     created: str = ""
+    # every field of the document as read (unknown ones too), in canonical form: what the
+    # config MAC covers; computed from the fields for a config made here
+    canonical: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def encrypted(self) -> bool:
         return self.encryption is not None
 
-    def to_json(self) -> bytes:
-        doc = {
+    def document(self) -> dict[str, Any]:
+        return {
             "format": FORMAT_NAME,
             "version": self.version,
             "id": self.id,
@@ -86,7 +99,12 @@ class RepoConfig:
             "encryption": self.encryption,
             "created": self.created,
         }
-        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.document(), indent=2, sort_keys=True) + "\n").encode()
+
+    def canonical_bytes(self) -> bytes:
+        return self.canonical or canonical_json(self.document())
 
     @classmethod
     def from_json(cls, data: bytes, where: str = CONFIG_KEY) -> RepoConfig:
@@ -97,10 +115,10 @@ class RepoConfig:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise UnknownFormat(f"{where}: not an xcp-fastpath repository config")
         version = doc.get("version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version not in (1, FORMAT_VERSION):
             raise UnknownFormat(
                 f"{where}: repository format version {version!r} is not supported "
-                f"(this program reads version {FORMAT_VERSION})"
+                f"(this program reads versions 1 and {FORMAT_VERSION})"
             )
         try:
             config = cls(
@@ -108,9 +126,10 @@ class RepoConfig:
                 chunk_size=int(doc["chunk_size"]),
                 digest=_str(doc["digest"]),
                 compression=_str(doc["compression"]),
-                encryption=doc["encryption"],
+                encryption=doc.get("encryption"),  # absent = null (then keys/ decides)
                 version=version,
                 created=_str(doc.get("created", "")),
+                canonical=canonical_json(doc),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UnknownFormat(f"{where}: malformed repository config ({exc!r})") from None
@@ -133,84 +152,24 @@ class RepoConfig:
             if not isinstance(enc, dict) or enc.get("cipher") != "aes-256-gcm":
                 raise UnknownFormat(f"{where}: encryption {enc!r} is not supported")
             key = enc.get("key")
-            if not isinstance(key, str) or not key.startswith("keys/"):
+            if not isinstance(key, str) or not key.startswith(KEYS_PREFIX):
                 raise UnknownFormat(f"{where}: encryption key reference {key!r} is invalid")
+        elif self.version != PLAIN_FORMAT_VERSION:
+            # version 2 exists for encrypted repositories only: never read one as plaintext
+            raise ConfigTampered(
+                f"{where}: a version {self.version} repository config without encryption: the "
+                f"config was edited; refusing to open"
+            )
+
+
+def canonical_json(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def _str(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {value!r}")
     return value
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(text: Any) -> bytes:
-    return base64.b64decode(_str(text), validate=True)
-
-
-def _kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode("utf-8"))
-
-
-def _wrap_aad(repo_id: str, key_id: str) -> bytes:
-    return f"{KEY_FORMAT_NAME} v{KEY_FORMAT_VERSION} repo={repo_id} key={key_id}".encode()
-
-
-def wrap_data_key(
-    data_key: bytes, passphrase: str, repo_id: str, key_id: str, *, scrypt_n: int = SCRYPT_N
-) -> bytes:
-    salt = os.urandom(16)
-    nonce = os.urandom(12)
-    kek = _kek(passphrase, salt, scrypt_n, SCRYPT_R, SCRYPT_P)
-    wrapped = AESGCM(kek).encrypt(nonce, data_key, _wrap_aad(repo_id, key_id))
-    doc = {
-        "format": KEY_FORMAT_NAME,
-        "version": KEY_FORMAT_VERSION,
-        "id": key_id,
-        "kdf": {"name": "scrypt", "n": scrypt_n, "r": SCRYPT_R, "p": SCRYPT_P, "salt": _b64(salt)},
-        "wrap": {"cipher": "aes-256-gcm", "nonce": _b64(nonce), "data": _b64(wrapped)},
-    }
-    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-
-
-def unwrap_data_key(blob: bytes, passphrase: str, repo_id: str, where: str) -> bytes:
-    try:
-        doc = json.loads(blob)
-        if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT_NAME:
-            raise UnknownFormat(f"{where}: not an xcp-fastpath key file")
-        if doc.get("version") != KEY_FORMAT_VERSION:
-            raise UnknownFormat(
-                f"{where}: key file version {doc.get('version')!r} is not supported"
-            )
-        kdf, wrap = doc["kdf"], doc["wrap"]
-        if kdf["name"] != "scrypt" or wrap["cipher"] != "aes-256-gcm":
-            raise UnknownFormat(
-                f"{where}: key derivation {kdf['name']!r}/{wrap['cipher']!r} unknown"
-            )
-        n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
-        if not (
-            MIN_SCRYPT_N <= n <= MAX_SCRYPT_N and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16
-        ):
-            raise UnknownFormat(f"{where}: scrypt parameters n={n} r={r} p={p} out of range")
-        salt, nonce, data = _unb64(kdf["salt"]), _unb64(wrap["nonce"]), _unb64(wrap["data"])
-        key_id = _str(doc["id"])
-    except UnknownFormat:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UnknownFormat(f"{where}: malformed key file ({exc!r})") from None
-    if len(nonce) != 12:
-        raise UnknownFormat(f"{where}: malformed key file (nonce of {len(nonce)} bytes)")
-    kek = _kek(passphrase, salt, n, r, p)
-    try:
-        data_key = AESGCM(kek).decrypt(nonce, data, _wrap_aad(repo_id, key_id))
-    except InvalidTag:
-        raise WrongPassphrase(f"wrong passphrase for the repository key {where}") from None
-    if len(data_key) != 32:
-        raise UnknownFormat(f"{where}: data key of {len(data_key)} bytes")
-    return data_key
 
 
 def _test_kdf_n() -> int:
@@ -245,22 +204,31 @@ def init_repo(
     if not encrypt and passphrase:
         raise RepoError("a passphrase was given but encryption was not requested")
     repo_id = secrets.token_hex(16)
-    encryption = None
-    if encrypt:
-        assert passphrase is not None
-        key_id = secrets.token_hex(8)
-        key_name = f"keys/{key_id}"
-        blob = wrap_data_key(
-            os.urandom(32), passphrase, repo_id, key_id, scrypt_n=scrypt_n or _test_kdf_n()
-        )
-        backend.put(key_name, blob)
-        encryption = {"cipher": "aes-256-gcm", "key": key_name}
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    config = RepoConfig(id=repo_id, compression=compression, encryption=encryption, created=created)
+    if not encrypt:
+        config = RepoConfig(id=repo_id, compression=compression, created=created)
+        config.validate()
+        if not backend.put_if_absent(CONFIG_KEY, config.to_json()):
+            raise RepoExists(f"a repository already exists at {backend.url}")
+        return config
+    assert passphrase is not None
+    key_id = secrets.token_hex(8)
+    config = RepoConfig(
+        id=repo_id,
+        compression=compression,
+        encryption={"cipher": "aes-256-gcm", "key": KEYS_PREFIX + key_id},
+        version=FORMAT_VERSION,
+        created=created,
+    )
     config.validate()
+    data_key = os.urandom(32)
+    mac = MetadataKeys(data_key).config_mac(config.canonical_bytes())
+    key_name, blob = new_key_file(
+        data_key, passphrase, repo_id, mac, scrypt_n=scrypt_n or _test_kdf_n(), key_id=key_id
+    )
+    backend.put(key_name, blob)
     if not backend.put_if_absent(CONFIG_KEY, config.to_json()):
-        if encryption is not None:
-            backend.delete(encryption["key"])
+        backend.delete(key_name)
         raise RepoExists(f"a repository already exists at {backend.url}")
     return config
 
@@ -273,26 +241,119 @@ def read_config(backend: Backend) -> RepoConfig:
     return RepoConfig.from_json(data, _where(backend, CONFIG_KEY))
 
 
-def load_repo(
-    backend: Backend, passphrase: str | None = None, *, digest_threads: int = 1
-) -> tuple[RepoConfig, ChunkCodec]:
-    """Read the config (and unwrap the data key) of the repository on ``backend``."""
+def key_names(backend: Backend) -> list[str]:
+    """The key objects of the repository (one listing of ``keys/``)."""
+    return sorted(info.key for info in backend.list(KEYS_PREFIX) if info.key.count("/") == 1)
+
+
+@dataclass
+class Unlocked:
+    """A repository's config and what its passphrase unlocked.
+
+    ``keys`` (MetadataKeys) is set for an authenticated (version 2) encrypted repository opened
+    with its passphrase; ``legacy`` for a version 1 encrypted one (its metadata carries no
+    authentication: read only); ``codec`` is None for an encrypted repository opened without
+    its passphrase (metadata work only; nothing it reads is authenticated then)."""
+
+    config: RepoConfig
+    codec: ChunkCodec | None
+    keys: MetadataKeys | None = None
+    legacy: bool = False
+    key: KeyFile | None = None  # the key file that opened it
+    data_key: bytes | None = field(default=None, repr=False)
+
+
+def unlock_repo(
+    backend: Backend,
+    passphrase: str | None = None,
+    *,
+    need_key: bool = True,
+    digest_threads: int = 1,
+) -> Unlocked:
+    """Read the config of the repository on ``backend``, check it, unwrap the data key."""
     config = read_config(backend)
+    names = key_names(backend)
     if not config.encrypted:
-        return config, ChunkCodec(config, digest_threads=digest_threads)
+        if names:
+            raise ConfigTampered(
+                f"{_where(backend, CONFIG_KEY)} says the repository is not encrypted, but "
+                f"{len(names)} key object(s) exist under {KEYS_PREFIX}: the config was edited; "
+                f"refusing to open (restore the original config)"
+            )
+        if passphrase:
+            raise NotEncrypted(
+                f"the repository at {backend.url} is not encrypted; drop --passphrase-file"
+            )
+        return Unlocked(config, ChunkCodec(config, digest_threads=digest_threads))
     if not passphrase:
+        if not need_key:
+            return Unlocked(config, None)
         raise PassphraseRequired(
             f"the repository at {backend.url} is encrypted: give its passphrase "
             f"({PASSPHRASE_ENV}, --passphrase-file or the prompt)"
         )
+    key, data_key = _unwrap_any(backend, config, names, passphrase)
+    codec = ChunkCodec(config, data_key, digest_threads=digest_threads)
+    where = _where(backend, CONFIG_KEY)
+    if key.version == 1:
+        if config.version != 1:
+            raise ConfigTampered(
+                f"{where}: a version {config.version} config opened by a version 1 key "
+                f"{key.name}: refusing to open"
+            )
+        return Unlocked(config, codec, None, True, key, data_key)
+    keys = MetadataKeys(data_key)
+    check_config_mac(key, keys, config.canonical_bytes(), where)
+    if config.version != FORMAT_VERSION:  # the MAC covers the version: not reached
+        raise ConfigTampered(f"{where}: version {config.version} under a version 2 key")
+    return Unlocked(config, codec, keys, False, key, data_key)
+
+
+def _unwrap_any(
+    backend: Backend, config: RepoConfig, names: list[str], passphrase: str
+) -> tuple[KeyFile, bytes]:
+    """The first key file that the passphrase opens: the config's own first, then the others
+    (a second key, ``fastpath repo key add``)."""
     assert config.encryption is not None
-    key_name = config.encryption["key"]
-    try:
-        blob = backend.get(key_name)
-    except NotFound:
-        raise RepoError(f"missing key file {_where(backend, key_name)}") from None
-    data_key = unwrap_data_key(blob, passphrase, config.id, _where(backend, key_name))
-    return config, ChunkCodec(config, data_key, digest_threads=digest_threads)
+    primary = config.encryption["key"]
+    if len(names) > MAX_KEY_FILES:
+        raise RepoError(
+            f"{backend.url}: {len(names)} objects under {KEYS_PREFIX} (more than "
+            f"{MAX_KEY_FILES}): refusing to try them all"
+        )
+    order = ([primary] if primary in names else []) + [n for n in names if n != primary]
+    if not order:
+        raise RepoError(f"missing key file {_where(backend, primary)} (no key under keys/)")
+    problems: list[RepoError] = []
+    wrong = 0
+    for name in order:
+        where = _where(backend, name)
+        try:
+            key = parse_key_file(backend.get(name), name, where)
+            return key, key.unwrap(passphrase, config.id, where)
+        except NotFound:
+            continue  # removed meanwhile
+        except WrongPassphrase as exc:
+            wrong += 1
+            problems.append(exc)
+        except UnknownFormat as exc:
+            problems.append(exc)
+    if wrong == len(problems) == 1:
+        raise problems[0]
+    if wrong:
+        raise WrongPassphrase(
+            f"wrong passphrase for the repository at {backend.url} ({wrong} key(s) tried)"
+        )
+    raise problems[0] if problems else RepoError(f"missing key file {_where(backend, primary)}")
+
+
+def load_repo(
+    backend: Backend, passphrase: str | None = None, *, digest_threads: int = 1
+) -> tuple[RepoConfig, ChunkCodec]:
+    """Read the config (and unwrap the data key) of the repository on ``backend``."""
+    unlocked = unlock_repo(backend, passphrase, digest_threads=digest_threads)
+    assert unlocked.codec is not None
+    return unlocked.config, unlocked.codec
 
 
 def get_passphrase(
@@ -301,8 +362,11 @@ def get_passphrase(
     *,
     confirm: bool = False,
     what: str = "repository",
+    env_name: str = PASSPHRASE_ENV,
+    option: str = "--passphrase-file",
 ) -> str:
-    """The passphrase from a file (first line), else FASTPATH_PASSPHRASE, else a prompt."""
+    """The passphrase from a file (first line), else ``env_name`` (FASTPATH_PASSPHRASE), else
+    a prompt."""
     if passphrase_file is not None:
         try:
             with open(passphrase_file, encoding="utf-8") as f:
@@ -314,11 +378,11 @@ def get_passphrase(
         if not text:
             raise PassphraseRequired(f"passphrase file {passphrase_file} is empty")
         return text
-    env = os.environ.get(PASSPHRASE_ENV)
+    env = os.environ.get(env_name)
     if env:
         return env
     if not prompt or not sys.stdin.isatty():
-        raise PassphraseRequired(f"no passphrase: set {PASSPHRASE_ENV} or give --passphrase-file")
+        raise PassphraseRequired(f"no passphrase: set {env_name} or give {option}")
     first = getpass.getpass(f"Passphrase for the {what}: ")
     if not first:
         raise PassphraseRequired("empty passphrase")

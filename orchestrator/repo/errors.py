@@ -53,6 +53,25 @@ class PassphraseRequired(RepoError):
     """The repository is encrypted and no passphrase source was available."""
 
 
+class NotEncrypted(RepoError):
+    """A passphrase was given for a repository that is not encrypted."""
+
+
+class Tampered(RepoError):
+    """An object that the repository key authenticates does not match: edited, moved, replaced
+    or replayed (config, restore point document, or what a restore point names)."""
+
+
+class ConfigTampered(Tampered):
+    """The repository config no longer matches what its key authenticates (or says
+    "unencrypted" while key objects exist): the repository is refused, not obeyed."""
+
+
+class IndexTampered(CorruptIndex):
+    """An index failed its keyed authentication (spliced entry, swapped between VMs or disks,
+    replayed under another restore point)."""
+
+
 class BackendError(RepoError):
     """A backend operation failed (I/O error, or an S3 error after the retry policy)."""
 

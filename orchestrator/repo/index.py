@@ -17,10 +17,19 @@ Object layout (big-endian)::
 
 32 bytes per 2 MiB chunk: 16 MiB per TiB. ``decode`` checks magic, version, both checksums, the
 count against the sizes and the exact length, so a damaged index is refused, never half-trusted.
+
+Version 2 (encrypted repositories of format 2) has the same layout, but both checksums are keyed
+BLAKE3 under the repository's index key (:class:`IndexAuth`), and the header's also covers a
+*binding*: the VM uuid, VDI and restore point time the index is stored under (from its key,
+``backups/<vm>/<vdi>/<time>.index``). So an index with an entry spliced, moved to another VM or
+disk, or replayed under another restore point fails (IndexTampered), and so does a version 1
+index where version 2 is expected. Without the key (metadata work on an encrypted repository)
+an index is parsed with :data:`UNVERIFIED`: structure checked, checksums not.
 """
 
 from __future__ import annotations
 
+import hmac
 import struct
 import uuid as uuid_mod
 from collections.abc import Iterator
@@ -28,10 +37,11 @@ from collections.abc import Iterator
 import blake3
 
 from orchestrator.repo.codec import CHUNK_SIZE, DIGEST_SIZE, ZERO_DIGEST
-from orchestrator.repo.errors import CorruptIndex
+from orchestrator.repo.errors import CorruptIndex, IndexTampered
 
 MAGIC = b"FPINDEX\0"
-VERSION = 1
+VERSION = 1  # unkeyed checksums
+KEYED_VERSION = 2  # keyed BLAKE3, bound to where the index is stored
 FIXED = struct.Struct(">8sHHI16sQIQ32sH")
 CHECKSUM_SIZE = 32
 MAX_BASE_LEN = 1024
@@ -42,10 +52,34 @@ def entry_count(virtual_size: int, chunk_size: int) -> int:
     return -(-virtual_size // chunk_size)
 
 
+class IndexAuth:
+    """The index key of a repository and the binding of one index (where it is stored)."""
+
+    __slots__ = ("key", "binding")
+
+    def __init__(self, key: bytes, binding: bytes):
+        if len(key) != 32 or len(binding) > 0xFFFF:
+            raise ValueError("bad index key or binding")
+        self.key = key
+        self.binding = binding
+
+    def body(self, entries) -> bytes:
+        return blake3.blake3(entries, key=self.key).digest()
+
+    def header(self, header) -> bytes:
+        h = blake3.blake3(struct.pack(">H", len(self.binding)), key=self.key)
+        h.update(self.binding)
+        h.update(header)
+        return h.digest()
+
+
+UNVERIFIED = "unverified"  # decode without the key: structure only
+
+
 class Index:
     """A disk's chunk list. ``entries`` is a bytearray of ``32 * count`` (zeros = zero chunks)."""
 
-    __slots__ = ("disk_uuid", "virtual_size", "chunk_size", "base", "entries")
+    __slots__ = ("disk_uuid", "virtual_size", "chunk_size", "base", "entries", "mac")
 
     def __init__(
         self,
@@ -74,6 +108,7 @@ class Index:
             if len(entries) != count * DIGEST_SIZE:
                 raise ValueError(f"{len(entries)} entry bytes for {count} chunks")
             self.entries = bytearray(entries)
+        self.mac: bytes | None = None  # header checksum of the object it was decoded from
 
     def __len__(self) -> int:
         return len(self.entries) // DIGEST_SIZE
@@ -130,25 +165,34 @@ class Index:
 
     # -- serialization -----------------------------------------------------------------------
 
-    def encode(self) -> bytes:
+    def encode(self, auth: IndexAuth | None = None) -> bytes:
+        """Version 1 bytes, or version 2 (keyed, bound) with ``auth``; sets ``self.mac``."""
         base = (self.base or "").encode("utf-8")
         fixed = FIXED.pack(
             MAGIC,
-            VERSION,
+            VERSION if auth is None else KEYED_VERSION,
             0,
             FIXED.size + len(base) + CHECKSUM_SIZE,
             uuid_mod.UUID(self.disk_uuid).bytes,
             self.virtual_size,
             self.chunk_size,
             len(self),
-            blake3.blake3(self.entries).digest(),
+            blake3.blake3(self.entries).digest() if auth is None else auth.body(self.entries),
             len(base),
         )
         header = fixed + base
-        return b"".join((header, blake3.blake3(header).digest(), self.entries))
+        self.mac = blake3.blake3(header).digest() if auth is None else auth.header(header)
+        return b"".join((header, self.mac, self.entries))
 
     @classmethod
-    def decode(cls, data: bytes | bytearray | memoryview, name: str = "index") -> Index:
+    def decode(
+        cls,
+        data: bytes | bytearray | memoryview,
+        name: str = "index",
+        auth: IndexAuth | str | None = None,
+    ) -> Index:
+        """``auth``: None (version 1 expected), an IndexAuth (version 2 expected, checked with
+        the key and binding) or UNVERIFIED (either version, keyed checksums not checked)."""
         view = memoryview(data)
         if len(view) < FIXED.size + CHECKSUM_SIZE:
             raise CorruptIndex(f"{name}: truncated ({len(view)} bytes)")
@@ -166,14 +210,30 @@ class Index:
         ) = FIXED.unpack_from(view)
         if magic != MAGIC:
             raise CorruptIndex(f"{name}: not an index (magic {bytes(magic)!r})")
-        if version != VERSION:
+        if version not in (VERSION, KEYED_VERSION):
             raise CorruptIndex(f"{name}: unknown index version {version}")
+        keyed = isinstance(auth, IndexAuth)
+        if keyed and version != KEYED_VERSION:
+            raise IndexTampered(
+                f"{name}: unauthenticated (version {version}) index in an encrypted repository"
+            )
+        if auth is None and version != VERSION:
+            raise CorruptIndex(f"{name}: keyed (version {version}) index in this repository")
+        check = auth is None or keyed or version == VERSION
         if base_len > MAX_BASE_LEN or header_size != FIXED.size + base_len + CHECKSUM_SIZE:
             raise CorruptIndex(f"{name}: bad header size {header_size} / base length {base_len}")
         if len(view) < header_size:
             raise CorruptIndex(f"{name}: truncated header ({len(view)} < {header_size} bytes)")
         header = view[: header_size - CHECKSUM_SIZE]
-        if blake3.blake3(header).digest() != view[header_size - CHECKSUM_SIZE : header_size]:
+        mac = bytes(view[header_size - CHECKSUM_SIZE : header_size])
+        if keyed:
+            assert isinstance(auth, IndexAuth)
+            if not hmac.compare_digest(auth.header(header), mac):
+                raise IndexTampered(
+                    f"{name}: authentication failed (edited, or moved from another VM, disk "
+                    f"or restore point)"
+                )
+        elif check and blake3.blake3(header).digest() != mac:
             raise CorruptIndex(f"{name}: header checksum mismatch")
         if flags:
             raise CorruptIndex(f"{name}: unknown flags {flags:#x}")
@@ -189,7 +249,11 @@ class Index:
                 f"({'truncated' if len(view) < header_size + count * DIGEST_SIZE else 'trailing data'})"
             )
         body = view[header_size:]
-        if blake3.blake3(body).digest() != body_sum:
+        if keyed:
+            assert isinstance(auth, IndexAuth)
+            if not hmac.compare_digest(auth.body(body), bytes(body_sum)):
+                raise IndexTampered(f"{name}: authentication of the entries failed (edited)")
+        elif check and blake3.blake3(body).digest() != body_sum:
             raise CorruptIndex(f"{name}: body checksum mismatch")
         try:
             base = (
@@ -199,8 +263,12 @@ class Index:
             )
         except UnicodeDecodeError:
             raise CorruptIndex(f"{name}: base key is not UTF-8") from None
-        return cls(str(uuid_mod.UUID(bytes=bytes(disk))), virtual_size, chunk_size, base, body)
+        index = cls(str(uuid_mod.UUID(bytes=bytes(disk))), virtual_size, chunk_size, base, body)
+        index.mac = mac
+        return index
 
 
-def decode_index(data: bytes | bytearray | memoryview, name: str = "index") -> Index:
-    return Index.decode(data, name)
+def decode_index(
+    data: bytes | bytearray | memoryview, name: str = "index", auth: IndexAuth | str | None = None
+) -> Index:
+    return Index.decode(data, name, auth)

@@ -33,23 +33,29 @@ from orchestrator.repo.catalog import (
     RestorePoint,
     check_name,
     decode_point_document,
+    encode_point_document,
     fetch_many,
     format_time,
+    index_binding,
+    named_disks,
+    parse_index_key,
     parse_time,
     scan_backups,
 )
 from orchestrator.repo.codec import ZERO_DIGEST, ChunkCodec, chunk_key
-from orchestrator.repo.config import RepoConfig, init_repo, load_repo, read_config
+from orchestrator.repo.config import RepoConfig, Unlocked, init_repo, unlock_repo
 from orchestrator.repo.damage import damaged_digests
 from orchestrator.repo.dedup import CACHE_KEY, DigestLookup
 from orchestrator.repo.errors import (
     CorruptChunk,
     CorruptIndex,
+    IndexTampered,
     NotFound,
     PassphraseRequired,
     RepoError,
+    Tampered,
 )
-from orchestrator.repo.index import Index
+from orchestrator.repo.index import UNVERIFIED, Index, IndexAuth
 from orchestrator.repo.writer import BackupSession
 
 CACHE_REFRESH_AFTER = 64  # a writer that read this many uncached indexes rewrites the cache
@@ -73,10 +79,20 @@ class MissingKeyCodec:
 class Repository:
     """An open repository. Thread-safe for reads; writers are per session."""
 
-    def __init__(self, backend: Backend, config: RepoConfig, codec: ChunkCodec):
+    def __init__(
+        self,
+        backend: Backend,
+        config: RepoConfig,
+        codec: ChunkCodec | MissingKeyCodec,
+        unlocked: Unlocked | None = None,
+    ):
         self.backend = backend
         self.config = config
         self.codec = codec
+        # MetadataKeys of an authenticated (version 2) encrypted repository opened with its key
+        self.keys = unlocked.keys if unlocked is not None else None
+        self.legacy = bool(unlocked and unlocked.legacy)  # version 1 encrypted: read only
+        self.unlocked = unlocked
         self._lookup: DigestLookup | None = None
         self._lookup_lock = threading.Lock()
 
@@ -103,15 +119,14 @@ class Repository:
             else open_backend(url, concurrency=concurrency, **backend_options)
         )
         try:
-            config = read_config(backend)
-            if config.encrypted and passphrase is None and not need_key:
-                return cls(backend, config, MissingKeyCodec(backend.url))
-            config, codec = load_repo(backend, passphrase)
+            unlocked = unlock_repo(backend, passphrase, need_key=need_key)
         except BaseException:
             if not isinstance(url, Backend):
                 backend.close()
             raise
-        return cls(backend, config, codec)
+        if unlocked.codec is None:
+            return cls(backend, unlocked.config, MissingKeyCodec(backend.url), unlocked)
+        return cls(backend, unlocked.config, unlocked.codec, unlocked)
 
     @classmethod
     def init(
@@ -130,8 +145,9 @@ class Repository:
             else open_backend(url, concurrency=concurrency, **backend_options)
         )
         init_repo(backend, encrypt=encrypt, passphrase=passphrase, compression=compression)
-        config, codec = load_repo(backend, passphrase)
-        return cls(backend, config, codec)
+        unlocked = unlock_repo(backend, passphrase)
+        assert unlocked.codec is not None
+        return cls(backend, unlocked.config, unlocked.codec, unlocked)
 
     def close(self) -> None:
         self.backend.close()
@@ -154,14 +170,87 @@ class Repository:
         """``<vm>/<time>``, ``<vm>/latest`` or ``latest`` (the newest restore point of all)."""
         return (catalog or self.scan()).resolve(ident, self.url)
 
+    # -- metadata: restore point documents and indexes (authenticated when encrypted) --------
+
     def read_metadata(self, point: RestorePoint) -> dict[str, Any]:
+        """The restore point's document (opened and authenticated in an encrypted repository;
+        PassphraseRequired there without the key, Tampered if it fails)."""
         if point.json_key is None:
             return {}
         data = self.backend.get(point.json_key)
-        return decode_point_document(data, f"{self.url}/{point.json_key}")
+        return self.decode_point(point, data)
+
+    def decode_point(self, point: RestorePoint, data: bytes) -> dict[str, Any]:
+        return decode_point_document(
+            data,
+            f"{self.url}/{point.json_key}",
+            vm=point.vm,
+            when=point.time,
+            keys=self.keys,
+            need_auth=self.keys is not None,
+        )
+
+    def encode_point(self, doc: dict[str, Any]) -> bytes:
+        if self.legacy or isinstance(self.codec, MissingKeyCodec):
+            raise RepoError(
+                f"{self.url}: cannot write a restore point here"
+            )  # begin_backup says why
+        return encode_point_document(doc, self.keys)
+
+    def index_auth(self, key: str) -> IndexAuth | str | None:
+        """How the index stored under ``key`` is checked: keyed and bound to ``key``'s VM,
+        VDI and time (authenticated encrypted repository), UNVERIFIED (encrypted, no key),
+        or plain checksums (unencrypted, or a version 1 encrypted repository)."""
+        if self.keys is not None:
+            try:
+                vm, vdi, when = parse_index_key(key)
+            except ValueError:
+                raise IndexTampered(f"{self.url}/{key}: not stored under an index key") from None
+            return IndexAuth(self.keys.index_key, index_binding(vm, vdi, when))
+        if isinstance(self.codec, MissingKeyCodec):
+            return UNVERIFIED
+        return None
+
+    def decode_index(self, key: str, data: bytes) -> Index:
+        return Index.decode(data, f"{self.url}/{key}", self.index_auth(key))
+
+    def encode_index(self, index: Index, key: str) -> bytes:
+        """The bytes of ``index`` to store under ``key`` (sets ``index.mac``)."""
+        auth = self.index_auth(key)
+        return index.encode(auth if isinstance(auth, IndexAuth) else None)
 
     def read_index(self, key: str) -> Index:
-        return Index.decode(self.backend.get(key), f"{self.url}/{key}")
+        return self.decode_index(key, self.backend.get(key))
+
+    def point_disks(self, point: RestorePoint, doc: dict[str, Any]) -> dict[str, str]:
+        """vdi -> index key of a restore point. In an authenticated repository the stored
+        indexes must be exactly those its document names (none removed, none added)."""
+        listed = dict(sorted(point.disks.items()))
+        if self.keys is None:
+            return listed
+        where = f"{self.url}/{point.json_key}"
+        named = named_disks(doc, where)
+        if set(named) != set(listed) or any(named[v].get("index") != k for v, k in listed.items()):
+            gone, extra = sorted(set(named) - set(listed)), sorted(set(listed) - set(named))
+            raise Tampered(
+                f"{where}: an index was removed or added (document names {len(named)} disk(s), "
+                f"{len(listed)} stored; missing {gone or '-'}, unexpected {extra or '-'})"
+            )
+        return listed
+
+    def read_point_index(self, point: RestorePoint, doc: dict[str, Any], vdi: str) -> Index:
+        """The index of disk ``vdi`` of ``point`` (``doc``: its document), checked against the
+        document in an authenticated repository (the index it was committed with)."""
+        key = self.point_disks(point, doc)[vdi]
+        index = self.read_index(key)
+        if self.keys is not None:
+            mac = named_disks(doc, key)[vdi].get("index_mac")
+            if not isinstance(mac, str) or mac != (index.mac or b"").hex():
+                raise IndexTampered(
+                    f"{self.url}/{key}: not the index restore point {point.id} was committed "
+                    f"with (replaced)"
+                )
+        return index
 
     def read_chunk_object(self, digest: bytes) -> tuple[bytes, bytes]:
         """A chunk's stored object and its checked plaintext. A chunk that fails its check is
@@ -209,7 +298,7 @@ class Repository:
                     decoded = []
                     for key, data in parts:
                         try:
-                            decoded.append((key, Index.decode(data, key).entries))
+                            decoded.append((key, self.decode_index(key, data).entries))
                         except CorruptIndex:
                             continue  # verify reports it; never dedup against it
                     self._lookup.add_many(decoded)
@@ -240,6 +329,12 @@ class Repository:
         check_name("VM uuid", vm_uuid)
         if isinstance(self.codec, MissingKeyCodec):
             self.codec.encode  # noqa: B018 - raises PassphraseRequired, before any lease
+        if self.legacy:
+            raise RepoError(
+                f"{self.url} is an encrypted repository of format version 1 (its indexes and "
+                f"restore points are not authenticated): it is read only; copy it into a new "
+                f"one (fastpath repo init --encrypt NEW; fastpath copy {self.url} NEW)"
+            )
         if when is None:
             when = format_time(time.time())
         else:

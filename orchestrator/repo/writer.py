@@ -47,7 +47,6 @@ from orchestrator.repo.backends import Backend
 from orchestrator.repo.catalog import (
     RP_FORMAT,
     check_name,
-    encode_point_document,
     index_key,
     pending_key,
     rp_key,
@@ -91,6 +90,10 @@ class RepositoryView(Protocol):
     codec: ChunkCodec
 
     def read_index(self, key: str) -> Index: ...
+
+    def encode_index(self, index: Index, key: str) -> bytes: ...
+
+    def encode_point(self, doc: dict[str, Any]) -> bytes: ...
 
 
 @dataclass
@@ -217,6 +220,9 @@ class BackupSession:
                     "virtual_size": w.index.virtual_size,
                     "base": w.index.base,
                     "stats": w.stats.to_json(),
+                    # the header MAC of the committed index: restore and verify check that
+                    # the stored index is this one (authenticated repositories)
+                    **({"index_mac": w.index.mac.hex()} if w.index.mac else {}),
                 }
                 for w in self.writers
             ],
@@ -226,7 +232,7 @@ class BackupSession:
         for name, value in (document or {}).items():
             if name not in ("format", "version", "id", "vm", "time", "disks"):
                 doc[name] = value
-        self.repo.backend.put(rp_key(self.vm, self.time), encode_point_document(doc))
+        self.repo.backend.put(rp_key(self.vm, self.time), self.repo.encode_point(doc))
         self.committed_id = self.id
         self._close()
         return self.id
@@ -472,7 +478,8 @@ class DiskWriter:
         backend = self.repo.backend
         session.lease.refresh()
         session.lease.check()
-        data = self.index.encode()
+        key = index_key(session.vm, self.vdi, session.time)
+        data = self.repo.encode_index(self.index, key)
         pkey = pending_key(session.vm, self.vdi, session.time)
         backend.put(pkey, data)
         try:
@@ -492,7 +499,6 @@ class DiskWriter:
                 positions,
             )
         session.lease.check()
-        key = index_key(session.vm, self.vdi, session.time)
         backend.put(key, data)
         backend.delete(pkey)
         self.committed_key = key

@@ -110,7 +110,7 @@ def test_missing_repo(backend):
 @pytest.mark.parametrize(
     "change",
     [
-        {"version": 2},
+        {"version": 3},
         {"version": "1"},
         {"format": "borg"},
         {"digest": "sha256"},

@@ -214,7 +214,13 @@ def test_metadata_commands_work_on_an_encrypted_repo_without_passphrase(tmp_path
         disk.write_chunk(0, seed=80 + gen)
         rid, _ = backup(repo, vm, [disk])
     repo.close()
-    assert [p["id"] for p in as_json(fastpath("list", url, "--json"))["restore_points"]][-1] == rid
+    for command in ("list", "show"):  # restore point documents are encrypted: need the key
+        r = fastpath(command, url, *(["latest"] if command == "show" else []), "--json")
+        assert r.returncode == 1 and as_json(r)["exception"] == "PassphraseRequired"
+        assert f"{command} needs its passphrase" in one_line_error(r)
+    env = {"FASTPATH_PASSPHRASE": PASSPHRASE}
+    listing = as_json(fastpath("list", url, "--json", env=env))["restore_points"]
+    assert listing[-1]["id"] == rid and listing[-1]["kind"] == "full"
     assert as_json(fastpath("stats", url, "--json"))["encrypted"] is True
     assert as_json(fastpath("prune", url, "--keep-last", "1", "--json"))["objects_deleted"] == 2
     assert as_json(fastpath("gc", url, "--margin", "0", "--json"))["chunks_deleted"] == 1

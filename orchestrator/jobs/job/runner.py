@@ -232,7 +232,11 @@ def apply_copies(job, vms: list[SelectedVm], ui: Progress) -> list[dict[str, Any
     for url in job.copy_to:
         ui.log(f"job {job.name}: copy to {url}")
         try:
-            with open_repo(src_args) as src, open_repo(dst_args, url) as dst:
+            shared = not job.copy_passphrase_file  # one passphrase file for both ends
+            with (
+                open_repo(src_args, shared_passphrase=shared) as src,
+                open_repo(dst_args, url, shared_passphrase=shared) as dst,
+            ):
                 res = copy_repository(src, dst, options, ui)
             out.append({"to": url, "ok": bool(res.get("ok")), "error": None, "result": res})
         except Exception as exc:

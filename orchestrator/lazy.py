@@ -31,3 +31,8 @@ class LazyModule:
 
 
 numpy = LazyModule("numpy")
+zstandard = LazyModule("zstandard")
+aead = LazyModule("cryptography.hazmat.primitives.ciphers.aead")  # .AESGCM
+crypto_exceptions = LazyModule("cryptography.exceptions")  # .InvalidTag
+scrypt = LazyModule("cryptography.hazmat.primitives.kdf.scrypt")  # .Scrypt
+speedups = LazyModule("agent.speedups")  # the compiled extension or its pure-Python twin

@@ -14,7 +14,7 @@ import pytest
 from orchestrator.repo.repository import Repository
 
 # What no command needs before it runs: numpy (dedup lookups, GC, verify), S3 (boto3), libnbd,
-# the XenAPI SDK, uvloop, prometheus_client.
+# the XenAPI SDK, uvloop, prometheus_client, and the codec's cryptography and zstandard.
 BANNED = (
     "numpy",
     "boto3",
@@ -23,6 +23,8 @@ BANNED = (
     "XenAPI",
     "uvloop",
     "prometheus_client",
+    "cryptography",
+    "zstandard",
 )
 
 PROBE = """
@@ -66,4 +68,12 @@ def test_reading_a_local_repository_needs_no_numpy_s3_nbd_or_xapi(tmp_path, argv
     cmd = [argv[0], repo, *argv[1:]]
     action = "try:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass"
     got = tops(loaded_after(action, cmd))
-    assert not set(got) & {"numpy", "boto3", "botocore", "nbd", "XenAPI", "uvloop"}, got
+    assert not set(got) & {
+        "numpy",
+        "boto3",
+        "botocore",
+        "nbd",
+        "XenAPI",
+        "uvloop",
+        "cryptography",
+    }, got

@@ -25,13 +25,14 @@ import argparse
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.cliutil import UsageError, add_repo_argument, open_repo
 from orchestrator.progress import Progress
-from orchestrator.repo import locks
-from orchestrator.repo.catalog import Catalog, RestorePoint, rp_key
-from orchestrator.repo.repository import Repository
+
+if TYPE_CHECKING:  # job files import RULES: the repository code loads when a prune runs
+    from orchestrator.repo.catalog import Catalog, RestorePoint
+    from orchestrator.repo.repository import Repository
 
 RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -140,6 +141,8 @@ def plan_prune(
 
 
 def live_sessions(repo: Repository) -> set[tuple[str, str]]:
+    from orchestrator.repo import locks
+
     out = set()
     for lease in locks.list_writer_leases(repo.backend):
         if not lease.expired():
@@ -151,6 +154,8 @@ def live_sessions(repo: Repository) -> set[tuple[str, str]]:
 def _still_incomplete(repo: Repository, point: RestorePoint) -> bool:
     """An incomplete point whose writer had no live lease when listed (after the scan) is dead,
     unless its writer finished in between: then its JSON exists now, and it is complete."""
+    from orchestrator.repo.catalog import rp_key
+
     return not repo.backend.exists(rp_key(point.vm, point.time))
 
 

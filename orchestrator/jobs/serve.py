@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import ssl
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from orchestrator.cliutil import UsageError, add_repo_argument, open_repo
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("fastpath.serve")
 
@@ -73,6 +76,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def ssl_context(args) -> ssl.SSLContext | None:
+    import ssl  # here: every command would pay for it
+
     if args.tls == "off":
         if args.tls_cert or args.tls_key:
             raise UsageError("--tls-cert/--tls-key need --tls require")

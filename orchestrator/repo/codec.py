@@ -33,11 +33,8 @@ import threading
 from typing import Protocol
 
 import blake3
-import zstandard
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from agent import speedups
+from orchestrator.lazy import aead, crypto_exceptions, speedups, zstandard
 from orchestrator.repo.errors import CorruptChunk, RepoError
 
 CHUNK_SIZE = 2 * 1024 * 1024
@@ -116,7 +113,7 @@ class ChunkCodec:
         self._level = parse_compression(config.compression)
         self._digest_threads = digest_threads
         self._digest_key: bytes | None = None
-        self._aead: AESGCM | None = None
+        self._aead: aead.AESGCM | None = None
         if data_key is not None:
             if len(data_key) != 32:
                 raise RepoError(f"a data key is 32 bytes, not {len(data_key)}")
@@ -124,7 +121,7 @@ class ChunkCodec:
                 data_key, derive_key_context=DIGEST_KEY_CONTEXT
             ).digest()
             cipher_key = blake3.blake3(data_key, derive_key_context=CIPHER_KEY_CONTEXT).digest()
-            self._aead = AESGCM(cipher_key)
+            self._aead = aead.AESGCM(cipher_key)
         self._local = threading.local()
 
     def same_keys(self, other: object) -> bool:
@@ -230,7 +227,7 @@ class ChunkCodec:
                 payload = memoryview(
                     self._aead.decrypt(payload[:NONCE_SIZE], payload[NONCE_SIZE:], header + digest)
                 )
-            except InvalidTag:
+            except crypto_exceptions.InvalidTag:
                 raise CorruptChunk(
                     f"chunk {name}: authentication failed (damaged or foreign)"
                 ) from None

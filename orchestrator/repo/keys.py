@@ -40,10 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import blake3
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from orchestrator.lazy import aead, crypto_exceptions, scrypt
 from orchestrator.repo.errors import ConfigTampered, Tampered, UnknownFormat, WrongPassphrase
 
 KEY_FORMAT_NAME = "xcp-fastpath-key"
@@ -75,7 +73,7 @@ def _unb64(text: Any) -> bytes:
 
 
 def _kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode("utf-8"))
+    return scrypt.Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode("utf-8"))
 
 
 def _wrap_aad(version: int, repo_id: str, key_id: str) -> bytes:
@@ -94,7 +92,7 @@ class MetadataKeys:
             raise ValueError(f"a data key is 32 bytes, not {len(data_key)}")
         self._config_key = derive_key(data_key, CONFIG_MAC_CONTEXT)
         self.index_key = derive_key(data_key, INDEX_MAC_CONTEXT)
-        self._point = AESGCM(derive_key(data_key, POINT_CIPHER_CONTEXT))
+        self._point = aead.AESGCM(derive_key(data_key, POINT_CIPHER_CONTEXT))
 
     def config_mac(self, canonical: bytes) -> bytes:
         return blake3.blake3(canonical, key=self._config_key).digest()
@@ -108,7 +106,7 @@ class MetadataKeys:
             raise Tampered(f"{where}: sealed object too short ({len(sealed)} bytes)")
         try:
             return self._point.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], binding)
-        except InvalidTag:
+        except crypto_exceptions.InvalidTag:
             raise Tampered(
                 f"{where}: authentication failed (edited, damaged, or moved from another "
                 f"restore point)"
@@ -136,8 +134,10 @@ class KeyFile:
         n, r, p, salt = self.kdf
         aad = _wrap_aad(self.version, self.repository or repo_id, self.id)
         try:
-            data_key = AESGCM(_kek(passphrase, salt, n, r, p)).decrypt(self.nonce, self.data, aad)
-        except InvalidTag:
+            data_key = aead.AESGCM(_kek(passphrase, salt, n, r, p)).decrypt(
+                self.nonce, self.data, aad
+            )
+        except crypto_exceptions.InvalidTag:
             raise WrongPassphrase(f"wrong passphrase for the repository key {where}") from None
         if len(data_key) != 32:
             raise UnknownFormat(f"{where}: data key of {len(data_key)} bytes")
@@ -219,7 +219,7 @@ def new_key_file(
     salt = os.urandom(16)
     nonce = os.urandom(NONCE_SIZE)
     kek = _kek(passphrase, salt, scrypt_n, SCRYPT_R, SCRYPT_P)
-    wrapped = AESGCM(kek).encrypt(nonce, data_key, _wrap_aad(2, repo_id, key_id))
+    wrapped = aead.AESGCM(kek).encrypt(nonce, data_key, _wrap_aad(2, repo_id, key_id))
     doc = {
         "format": KEY_FORMAT_NAME,
         "version": KEY_FORMAT_VERSION,

@@ -41,7 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from agent import speedups
+from orchestrator.lazy import speedups
 from orchestrator.repo import locks
 from orchestrator.repo.backends import Backend
 from orchestrator.repo.catalog import (

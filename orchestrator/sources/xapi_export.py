@@ -12,8 +12,8 @@ import struct
 from collections.abc import Sequence
 from urllib.parse import urlencode, urlparse
 
-from agent import speedups
 from agent.vhd import format as fmt
+from orchestrator.lazy import speedups
 from orchestrator.sources import httpclient
 from orchestrator.sources.base import DiskPlan, Source, SourceError
 

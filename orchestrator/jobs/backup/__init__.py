@@ -38,11 +38,32 @@ Where it lives (orchestrator/jobs/backup/):
     ../vmrecord.py what of the VM record a restore point keeps (shared with restore --new-vm)
 """
 
+import importlib
+
 from orchestrator.jobs.backup.cli import register, run_backup_vdi, run_backup_vm
-from orchestrator.jobs.backup.context import SNAPSHOT_PREFIX, destroy_snapshot, snapshot_tag
 from orchestrator.jobs.backup.options import Tuning, VmBackupOptions
-from orchestrator.jobs.backup.vdi import backup_vdi, vdi_source
-from orchestrator.jobs.backup.vm import Phases, backup_vm
+
+# Loaded on first use (PEP 562): the CLI imports this package to register its commands, and the
+# pipeline behind backup_vm/backup_vdi (the writer, the codec) is not needed for that.
+_LAZY = {
+    "SNAPSHOT_PREFIX": "context",
+    "destroy_snapshot": "context",
+    "snapshot_tag": "context",
+    "backup_vdi": "vdi",
+    "vdi_source": "vdi",
+    "Phases": "vm",
+    "backup_vm": "vm",
+}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "SNAPSHOT_PREFIX",

@@ -13,8 +13,6 @@ from typing import Any
 from orchestrator.cliutil import UsageError, open_repo
 from orchestrator.jobs import xapi_session
 from orchestrator.jobs.backup.options import Tuning, VmBackupOptions
-from orchestrator.jobs.backup.vdi import backup_vdi, vdi_source
-from orchestrator.jobs.backup.vm import Phases, backup_vm
 from orchestrator.jobs.job.selection import resolve_vm
 from orchestrator.progress import Progress
 from orchestrator.sources import TRANSPORTS
@@ -118,6 +116,8 @@ def vm_options(args: argparse.Namespace) -> VmBackupOptions:
 
 
 def run_backup_vm(args: argparse.Namespace, ui: Progress):
+    from orchestrator.jobs.backup.vm import Phases, backup_vm  # the pipeline: not for --help
+
     options = vm_options(args)
     options.check()
     phases = Phases()
@@ -137,6 +137,8 @@ def run_backup_vm(args: argparse.Namespace, ui: Progress):
 
 
 def run_backup_vdi(args: argparse.Namespace, ui: Progress):
+    from orchestrator.jobs.backup.vdi import backup_vdi, vdi_source
+
     started = time.monotonic()
     t = tuning(args)
     if args.vdi is not None:

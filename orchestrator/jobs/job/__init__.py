@@ -14,7 +14,7 @@ from typing import Any
 
 from orchestrator.cliutil import CommandFailed, UsageError
 from orchestrator.jobs import xapi_session
-from orchestrator.jobs.job import runner, sinks
+from orchestrator.jobs.job import sinks
 from orchestrator.jobs.job.config import JobConfig, load_job
 from orchestrator.jobs.job.selection import select_vms
 from orchestrator.progress import Progress
@@ -118,6 +118,8 @@ def _render_check(r: dict[str, Any]) -> str:
 
 
 def cmd_run(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
+    from orchestrator.jobs.job import runner  # the backup pipeline: not for --help
+
     job = load_job(args.file)
     target = job_target(job, args)
     started = time.time()
@@ -164,6 +166,8 @@ def cmd_run(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
 
 
 def _sinks(job, args, report, vms, ui) -> None:
+    from orchestrator.jobs.job import runner
+
     if args.report_json:
         sinks.atomic_write(args.report_json, json.dumps(report, indent=2) + "\n")
     if job.textfile:

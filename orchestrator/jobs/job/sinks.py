@@ -12,8 +12,6 @@ import shlex
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 
@@ -37,6 +35,9 @@ def atomic_write(path: str, text: str) -> None:
 
 def post_webhook(url: str, report: dict[str, Any], retries: int = 3, timeout: float = 10.0):
     """POST ``report`` as JSON; returns (ok, attempts, error). Never raises."""
+    import urllib.error
+    import urllib.request  # here: http.client and email cost ~30 ms to every command
+
     body = json.dumps(report).encode()
     error = None
     attempts = 0

@@ -120,7 +120,7 @@ def make_chain(sr_dir, size, runs, patterns, seed):
             piece = min(piece, off + n - start)
             levels[rng.randint(level + 1, 2)].append((start, piece, k + 1))
     paths = []
-    for i, writes in enumerate(levels):
+    for writes in levels:
         p = os.path.join(sr_dir, "%s.qcow2" % uuid.uuid4())
         if paths:
             create(p, backing=paths[-1])

@@ -286,6 +286,7 @@ def cmd_serve(args):
         os.unlink(state)
     disk_size = parse_size(args.disk_size)
     pool = Pool(root, user=args.user, password=args.password, gc_interval=args.gc_interval)
+    pool.sr.image_format = args.image_format
     from hostsim import datapath
 
     datapath.set_export_model(pool, args.export_model)
@@ -463,6 +464,12 @@ def build_parser():
         "--gc-interval", type=float, default=30.0, help="seconds between SM GC passes (0: off)"
     )
     s.add_argument("--no-cbt", action="store_true", help="do not enable CBT on the VMs' disks")
+    s.add_argument(
+        "--image-format",
+        choices=("vhd", "qcow2"),
+        default="vhd",
+        help="format of the SR's VDIs: vhd, or qcow2 as XCP-ng 8.3 makes them (<uuid>.qcow2)",
+    )
     s.add_argument("--no-agent", action="store_true")
     s.add_argument("--agent-nbd-listen", default="127.0.0.1:0", metavar="HOST:PORT")
     s.add_argument("--agent-http-listen", default="127.0.0.1:0", metavar="HOST:PORT")

@@ -16,7 +16,10 @@ Measured, best (and median) of --repeat runs, every file warm in the page cache 
     nbdcopy <agent chain>   null:  and  -> a file        nbdcopy <qemu-nbd -r -f qcow2 chain> ...
 Every copy to a file is hashed: the run fails if the agent and qemu-nbd delivered other bytes.
 GB/s counts the virtual disk size (holes included) per second; "data GB/s" the allocated bytes.
-Ratios: agent/qemu-nbd on the same image (goal >= 1.5, as for VHD in bench/nbd_serve.py).
+CPU s/GB (medians, per GB of allocated data): the server process (/proc/<pid>/stat of the agent
+or of qemu-nbd) and the client (nbdcopy, getrusage of the children) — on a busy machine the
+CPU columns say more than the seconds. Ratios: agent/qemu-nbd on the same image (goal >= 1.5, as
+for VHD in bench/nbd_serve.py).
 
     .venv/bin/python -m bench.qcow2                 # 1 GiB, 3 repeats
     .venv/bin/python -m bench.qcow2 --quick         # 256 MiB, 1 repeat (smoke run)
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -143,6 +147,18 @@ def allocated_bytes(path):
     return sum(e["length"] for e in json.loads(out) if e["data"])
 
 
+def cpu_seconds(pid):
+    """utime + stime of a process so far."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="1G", help="virtual disk size (default 1G)")
@@ -193,29 +209,45 @@ def main(argv=None):
         for name, (vdi, paths) in images.items():
             q = QemuNbd(paths[-1], fmt="qcow2")
             qemus.append(q)
-            sources.append(("agent " + name, name, (lambda v=vdi: agent.uri(v))))
-            sources.append(("qemu-nbd " + name, name, (lambda u=q.uri: u)))
+            sources.append(("agent " + name, name, (lambda v=vdi: agent.uri(v)), agent.proc.pid))
+            sources.append(("qemu-nbd " + name, name, (lambda u=q.uri: u), q.proc.pid))
         samples = {}
+        cpu = {}
         digests = {}
         for _ in range(repeat):
-            for label, image, uri_fn in sources:
+            for label, image, uri_fn, pid in sources:
                 for dest in ("null:", os.path.join(work, "out.raw")):
                     kind = "null" if dest == "null:" else "file"
-                    t, digest = timed_copy(uri_fn(), dest, args.connections)
+                    uri = uri_fn()
+                    s0, c0 = cpu_seconds(pid), children_cpu()
+                    t, digest = timed_copy(uri, dest, args.connections)
+                    s1, c1 = cpu_seconds(pid), children_cpu()
                     if digest is not None:
                         digests.setdefault(image, set()).add(digest)
                     samples.setdefault((label, kind), []).append(t)
+                    gb = data[image] / 1e9
+                    cpu.setdefault((label, kind), []).append(((s1 - s0) / gb, (c1 - c0) / gb))
         best = {k: min(v) for k, v in samples.items()}
         print()
         print(
-            "%-15s %-5s %9s %9s %9s %12s"
-            % ("server", "dest", "best s", "median s", "GB/s", "data GB/s")
+            "%-15s %-5s %9s %9s %9s %10s %12s %12s"
+            % (
+                "server",
+                "dest",
+                "best s",
+                "median s",
+                "GB/s",
+                "data GB/s",
+                "server s/GB",
+                "client s/GB",
+            )
         )
-        for label, image, _ in sources:
+        for label, image, _, _pid in sources:
             for kind in ("null", "file"):
                 t = best[(label, kind)]
+                c = cpu[(label, kind)]
                 print(
-                    "%-15s %-5s %9.3f %9.3f %9.2f %12.2f"
+                    "%-15s %-5s %9.3f %9.3f %9.2f %10.2f %12.2f %12.2f"
                     % (
                         label,
                         kind,
@@ -223,6 +255,8 @@ def main(argv=None):
                         statistics.median(samples[(label, kind)]),
                         size / t / 1e9,
                         data[image] / t / 1e9,
+                        statistics.median(x[0] for x in c),
+                        statistics.median(x[1] for x in c),
                     )
                 )
         print()
@@ -248,6 +282,10 @@ def main(argv=None):
                         "connections": args.connections,
                         "allocated": data,
                         "seconds": {"%s %s" % k: v for k, v in sorted(samples.items())},
+                        "cpu_per_gb": {
+                            "%s %s" % k: {"server": [x[0] for x in v], "client": [x[1] for x in v]}
+                            for k, v in sorted(cpu.items())
+                        },
                         "ratios": ratios,
                         "sha256": {k: sorted(v)[0] for k, v in digests.items()},
                     },

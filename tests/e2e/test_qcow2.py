@@ -1,8 +1,9 @@
 """Backups of QCOW2 VDIs (XCP-ng 8.3: `<uuid>.qcow2` files, snapshots as qemu backing chains) from
 a `hostsim serve --image-format qcow2`, judged by qemu-img: full, guest writes, incremental (which
 reads only the 2 MiB blocks the writes touched), restore of both points compared with the snapshot
-images by `qemu-img compare`, over the agent's NBD and HTTP and XAPI's export (hostsim decodes a
-QCOW2 VDI through qemu and re-encodes it as VHD, inline)."""
+images by `qemu-img compare`, over the agent's NBD and HTTP, xapi-nbd and XAPI's export (hostsim
+decodes a QCOW2 VDI through qemu and re-encodes it as VHD, inline); then SM's GC coalesces the
+chain (`qemu-img commit`) and a third, incremental backup restores to the new snapshot."""
 
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from tests.e2e.conftest import MiB, Sim, fastpath
 
 BLOCK = 2 * MiB
-TRANSPORTS = ["nbd", "http", "xapi-export"]
+TRANSPORTS = ["nbd", "http", "xapi-nbd", "xapi-export"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_full_incremental_restore(qsim, repo_factory, tmp_path, transport):
     r2 = fastpath(*base)
     (d2,) = r2["disks"]
     assert d2["incremental"], d2
-    if transport != "xapi-export":
+    if transport in ("nbd", "http"):
         # the agent sends only the changed 2 MiB blocks of the chain
         assert 0 < d2["bytes_read"] <= len(touched) * BLOCK, (d2, sorted(touched))
     assert d2["bytes_read"] < d1["bytes_read"], (d1, d2)
@@ -91,3 +92,31 @@ def test_full_incremental_restore(qsim, repo_factory, tmp_path, transport):
     again = tmp_path / "again.raw"
     fastpath("restore", repo, r1["id"], "--disk", vdi, "-o", again)
     assert again.read_bytes() == first
+
+    if transport != "nbd":
+        return
+    # SM's GC: the hidden base left by the first (now deleted) snapshot is committed into its
+    # parent; the next incremental diffs against the coalesced chain.
+    before = tmp_path / "before-gc.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", image_of(qsim, vdi), str(before)],
+        check=True,
+        timeout=120,
+    )
+    actions = qsim.gc()
+    assert any(a[0] == "coalesce" for a in actions), actions
+    qemu_compare(before, image_of(qsim, vdi))  # the guest's disk reads the same after the commit
+    qsim.write(vm, pattern="text", count=2, length=64 << 10, seed=50)
+    r3 = fastpath(*base)
+    (d3,) = r3["disks"]
+    assert d3["incremental"], d3
+    third = tmp_path / "third.raw"
+    fastpath("restore", repo, r3["id"], "--disk", vdi, "-o", third)
+    qemu_compare(third, image_of(qsim, d3["snapshot_vdi"]))
+    check = subprocess.run(
+        ["qemu-img", "check", "-U", image_of(qsim, d3["snapshot_vdi"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr

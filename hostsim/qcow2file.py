@@ -221,6 +221,11 @@ class Qcow2File(object):
 
     # -- I/O through qemu ----------------------------------------------------------------------
 
+    @property
+    def serving(self):
+        """Whether a qemu-nbd holds the image now."""
+        return self._server is not None
+
     def _nbd(self):
         if self._server is None:
             self._server = _Server(self.path, self.writable and not self.hidden)

@@ -90,7 +90,9 @@ class FileSR:
             else:
                 vf = vhdfile.VhdFile(self.vhd_path(uuid), writable=True)
         self._files[uuid] = vf  # most recently used last
-        open_qcow2 = [u for u, f in self._files.items() if isinstance(f, qcow2file.Qcow2File)]
+        open_qcow2 = [
+            u for u, f in self._files.items() if isinstance(f, qcow2file.Qcow2File) and f.serving
+        ]
         for u in open_qcow2[: max(0, len(open_qcow2) - MAX_OPEN_QCOW2)]:
             self._files[u].close()  # stops its qemu-nbd; reopened on next use
         return vf

@@ -127,7 +127,10 @@ class _Server(object):
     def __init__(self, path, writable):
         import nbd
 
-        self.dir = tempfile.mkdtemp(prefix="hostsim-qcow2-")
+        base = tempfile.gettempdir()
+        if len(base) > 60:  # a Unix socket path is at most 107 bytes
+            base = "/tmp"
+        self.dir = tempfile.mkdtemp(prefix="hostsim-qcow2-", dir=base)
         self.sock = os.path.join(self.dir, "nbd.sock")
         cmd = ["qemu-nbd", "-f", "qcow2", "-k", self.sock, "--cache=writeback"]
         if not writable:

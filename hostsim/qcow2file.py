@@ -242,7 +242,10 @@ class Qcow2File(object):
                 self.path, "write %d+%d beyond %d" % (offset, len(data), self.size)
             )
         h = self._nbd()
-        h.pwrite(bytes(data), offset)
+        view = memoryview(data)
+        step = 32 << 20  # qemu-nbd's largest request
+        for pos in range(0, len(view), step):
+            h.pwrite(bytes(view[pos : pos + step]), offset + pos)
         h.flush()  # L2 tables and refcounts on disk now: the agent reads the file directly
 
     def read(self, offset, length):

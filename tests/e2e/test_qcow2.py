@@ -120,3 +120,27 @@ def test_full_incremental_restore(qsim, repo_factory, tmp_path, transport):
         timeout=60,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_restore_into_a_qcow2_sr_through_xapi(qsim, repo_factory, tmp_path):
+    """`restore --to-xapi` into the QCOW2 SR: VDI.create makes a `<uuid>.qcow2`, import_raw_vdi
+    writes it through qemu, and it reads (qemu-img compare) as the restore point."""
+    repo = repo_factory("local")
+    vm, vdi = qsim.vm(0), qsim.vm_disk(0)
+    r = fastpath("backup", "vm", vm, "--hostsim", qsim.root, "--repo", repo, "--transport", "nbd")
+    raw = tmp_path / "point.raw"
+    fastpath("restore", repo, r["id"], "--disk", vdi, "-o", raw)
+    out = fastpath(
+        "restore",
+        repo,
+        r["id"],
+        "--to-xapi",
+        qsim.url,
+        "--hostsim",
+        qsim.root,
+        "--sr",
+        qsim.info["sr"]["uuid"],
+    )
+    (d,) = out["disks"]
+    assert d["vdi"] == vdi and d["new_vdi"] != vdi
+    qemu_compare(raw, image_of(qsim, d["new_vdi"]))

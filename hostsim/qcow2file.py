@@ -8,7 +8,8 @@ the VDI's uuid.
 
 qemu does every data operation, so the agent's reader stays an independent judge of what hostsim
 writes: guest writes and reads through a `qemu-nbd` on a Unix socket (one per open image, started
-on first use, flushed after every write so the file on disk is complete for any other reader),
+on first use, flushed after every write so the file is complete for any other reader: qemu's
+L2/refcount caches go to the file; cache=unsafe skips the fdatasync, as hostsim's VHD writes do),
 allocation from `qemu-img map`, coalesce with `qemu-img commit`, relink with `qemu-img rebase -u`.
 The same interface as hostsim.vhdfile.VhdFile where hostsim.sm uses one.
 """
@@ -132,7 +133,7 @@ class _Server(object):
             base = "/tmp"
         self.dir = tempfile.mkdtemp(prefix="hostsim-qcow2-", dir=base)
         self.sock = os.path.join(self.dir, "nbd.sock")
-        cmd = ["qemu-nbd", "-f", "qcow2", "-k", self.sock, "--cache=writeback"]
+        cmd = ["qemu-nbd", "-f", "qcow2", "-k", self.sock, "--cache=unsafe"]
         if not writable:
             cmd.append("-r")
         self.proc = subprocess.Popen(
@@ -246,7 +247,7 @@ class Qcow2File(object):
         step = 32 << 20  # qemu-nbd's largest request
         for pos in range(0, len(view), step):
             h.pwrite(bytes(view[pos : pos + step]), offset + pos)
-        h.flush()  # L2 tables and refcounts on disk now: the agent reads the file directly
+        h.flush()  # qemu's cached L2 tables and refcounts into the file: the agent reads it directly
 
     def read(self, offset, length):
         """Guest bytes through the whole chain, as qemu reads them."""

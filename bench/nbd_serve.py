@@ -178,14 +178,14 @@ class Agent(object):
 
 
 class QemuNbd(object):
-    def __init__(self, path):
+    def __init__(self, path, fmt="vpc"):
         self.port = free_port()
         self.proc = subprocess.Popen(
             [
                 "qemu-nbd",
                 "-r",
                 "-f",
-                "vpc",
+                fmt,
                 "-t",
                 "--shared=16",
                 "-b",

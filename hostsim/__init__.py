@@ -5,8 +5,10 @@ demos and benchmarks.
     api/         XAPI methods, one module per class family: core (dispatch, sessions, generic
                  getters/setters), vm, vbd, storage (SR, VDI, CBT), hosts, tasks (+ event.from)
     server.py    XML-RPC over HTTP(S) (the XenAPI SDK works unmodified) + routes for the data paths
-    sm.py        file SR with SM's VHD semantics: snapshot/clone, CBT logs, GC (coalesce, leaf-coalesce)
+    sm.py        file SR with SM's VHD (or QCOW2) semantics: snapshot/clone, CBT logs, GC (coalesce, leaf-coalesce)
     vhdfile.py   in-place VHD writes, hidden flag, relink (on agent.vhd.format's structures)
+    qcow2file.py QCOW2 VDIs as XCP-ng 8.3's SM keeps them (<uuid>.qcow2, backing chains, SM's hidden
+                 extension); writes/reads through qemu-nbd, coalesce/relink with qemu-img
     datapath.py  /export_raw_vdi and /import_raw_vdi done the XAPI way
     xapiexport/  export_raw_vdi?format=vhd as processes (tapdisk with O_DIRECT behind blktap's
                  ring limits, vhd-tool, the TLS hop): the default "processes" export model

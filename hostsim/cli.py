@@ -218,6 +218,8 @@ def cmd_serve(args):
         gc_interval=args.gc_interval,
         hosts=args.hosts,
     )
+    for _ref, sr in pool.srs():
+        sr.image_format = args.image_format
     from hostsim import datapath
 
     datapath.set_export_model(pool, args.export_model)
@@ -454,6 +456,12 @@ def build_parser():
         metavar="HOST_INDEX",
         help="start host HOST_INDEX (0 = the master) without the agent and its plugin "
         "(host.call_plugin answers XENAPI_MISSING_PLUGIN there); repeatable",
+    )
+    s.add_argument(
+        "--image-format",
+        choices=("vhd", "qcow2"),
+        default="vhd",
+        help="format of the SR's VDIs: vhd, or qcow2 as XCP-ng 8.3 makes them (<uuid>.qcow2)",
     )
     s.add_argument("--no-agent", action="store_true", help="no agent on any host")
     s.add_argument("--agent-nbd-listen", default="127.0.0.1:0", metavar="HOST:PORT")

@@ -7,7 +7,8 @@ export (format=vhd) comes in two models, chosen per pool (`set_export_model`, `h
   blocks from the VHD metadata, reads them from tapdisk and writes the VHD stream, and (over HTTPS) the
   stunnel hop. See hostsim/xapiexport/ for each modelled fact and its source.
 - "inline": one function in the XAPI process decodes the chain (page-cached reads) and re-encodes it.
-Both send the same bytes: the blocks allocated in the chain (with base=: only in the files of the chain
+A QCOW2 VDI is always exported inline (decoded through qemu, re-encoded as VHD). Both send the same
+bytes: the blocks allocated in the chain (with base=: only in the files of the chain
 that are not in the base's chain), as vhd-tool learns from the VHD metadata, in the layout of
 hostsim/xapiexport/layout.py. format=raw streams the whole virtual disk (inline in both models).
 
@@ -153,7 +154,8 @@ def export_raw_vdi(pool, handler, query):
     handler.send_header("Content-Type", "application/octet-stream")
     handler.send_header("Content-Length", str(total))
     handler.end_headers()
-    if export_model(pool) == "processes":
+    if export_model(pool) == "processes" and sr.image_format_of(uuid) == "vhd":
+        # (a QCOW2 VDI: no tapdisk/vhd-tool model of it; decoded and re-encoded inline below)
         _export_processes(pool, handler, query, sr, uuid, base_uuid)
         return True
     handler.wfile.write(prefix)

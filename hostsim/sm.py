@@ -12,6 +12,12 @@ What SM (FileSR.py, cleanup.py, cbtutil) does, in miniature:
   `running` lock (/var/lock/sm/<sr>/running by default), which is how SM's tools pause it.
 
 Every VHD's footer uuid equals its file name's uuid (hostsim keeps them in step on rename).
+
+QCOW2 VDIs (XCP-ng 8.3): `<uuid>.qcow2` beside the VHDs (hostsim.qcow2file), made when the SR's
+`image_format` (or create's image_format=) is "qcow2"; snapshots, CBT, GC and reads work the same
+way, the chain made of QCOW2 backing files (a snapshot's children name their parent by its bare
+file name), coalesce done by `qemu-img commit`, relink by `qemu-img rebase -u`. A chain never
+mixes formats: a snapshot's files have the format of the VDI snapshotted.
 """
 
 import base64
@@ -23,12 +29,14 @@ import threading
 import uuid as uuidlib
 
 from agent import speedups
-from hostsim import vhdfile
+from hostsim import qcow2file, vhdfile
 from hostsim.errors import XapiError, sr_backend_failure
 
 log = logging.getLogger("hostsim.sm")
 
 CBT_BLOCK = 64 * 1024
+IMAGE_FORMATS = ("vhd", "qcow2")
+MAX_OPEN_QCOW2 = 16  # qemu-nbd processes kept for guest I/O; the least recently used one stops
 
 
 class FileSR:
@@ -47,23 +55,46 @@ class FileSR:
         self._gc_thread = None
         self.gc_runs = 0
         self.gc_skipped = 0
+        self.image_format = "vhd"  # of new VDIs (hostsim serve --image-format)
 
     # -- files ---------------------------------------------------------------------------------
 
     def vhd_path(self, uuid):
         return os.path.join(self.path, "%s.vhd" % uuid)
 
+    def qcow2_path(self, uuid):
+        return os.path.join(self.path, "%s.qcow2" % uuid)
+
+    def image_format_of(self, uuid):
+        """ "vhd" or "qcow2": which file the VDI has (SM's FileVDI tries .vhd first)."""
+        if os.path.exists(self.vhd_path(uuid)):
+            return "vhd"
+        if os.path.exists(self.qcow2_path(uuid)):
+            return "qcow2"
+        raise sr_backend_failure(46, "The VDI is not available", uuid)
+
+    def image_path(self, uuid):
+        """The VDI's file: <uuid>.vhd or <uuid>.qcow2."""
+        if self.image_format_of(uuid) == "qcow2":
+            return self.qcow2_path(uuid)
+        return self.vhd_path(uuid)
+
     def cbt_path(self, uuid):
         return os.path.join(self.path, "%s.cbtlog" % uuid)
 
     def _file(self, uuid):
-        vf = self._files.get(uuid)
+        vf = self._files.pop(uuid, None)
         if vf is None:
-            path = self.vhd_path(uuid)
-            if not os.path.exists(path):
-                raise sr_backend_failure(46, "The VDI is not available", uuid)
-            vf = vhdfile.VhdFile(path, writable=True)
-            self._files[uuid] = vf
+            if self.image_format_of(uuid) == "qcow2":
+                vf = qcow2file.Qcow2File(self.qcow2_path(uuid), writable=True)
+            else:
+                vf = vhdfile.VhdFile(self.vhd_path(uuid), writable=True)
+        self._files[uuid] = vf  # most recently used last
+        open_qcow2 = [
+            u for u, f in self._files.items() if isinstance(f, qcow2file.Qcow2File) and f.serving
+        ]
+        for u in open_qcow2[: max(0, len(open_qcow2) - MAX_OPEN_QCOW2)]:
+            self._files[u].close()  # stops its qemu-nbd; reopened on next use
         return vf
 
     def _drop_cache(self):
@@ -92,7 +123,10 @@ class FileSR:
             return out
 
     def uuids(self):
-        return sorted(n[:-4] for n in os.listdir(self.path) if n.endswith(".vhd"))
+        names = os.listdir(self.path)
+        out = {n[:-4] for n in names if n.endswith(".vhd")}
+        out.update(n[:-6] for n in names if n.endswith(".qcow2"))
+        return sorted(out)
 
     def scan(self):
         """uuid -> (parent uuid or None, hidden) for every VHD of the SR."""
@@ -107,17 +141,26 @@ class FileSR:
                 "physical_utilisation": vf.physical_size(),
                 "parent": vf.parent_uuid,
                 "hidden": vf.hidden,
+                "image_format": self.image_format_of(uuid),
             }
 
     # -- VDI operations ------------------------------------------------------------------------
 
-    def create(self, size, uuid=None, block_size=2 << 20):
+    def create(self, size, uuid=None, block_size=2 << 20, image_format=None):
         if size <= 0:
             raise sr_backend_failure(79, "VDI Invalid size", str(size))
         size = (size + 511) // 512 * 512
         uuid = uuid or str(uuidlib.uuid4())
+        kind = image_format or self.image_format
+        if kind not in IMAGE_FORMATS:
+            raise sr_backend_failure(
+                79, "VDI Invalid image format", "%r (one of %s)" % (kind, ", ".join(IMAGE_FORMATS))
+            )
         with self.lock:
-            vhdfile.create(self.vhd_path(uuid), size, block_size=block_size, uid=uuid).close()
+            if kind == "qcow2":
+                qcow2file.create(self.qcow2_path(uuid), size).close()
+            else:
+                vhdfile.create(self.vhd_path(uuid), size, block_size=block_size, uid=uuid).close()
         return uuid
 
     def snapshot(self, uuid, cbt=False):
@@ -128,6 +171,11 @@ class FileSR:
                 raise sr_backend_failure(82, "Failed to snapshot VDI", "VDI is hidden: " + uuid)
             base_uuid = str(uuidlib.uuid4())
             new_uuid = str(uuidlib.uuid4())
+            if isinstance(leaf, qcow2file.Qcow2File):
+                self._snapshot_qcow2(uuid, base_uuid, new_uuid)
+                if cbt and os.path.exists(self.cbt_path(uuid)):
+                    self._cbt_snapshot(uuid, new_uuid)
+                return new_uuid, base_uuid
             base_path = self.vhd_path(base_uuid)
             self._drop_cache()
             os.rename(self.vhd_path(uuid), base_path)
@@ -148,6 +196,16 @@ class FileSR:
                 self._cbt_snapshot(uuid, new_uuid)
             return new_uuid, base_uuid
 
+    def _snapshot_qcow2(self, uuid, base_uuid, new_uuid):
+        """SM's qcow2 snapshot: the leaf becomes the hidden base (renamed), two new children on
+        it (`qemu-img create -b <base>.qcow2 -F qcow2`), one keeping the leaf's uuid."""
+        self._drop_cache()
+        base_path = self.qcow2_path(base_uuid)
+        os.rename(self.qcow2_path(uuid), base_path)
+        qcow2file.set_hidden_flag(base_path, True)
+        qcow2file.create(self.qcow2_path(uuid), parent=base_path).close()
+        qcow2file.create(self.qcow2_path(new_uuid), parent=base_path).close()
+
     def destroy(self, uuid):
         with self.lock:
             if any(p == uuid for p, _ in self.scan().values()):
@@ -155,10 +213,7 @@ class FileSR:
                     24, "VDI is in use", "VHD %s still has children (a hidden base)" % uuid
                 )
             self._drop_cache()
-            try:
-                os.unlink(self.vhd_path(uuid))
-            except FileNotFoundError:
-                pass
+            self._unlink_image(uuid)
             if os.path.exists(self.cbt_path(uuid)):
                 self._cbt_unlink(uuid)
 
@@ -166,8 +221,12 @@ class FileSR:
         """Delete a snapshot's data, keep its CBT log (the VDI becomes cbt_metadata)."""
         with self.lock:
             self._drop_cache()
+            self._unlink_image(uuid)
+
+    def _unlink_image(self, uuid):
+        for path in (self.vhd_path(uuid), self.qcow2_path(uuid)):
             try:
-                os.unlink(self.vhd_path(uuid))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
 
@@ -188,6 +247,8 @@ class FileSR:
             size = files[0].size
             if offset < 0 or offset + length > size:
                 raise sr_backend_failure(13, "read beyond the end of the VDI", uuid)
+            if isinstance(files[0], qcow2file.Qcow2File):
+                return files[0].read(offset, length)  # qemu reads the backing chain
             return vhdfile.chain_read(files, offset, length, files[0].block_size)
 
     def allocated_blocks(self, uuid, stop_at=()):
@@ -366,7 +427,7 @@ class FileSR:
         for u, (_p, hidden) in sorted(vdis.items()):
             if hidden and not children.get(u):
                 self._drop_cache()
-                os.unlink(self.vhd_path(u))
+                self._unlink_image(u)
                 return ("delete", u)
         # 2. coalesce a hidden non-leaf into a parent of which it is the only child
         for u, (p, hidden) in sorted(vdis.items()):
@@ -402,26 +463,40 @@ class FileSR:
                     data = src.read_sectors(index, start, run)
                     dst.write(index * src.block_size + start * 512, data)
 
+    def _merge(self, src, dst):
+        """src's data into its parent dst: VHD sector by sector, QCOW2 by `qemu-img commit`."""
+        if isinstance(src, qcow2file.Qcow2File):
+            self._drop_cache()  # no qemu-nbd may hold a file of the chain
+            src.commit()
+        else:
+            self._copy_sectors(src, dst)
+            dst.flush()
+
     def _coalesce_into_parent(self, u, p, kids):
         src = self._file(u)
         dst = self._file(p)
-        self._copy_sectors(src, dst)
-        dst.flush()
+        self._merge(src, dst)
+        dst = self._file(p)
         for k in kids:
             self._file(k).set_parent(dst)
             self._file(k).flush()
         self._drop_cache()
-        os.unlink(self.vhd_path(u))
+        self._unlink_image(u)
 
     def _leaf_coalesce(self, leaf, p):
         src = self._file(leaf)
         dst = self._file(p)
-        self._copy_sectors(src, dst)
+        kind = self.image_format_of(p)
+        self._merge(src, dst)
+        dst = self._file(p)
         dst.set_uuid(leaf)
         dst.set_hidden(False)
         dst.flush()
         self._drop_cache()
-        os.replace(self.vhd_path(p), self.vhd_path(leaf))
+        if kind == "qcow2":
+            os.replace(self.qcow2_path(p), self.qcow2_path(leaf))
+        else:
+            os.replace(self.vhd_path(p), self.vhd_path(leaf))
 
     def start_gc(self, interval):
         if self._gc_thread is not None or not interval:

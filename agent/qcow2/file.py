@@ -193,6 +193,7 @@ class Qcow2File(_Level):
         self._inflated = collections.OrderedDict()  # guest cluster offset -> bytes
         self._inflated_bytes = 0
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
 
     @classmethod
     def open(cls, path, fd=None, end=None, own_fd=False):
@@ -267,10 +268,17 @@ class Qcow2File(_Level):
             if runs is not None:
                 self._tables.move_to_end(l1i)
                 return runs
-        raw = _pread(self._fd, self.cluster_size, off, self.path, "L2 table of L1[%d]" % l1i)
-        runs = self._table_runs(l1i, raw)
-        with self._lock:
-            if l1i not in self._tables:
+        # One loader at a time: the NBD connections of an export ask for the same tables at once
+        # (nbdcopy's first BLOCK_STATUS on each connection); parse each once, not once per thread.
+        with self._load_lock:
+            with self._lock:
+                runs = self._tables.get(l1i)
+                if runs is not None:
+                    self._tables.move_to_end(l1i)
+                    return runs
+            raw = _pread(self._fd, self.cluster_size, off, self.path, "L2 table of L1[%d]" % l1i)
+            runs = self._table_runs(l1i, raw)
+            with self._lock:
                 self._tables[l1i] = runs
                 self._cached_runs += len(runs[0])
                 while self._cached_runs > L2_CACHE_RUNS and len(self._tables) > 2:

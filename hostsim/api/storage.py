@@ -5,7 +5,8 @@ logs), found by SR uuid in `Xapi.srs`; the VDI records are XAPI's view of its fi
 (`introduce_vdi`, `refresh_vdi` after a write or a coalesce, `forget_vdi`). Methods:
 VDI.create, snapshot, clone, destroy; CBT: enable_cbt, disable_cbt, list_changed_blocks,
 data_destroy (the VDI becomes cbt_metadata); VDI.get_nbd_info (xapi-nbd); SR.scan (one SM GC
-pass).
+pass). A QCOW2 VDI (XCP-ng 8.3) has sm_config `image-format: qcow2`; VDI.create takes that key to
+make one (else the SR's default format, `hostsim serve --image-format`).
 """
 
 import base64
@@ -76,7 +77,8 @@ class VDIMethods:
         sr = record.get("SR", NULL_REF)
         backend = self.sr_backend(sr)
         size = as_int(record.get("virtual_size", 0), "virtual_size")
-        uuid = backend.create(size)
+        image_format = (record.get("sm_config") or {}).get("image-format") or None
+        uuid = backend.create(size, image_format=image_format)
         return self.introduce_vdi(
             sr,
             uuid,
@@ -91,13 +93,16 @@ class VDIMethods:
     def introduce_vdi(self, sr, uuid, **fields):
         backend = self.sr_backend(sr)
         info = backend.info(uuid)
+        sm_config = {"vhd-parent": info["parent"]} if info["parent"] else {}
+        if info.get("image_format", "vhd") != "vhd":
+            sm_config["image-format"] = info["image_format"]
         rec = vdi_defaults(
             uuid=uuid,
             SR=sr,
             location=uuid,
             virtual_size=info["virtual_size"],
             physical_utilisation=info["physical_utilisation"],
-            sm_config={"vhd-parent": info["parent"]} if info["parent"] else {},
+            sm_config=sm_config,
             **fields,
         )
         ref = self.store.add("VDI", rec)

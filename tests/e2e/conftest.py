@@ -22,7 +22,7 @@ START_TIMEOUT = 90
 
 
 class Sim:
-    def __init__(self, root, vms=4, disk_size="8M", tls=False, extra=()):
+    def __init__(self, root, vms=4, disk_size="8M", tls=False, extra=(), image_format="vhd"):
         self.root = str(root)
         self.log_path = os.path.join(self.root, "hostsim.log")
         os.makedirs(self.root, exist_ok=True)
@@ -43,7 +43,8 @@ class Sim:
                 "0",
             ]
             + (["--tls"] if tls else [])
-            + list(extra),
+            + list(extra)
+            + (["--image-format", image_format] if image_format != "vhd" else []),
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

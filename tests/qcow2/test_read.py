@@ -221,3 +221,42 @@ def test_sm_hidden_flag_and_uuid_from_the_name(tmp_path, qemu_tools):
     io(p, "read 0 512")  # qemu still opens it (an unknown extension is ignored)
     with qcow2.open_chain(p) as chain:
         assert chain.files[0].hidden == 1 and str(chain.uuid) == vdi
+
+
+def test_concurrent_readers_parse_each_l2_table_once(tmp_path, qemu_tools, monkeypatch):
+    """The NBD connections of one export ask for the same L2 tables at the same moment (nbdcopy's
+    first BLOCK_STATUS on each): each table is read and parsed once, and every thread gets the
+    extents qemu reports."""
+    import threading
+    import time
+
+    from agent.qcow2 import file as qfile
+
+    p = create(tmp_path / "img.qcow2", 8 * MiB, cluster=4 * KiB)  # 512 entries: 2 MiB a table
+    for k in range(4):
+        write_random(p, k * 2 * MiB + 8 * KiB, 64 * KiB, 30 + k)
+    parsed = []
+    real = qfile.Qcow2File._table_runs
+
+    def slow_parse(self, l1i, raw):
+        parsed.append(l1i)
+        time.sleep(0.05)  # wide enough for every thread to miss the cache without the lock
+        return real(self, l1i, raw)
+
+    monkeypatch.setattr(qfile.Qcow2File, "_table_runs", slow_parse)
+    want = qemu_zero_runs(p)
+    with qcow2.open_chain(p) as chain:
+        start = threading.Barrier(4)
+        got = []
+
+        def reader():
+            start.wait()
+            got.append(our_zero_runs(chain))
+
+        threads = [threading.Thread(target=reader) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert got == [want] * 4
+    assert sorted(parsed) == [0, 1, 2, 3]

@@ -52,6 +52,10 @@ class VDINotFound(SRError, LookupError):
     pass
 
 
+class VDIAmbiguous(SRError, LookupError):
+    """A VDI uuid found in several SRs while no SR was named."""
+
+
 class UnsupportedFormat(SRError):
     """The VDI is stored in a way the agent does not serve (a name that lies about the format,
     a chain mixing VHD and QCOW2); names the fallback."""
@@ -166,6 +170,17 @@ class _SRBase(object):
         return chain
 
 
+def _base_name(path):
+    """The last component of a locator's path ('/' or '\\' separated), '' for none or '..'."""
+    name = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return "" if name in ("", ".", "..") else name
+
+
+def _within(level):
+    """The SR directory a chain member was opened in (its RootedPath's), else None."""
+    return getattr(level.path, "within", None)
+
+
 class FileSR(_SRBase):
     """Resolve VDIs of file SRs under one or more mount roots."""
 
@@ -184,11 +199,12 @@ class FileSR(_SRBase):
             return False
         return True
 
-    def _rooted(self, path, what):
-        """`path` checked to resolve inside the roots, as a RootedPath: every open of it (now and
-        on a reopen) walks from the root with O_NOFOLLOW and checks what it opened."""
-        check_inside(path, self.roots, what)
-        return RootedPath(path, self.roots, what)
+    def _rooted(self, path, what, within=None):
+        """`path` checked to resolve inside the roots (and inside `within`, the real path of its
+        SR directory), as a RootedPath: every open of it (now and on a reopen) walks from the
+        root with O_NOFOLLOW and checks what it opened."""
+        check_inside(path, self.roots, what, within)
+        return RootedPath(path, self.roots, what, within)
 
     def _candidates(self, sr_uuid):
         if sr_uuid is not None:
@@ -209,12 +225,27 @@ class FileSR(_SRBase):
         return self.locate(vdi_uuid, sr_uuid).where
 
     def locate(self, vdi_uuid, sr_uuid=None):
+        """Where the VDI is. Without sr_uuid every SR is searched, and a VDI found in several
+        SRs is refused (whoever writes one SR could otherwise shadow another SR's VDI with a file
+        of the same name in a directory sorted first): the ticket must name its SR."""
         check_uuid(vdi_uuid, "VDI")
+        found = []
         for root, sr in self._candidates(sr_uuid):
             for ext in (".vhd", ".qcow2"):  # SM's FileVDI tries .vhd first too
                 path = os.path.join(root, sr, vdi_uuid + ext)
                 if os.path.isfile(path):
-                    return _Located(sr, vdi_uuid, self._rooted(path, "VDI %s" % vdi_uuid))
+                    found.append((root, sr, path))
+                    break
+        if len(found) > 1:
+            raise VDIAmbiguous(
+                "VDI %s is in several SRs (%s): the ticket must name its SR"
+                % (vdi_uuid, ", ".join(sorted(sr for _r, sr, _p in found)))
+            )
+        if found:
+            root, sr, path = found[0]
+            what = "VDI %s" % vdi_uuid
+            within = check_inside(os.path.join(root, sr), self.roots, "SR directory %s" % sr)
+            return _Located(sr, vdi_uuid, self._rooted(path, what, within))
         where = "SR %s" % sr_uuid if sr_uuid else "any SR"
         raise VDINotFound(
             "VDI %s not found in %s under %s" % (vdi_uuid, where, ", ".join(self.roots))
@@ -223,17 +254,23 @@ class FileSR(_SRBase):
     def _resolve_parent(self, child, locators):
         from agent.vhd.chain import default_resolve_parent
 
-        found = default_resolve_parent(child, locators)
+        # A file SR's chain lives in one directory: a parent is looked up by its file name
+        # beside the child only (never by a path a locator names elsewhere: no stat() of dom0's
+        # files on an SR writer's behalf, no other SR's file as our parent).
+        siblings = [(code, _base_name(p)) for code, p in locators if _base_name(p)]
+        found = default_resolve_parent(child, siblings)
         if found is not None and isinstance(found, str):
-            found = self._rooted(found, "parent of %s" % child.path)
+            found = self._rooted(found, "parent of %s" % child.path, _within(child))
         return found
 
     def _resolve_backing(self, child, name):
         from agent.qcow2 import default_resolve_backing
 
+        if not (name.startswith("json:") or "://" in name):  # (those are refused as they are)
+            name = _base_name(name) or name
         found = default_resolve_backing(child, name)
         if found is not None:
-            found = self._rooted(found, "backing file of %s" % child.path)
+            found = self._rooted(found, "backing file of %s" % child.path, _within(child))
         return found
 
     def _open_located(self, loc, cleanup, max_depth=64):
@@ -265,7 +302,7 @@ class FileSR(_SRBase):
             raise
         try:
             for f in chain.files:
-                check_inside(f.path, self.roots, "chain file")
+                check_inside(f.path, self.roots, "chain file", _within(f) or loc.where.within)
         except BaseException:
             chain.close()
             raise

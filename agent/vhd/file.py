@@ -41,6 +41,9 @@ def _pread(fd, length, offset, path, what):
     return data
 
 
+MAX_BLOCKS = 1 << 20  # blocks a VHD may map (2 TiB at 2 MiB): bounds what an open allocates
+
+
 def open_readonly(path):
     """Open a regular file or block device read-only. Anything else (a FIFO or a character device a
     hostile locator may name) is refused without blocking. A path that knows how to open itself
@@ -354,6 +357,16 @@ class VhdFile(Level):
     def _load_bat(self):
         h, path = self.header, self.path
         count = self.block_count
+        if count > MAX_BLOCKS:
+            # A tiny sparse file can declare millions of tiny blocks: memory and CPU at open grow
+            # with the count (the agent is root in dom0, whose memory every VM's backend shares).
+            raise UnsupportedVhd(
+                path,
+                "%d blocks of %d bytes: more than the %d blocks the agent maps (vhd-util writes "
+                "2 MiB blocks: 1,044,480 for the largest VHD, 2040 GiB)"
+                % (count, self.block_size, MAX_BLOCKS),
+                "block_size",
+            )
         if h.max_table_entries < count:
             raise CorruptVhd(
                 path,

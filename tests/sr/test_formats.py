@@ -12,6 +12,7 @@ import pytest
 
 from agent import sr as sr_mod
 from agent import tickets
+from agent.qcow2 import Qcow2ChainError
 from tests.plugin.test_plugin import XapiFailure, call_plugin, write_config
 
 FALLBACK = "--transport xapi-nbd"
@@ -71,6 +72,12 @@ def test_backing_file_outside_the_roots_refused(file_sr, tmp_path):
     qcow2(outside)
     leaf = str(uuidlib.uuid4())
     qcow2(os.path.join(file_sr.dir, leaf + ".qcow2"), None, backing=outside)
+    # a file SR's backing file is looked up by its name beside the leaf only: the outside file
+    # is never opened (nor stat()ed), the chain is incomplete
+    with pytest.raises(Qcow2ChainError, match="not found"):
+        sr_mod.FileSR([file_sr.root]).open_export(leaf, file_sr.sr)
+    # and a sibling that is a symlink leaving the roots is refused
+    os.symlink(outside, os.path.join(file_sr.dir, "outside.qcow2"))
     with pytest.raises(sr_mod.OutsideRoots):
         sr_mod.FileSR([file_sr.root]).open_export(leaf, file_sr.sr)
 

@@ -43,8 +43,8 @@ def _swap_after_check(monkeypatch, when, swap):
     real_check = rooted.check_inside
     done = []
 
-    def check_then_swap(path, roots, what):
-        out = real_check(path, roots, what)
+    def check_then_swap(path, roots, what, within=None):
+        out = real_check(path, roots, what, within)
         if not done and str(path).endswith(when):
             done.append(path)
             swap()
@@ -205,3 +205,100 @@ def test_racing_flipper_never_serves_the_outside_file(scene, tmp_path):
         flips = int(f.read() or 0)
     assert flips > 100, "the flipper barely ran: %d flips" % flips
     assert served > 0 and refused > 0, (served, refused)
+
+
+# --- one SR's writer against another SR (review of the fix) -------------------------------------
+
+
+@pytest.fixture
+def two_srs(file_sr):
+    """SR A (the attacker writes it) and SR B beside it under the same root, B holding a victim
+    VDI whose data is 0x5e."""
+    b_dir = os.path.join(file_sr.root, str(uuid.uuid4()))
+    os.makedirs(b_dir)
+    victim = str(uuid.uuid4())
+    qemu_vhd(os.path.join(b_dir, victim + ".vhd"), 2 * MiB, [(0, MiB, SECRET)])
+    return file_sr, b_dir, victim
+
+
+def test_symlink_to_another_srs_file_is_refused(two_srs):
+    a, b_dir, victim = two_srs
+    mine = str(uuid.uuid4())
+    os.symlink("../%s/%s.vhd" % (os.path.basename(b_dir), victim), a.path(mine))
+    with pytest.raises(sr_mod.OutsideRoots, match="outside its SR directory"):
+        sr_mod.FileSR([a.root]).open_export(mine, a.sr)
+
+
+def test_parent_locator_into_another_sr_is_not_followed(two_srs, tmp_path):
+    """A differencing VHD in A whose parent (same uuid as the locators expect) lives in B: only
+    the name beside the child is tried, so B's file is never part of A's disk."""
+    a, b_dir, _victim = two_srs
+    vdis, _ = a.chain(
+        [Level(4 * MiB, [(0, pattern(1, MiB))]), Level(4 * MiB, [(MiB, pattern(2, 512))])]
+    )
+    parent = a.path(vdis[0])
+    os.rename(parent, os.path.join(b_dir, os.path.basename(parent)))
+    with pytest.raises(VhdError, match="not found"):
+        sr_mod.FileSR([a.root]).open_export(vdis[1], a.sr)
+
+
+def test_vdi_in_two_srs_is_refused_without_an_sr(two_srs):
+    """A file named like B's VDI in A (sorted first or not) must not shadow it."""
+    a, b_dir, victim = two_srs
+    qemu_vhd(a.path(victim), 2 * MiB, [(0, MiB, 0xFA)])
+    sr = sr_mod.FileSR([a.root])
+    with pytest.raises(sr_mod.VDIAmbiguous, match="the ticket must name its SR"):
+        sr.open_export(victim)
+    with sr.open_export(victim, os.path.basename(b_dir)) as export:
+        assert export.read(0, 4096) == bytes([SECRET]) * 4096
+
+
+def test_device_swapped_in_after_the_check_is_never_opened(scene, monkeypatch):
+    """A character device (here 1:3, /dev/null's numbers) renamed over the leaf after its stat:
+    refused from its O_PATH pin, never opened for reading (opening some devices has effects)."""
+    import stat as stat_mod
+
+    tree, vdi, _secret = scene
+    leaf = tree.path(vdi)
+    dev = leaf + ".dev"
+    try:
+        os.mknod(dev, stat_mod.S_IFCHR | 0o600, os.makedev(1, 3))
+    except PermissionError:
+        pytest.fail("cannot mknod here: this test needs CAP_MKNOD (tests run as root)")
+    armed = _swap_after_check(monkeypatch, vdi + ".vhd", lambda: None)
+    real_stat, real_open = os.stat, os.open
+    opened = []
+
+    def stat_then_swap(path, *a, **kw):
+        st = real_stat(path, *a, **kw)
+        if armed and str(path).endswith(vdi + ".vhd") and os.path.exists(dev):
+            os.replace(dev, leaf)
+        return st
+
+    def recording_open(path, flags, *a, **kw):
+        opened.append((str(path), flags))
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(rooted.os, "stat", stat_then_swap)
+    monkeypatch.setattr(rooted.os, "open", recording_open)
+    try:
+        with pytest.raises(sr_mod.PathChanged):
+            sr_mod.FileSR([tree.root]).open_export(vdi, tree.sr)
+    finally:
+        monkeypatch.undo()
+    assert armed and not os.path.exists(dev)
+    leaf_opens = [f for p, f in opened if p == os.path.basename(leaf)]
+    assert leaf_opens and all(f & os.O_PATH for f in leaf_opens), opened
+    assert not [p for p, _f in opened if p.startswith("/proc/self/fd/")], opened
+
+
+def test_tiny_file_declaring_millions_of_blocks_is_refused(file_sr):
+    """A VHD of 512-byte blocks over 1 GiB (2,097,152 blocks, a sparse 8 MiB BAT): refused
+    before its BAT is read (memory at open would grow with the block count)."""
+    from agent import vhd
+
+    vdi = str(uuid.uuid4())
+    with vhd.create_dynamic(file_sr.path(vdi), 1 << 30, block_size=512):
+        pass
+    with pytest.raises(vhd.UnsupportedVhd, match="more than the 1048576 blocks"):
+        sr_mod.FileSR([file_sr.root]).open_export(vdi, file_sr.sr)

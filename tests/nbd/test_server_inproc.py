@@ -1,7 +1,11 @@
 """agent.nbd.server in-process with a fake export: the error paths that real files rarely reach
-(a VHD file shorter than its metadata promised in the middle of a sendfile, a failing read plan)."""
+(a VHD file shorter than its metadata promised in the middle of a sendfile, a failing read plan).
+Every test runs in clear text (sendfile) and over TLS (file data read before the send lock is
+taken, agent.nbd.connection._prefetch, then written through the TLS socket)."""
 
 import os
+import socket
+import ssl
 import struct
 
 import pytest
@@ -46,12 +50,40 @@ class FakeExport(object):
 
 
 class Address(object):
-    def __init__(self, server):
+    def __init__(self, server, tls):
         self.host, self.port = server.address
+        self.tls = tls
 
 
-@pytest.fixture
-def served(tmp_path):
+class TlsRaw(Raw):
+    """Raw, upgraded with NBD_OPT_STARTTLS right after the greeting."""
+
+    def greet(self, flags=3):
+        Raw.greet(self, flags)
+        self.option(5)
+        assert self.replies() == [(1, b"")]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        self.sock = ctx.wrap_socket(self.sock)
+
+    def closed_by_server(self):
+        try:
+            while True:
+                if not self.sock.recv(65536):
+                    return True
+        except (ConnectionResetError, ssl.SSLError):
+            return True
+        except socket.timeout:
+            return False
+
+
+def client(addr):
+    return TlsRaw(addr) if addr.tls else Raw(addr)
+
+
+@pytest.fixture(params=["off", "require"])
+def served(tmp_path, request):
     path = tmp_path / "small.bin"
     path.write_bytes(bytes(range(256)) * 16)  # 4096 bytes: reads past it come up short
     store = TicketStore()
@@ -63,9 +95,16 @@ def served(tmp_path):
         return e
 
     fds_before = len(os.listdir("/proc/self/fd"))
-    server = NBDServer(store, open_export, port=0, tls_mode="off", counters=Counters()).start()
+    ctx = None
+    if request.param != "off":
+        tls = request.getfixturevalue("tls_files")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tls["cert"], tls["key"])
+    server = NBDServer(
+        store, open_export, port=0, tls_mode=request.param, ssl_context=ctx, counters=Counters()
+    ).start()
     ticket = store.create("fake-vdi")
-    yield server, Address(server), ticket.id, path.read_bytes(), exports
+    yield server, Address(server, ctx is not None), ticket.id, path.read_bytes(), exports
     server.stop()
     assert all(e.closed for e in exports)
     assert len(os.listdir("/proc/self/fd")) <= fds_before
@@ -73,7 +112,7 @@ def served(tmp_path):
 
 def test_short_file_mid_sendfile_pads_then_reports_eio(served):
     server, addr, tid, data, _ = served
-    c = Raw(addr)
+    c = client(addr)
     c.greet()
     c.go(tid)
     c.request(0, 0, 8192, handle=1)
@@ -99,7 +138,7 @@ def test_short_file_mid_sendfile_pads_then_reports_eio(served):
 
 def test_short_file_after_a_simple_reply_header_hangs_up(served):
     server, addr, tid, data, _ = served
-    c = Raw(addr)
+    c = client(addr)
     c.greet()
     c.go(tid, structured=False)
     c.request(0, 0, 8192, handle=1)
@@ -115,7 +154,7 @@ def test_chain_changed_during_a_streamed_read_is_an_error_chunk(served):
     """Bytes sent with sendfile are read while they stream: the export is checked again before
     the final chunk, and a chain that changed meanwhile turns the read into EIO."""
     server, addr, tid, data, exports = served
-    c = Raw(addr)
+    c = client(addr)
     c.greet()
     c.go(tid)
     c.request(0, 0, 1024, handle=1)
@@ -135,7 +174,7 @@ def test_chain_changed_during_a_streamed_read_is_an_error_chunk(served):
 
 def test_chain_changed_during_a_simple_reply_withholds_the_last_byte(served):
     server, addr, tid, data, exports = served
-    c = Raw(addr)
+    c = client(addr)
     c.greet()
     c.go(tid, structured=False)
     c.request(0, 0, 1024, handle=1)
@@ -151,7 +190,7 @@ def test_chain_changed_during_a_simple_reply_withholds_the_last_byte(served):
 
 def test_stop_closes_live_connections(served):
     server, addr, tid, _, exports = served
-    c = Raw(addr)
+    c = client(addr)
     c.greet()
     c.go(tid)
     server.stop()

@@ -50,7 +50,7 @@ class FakeExport(object):
 
 
 class Address(object):
-    def __init__(self, server, tls):
+    def __init__(self, server, tls=False):
         self.host, self.port = server.address
         self.tls = tls
 

@@ -197,7 +197,7 @@ def host_side(ctx, repeat: int = 1, only: list[str] | None = None) -> list[dict]
     # Rounds: every method once per round, so load from elsewhere on the machine spreads over
     # all methods alike; each cell is the median of its rounds (samples kept in the JSON).
     for rnd in range(repeat):
-        for (name, fn, _kind), row in zip(methods, rows):
+        for (name, fn, _kind), row in zip(methods, rows, strict=True):
             for cache in ("warm", "cold"):
                 try:
                     run = fn()
@@ -205,16 +205,39 @@ def host_side(ctx, repeat: int = 1, only: list[str] | None = None) -> list[dict]
                         evict(ctx["sr_files"])
                     else:
                         warm(ctx["sr_files"])
+                    cpu0 = proc_cpu(ctx.get("agent_pid"))
                     seconds, n = timed(run)
                     row.setdefault(cache + "_samples", []).append(seconds)
                     row[cache] = statistics.median(row[cache + "_samples"])
                     row["bytes"] = n
-                    log(f"  {name} ({cache}, round {rnd + 1}): {seconds:.2f} s")
+                    cpu = ""
+                    if _kind == "agent" and cpu0 is not None:
+                        # the agent's own CPU seconds for this read: steadier than wall time
+                        # on a loaded machine
+                        spent = proc_cpu(ctx["agent_pid"]) - cpu0
+                        row.setdefault(cache + "_agent_cpu_samples", []).append(spent)
+                        row[cache + "_agent_cpu"] = statistics.median(
+                            row[cache + "_agent_cpu_samples"]
+                        )
+                        cpu = f", agent CPU {spent:.2f} s"
+                    log(f"  {name} ({cache}, round {rnd + 1}): {seconds:.2f} s{cpu}")
                 except Exception as exc:  # a method that does not work here is reported
                     row.setdefault("error", str(exc)[:200])
                     log(f"  {name} ({cache}): FAILED {exc}")
     shutil.rmtree(tls_dir, ignore_errors=True)
     return rows
+
+
+def proc_cpu(pid) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc), None if unknown."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def sr_files(pool) -> list[str]:
@@ -397,6 +420,7 @@ def main(argv=None) -> int:
             "vm_uuid": vm_uuid,
             "pool": pool,
             "sr_files": sr_files(pool),
+            "agent_pid": agent_proc.pid,
         }
         log(f"disk: {size / GB:.2f} GB virtual, {allocated / GB:.2f} GB allocated")
         warm([vhd_path])
@@ -464,6 +488,9 @@ def main(argv=None) -> int:
                 gbs = f"{r['bytes'] / r[c] / GB:.2f}" if r["bytes"] else "-"
                 ratio = f"{xapi[c] / r[c]:.1f}x" if xapi and c in xapi else "-"
                 cells += f" {r[c]:8.2f} {gbs:>6} {ratio:>8}"
+            cpu = r.get("warm_agent_cpu")
+            if cpu is not None:
+                cells += f"   agent CPU {cpu:.2f} s warm, {r.get('cold_agent_cpu', 0):.2f} s cold"
             print(f"  {r['method']:32}{cells}")
             if "error" in r:
                 print(f"    ({r['error']})")

@@ -397,26 +397,46 @@ class Connection(Transport):
 # Under TLS the file data of a READ is read before send_lock is taken, so one worker's preads
 # overlap another's TLS writes: at most PREFETCH bytes per request (one VHD block: a connection
 # holds at most workers x PREFETCH of them; the rest of a larger request is read while it is
-# sent, as without TLS).
+# sent, as without TLS). With os.preadv (Python 3.7+) each worker thread reads into a buffer of
+# its own, reused for every request (a fresh 2 MiB bytes object per block costs the allocator
+# and page faults more than the copy); dom0's 3.6 reads into new bytes.
 PREFETCH = 2 * 1024 * 1024
+_PREADV = getattr(os, "preadv", None)
+_buffers = threading.local()
+
+
+def _buffer():
+    buf = getattr(_buffers, "view", None)
+    if buf is None:
+        buf = _buffers.view = memoryview(bytearray(PREFETCH))
+    return buf
 
 
 def _prefetch(pieces, budget=PREFETCH):
-    """pieces with their first budget bytes of file pieces read: ("read", data) pieces. A short
-    read leaves its piece as it was, so the send path pads it and reports ShortFile."""
+    """pieces with their first budget bytes of file pieces read: ("read", data) pieces, data in
+    the calling thread's buffer (valid until its next call). A short read leaves its piece as it
+    was, so the send path pads it and reports ShortFile."""
     out = []
+    buf = _buffer() if _PREADV is not None else None
+    used = 0
     for piece in pieces:
         if piece[0] != SENDFILE or budget <= 0:
             out.append(piece)
             continue
         _, fd, offset, n = piece
         k = min(n, budget)
-        data = os.pread(fd, k, offset)
-        if len(data) != k:
+        if buf is not None:
+            data = buf[used : used + k]
+            got = _PREADV(fd, [data], offset)
+        else:
+            data = os.pread(fd, k, offset)
+            got = len(data)
+        if got != k:
             out.append(piece)
             budget = 0
             continue
         budget -= k
+        used += k
         out.append((READ, data))
         if k < n:
             out.append((SENDFILE, fd, offset + k, n - k))

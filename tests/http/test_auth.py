@@ -128,6 +128,26 @@ def test_tls_required_refuses_plaintext_and_serves_tls(make_server, tmp_path, di
     assert fd_count() == before
 
 
+@pytest.mark.parametrize("preadv", [True, False], ids=["preadv", "pread-py36"])
+def test_tls_streams_are_the_plaintext_bytes(make_server, tmp_path, disk, monkeypatch, preadv):
+    """Under TLS a block is read into the response's reused buffer behind its frame header and
+    both leave in one SSL write (os.preadv); without os.preadv (dom0's Python 3.6) into new
+    bytes. Either way the stream is byte for byte the plaintext one (sendfile)."""
+    from agent.http import response
+
+    if not preadv:
+        monkeypatch.setattr(response, "_PREADV", None)
+    server_ctx, client_ctx, _ = make_tls(tmp_path)
+    env = make_server(tls_context=server_ctx, tls_mode="optional")
+    t = env.ticket()
+    for stream in ("blocks", "vhd", "raw", "blocks?start=1&count=1"):
+        status, _, clear = request(env, "/v1/exports/%s/%s" % (t, stream))
+        assert status == 200 and clear
+        status, _, tls = tls_get(env, client_ctx, "/v1/exports/%s/%s" % (t, stream))
+        assert status == 200 and tls == clear, stream
+    assert env.server.metrics.blocks["pread"] == env.server.metrics.blocks["sendfile"] > 0
+
+
 def test_tls_optional_serves_both(make_server, tmp_path, disk):
     server_ctx, client_ctx, _ = make_tls(tmp_path)
     env = make_server(tls_context=server_ctx, tls_mode="optional")

@@ -82,8 +82,10 @@ def client(addr):
     return TlsRaw(addr) if addr.tls else Raw(addr)
 
 
-@pytest.fixture(params=["off", "require"])
-def served(tmp_path, request):
+@pytest.fixture(params=["off", "require", "require-py36"])
+def served(tmp_path, request, monkeypatch):
+    """A server on a 4096-byte file; "require-py36": TLS without os.preadv (dom0's Python 3.6:
+    file data read into new bytes instead of the worker's reused buffer)."""
     path = tmp_path / "small.bin"
     path.write_bytes(bytes(range(256)) * 16)  # 4096 bytes: reads past it come up short
     store = TicketStore()
@@ -96,12 +98,17 @@ def served(tmp_path, request):
 
     fds_before = len(os.listdir("/proc/self/fd"))
     ctx = None
-    if request.param != "off":
+    tls_mode = request.param.split("-")[0]
+    if request.param.endswith("py36"):
+        from agent.nbd import connection
+
+        monkeypatch.setattr(connection, "_PREADV", None)
+    if tls_mode != "off":
         tls = request.getfixturevalue("tls_files")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(tls["cert"], tls["key"])
     server = NBDServer(
-        store, open_export, port=0, tls_mode=request.param, ssl_context=ctx, counters=Counters()
+        store, open_export, port=0, tls_mode=tls_mode, ssl_context=ctx, counters=Counters()
     ).start()
     ticket = store.create("fake-vdi")
     yield server, Address(server, ctx is not None), ticket.id, path.read_bytes(), exports

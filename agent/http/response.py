@@ -18,10 +18,6 @@ from agent.http import protocol as hp
 
 ZERO_CHUNK = bytes(1 << 20)
 _ZERO_VIEW = memoryview(ZERO_CHUNK)
-TLS_CHUNK = 2 << 20  # a whole block per pread + SSL write
-# Python 3.7+: file data read into the response's reused buffer. dom0's 3.6 has no os.preadv
-# and reads into new bytes (the same bytes on the wire).
-_PREADV = getattr(os, "preadv", None)
 
 
 _NOTHING = object()
@@ -54,7 +50,6 @@ class Response(object):
         self.corked = False
         self._chunked = False  # the body goes as chunks (send_json_stream): keep-alive still works
         self.metrics = conn.server.metrics
-        self._buf = None  # under TLS: the buffer file data is read into (write_file)
 
     def start(self, status, headers, length=None, body=None):
         """Send the head (and a small body with it, in one segment: the socket has TCP_NODELAY)."""
@@ -166,41 +161,23 @@ class Response(object):
             self.write(_ZERO_VIEW[:n])
             length -= n
 
-    def write_file(self, fd, offset, length, prefix=b""):
-        """Send prefix (a frame header), then length bytes of fd at offset: sendfile on plaintext
-        sockets, pread + SSL write under TLS, where the prefix goes in the same SSL write as the
-        first chunk of data (one TLS record stream, no record of its own)."""
+    def write_file(self, fd, offset, length):
+        """Send length bytes of fd at offset: sendfile on plaintext sockets, pread under TLS."""
         if self.head_only or length <= 0:
-            self.write(prefix)
             return
-        if not self.conn.tls:
-            self.write(prefix)
-            self._sendfile(fd, offset, length)
-            return
-        if self._buf is None and _PREADV is not None:
-            self._buf = memoryview(bytearray(TLS_CHUNK + 64))  # reused for every chunk
-        while length > 0:
-            n = min(length, TLS_CHUNK)
-            # into the buffer with the data (3.6: on its own, cheaper than a copy of the block)
-            head = len(prefix) if self._buf is not None and len(prefix) <= 64 else 0
-            if head == 0 and prefix:
-                self.write(prefix)
-            if self._buf is not None:
-                buf = self._buf
-                got = _PREADV(fd, [buf[head : head + n]], offset)
-                buf[:head] = prefix[:head]
-                data = buf[: head + got]
-            else:
+        if self.conn.tls:
+            while length > 0:
+                n = min(length, 2 << 20)  # a whole block per pread + SSL write
                 data = os.pread(fd, n, offset)
-                got = len(data)
-            if got != n:
-                raise hp.HttpError(
-                    "short read from a chain file at offset %d" % offset, code="io_error"
-                )
-            self.write(data)
-            prefix = b""
-            offset += n
-            length -= n
+                if len(data) != n:
+                    raise hp.HttpError(
+                        "short read from a chain file at offset %d" % offset, code="io_error"
+                    )
+                self.write(data)
+                offset += n
+                length -= n
+            return
+        self._sendfile(fd, offset, length)
 
     def _sendfile(self, fd, offset, length):
         sock_fd = self.sock.fileno()
@@ -236,25 +213,20 @@ class Response(object):
         except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError) as exc:
             raise ClientGone(str(exc)) from None
 
-    def write_pieces(self, pieces, record=None, prefix=b""):
-        """Send prefix (a frame header), then read pieces; record(method, nbytes) reports what
-        was done (export counters)."""
+    def write_pieces(self, pieces, record=None):
+        """Send read pieces; record(method, nbytes) reports what was done (export counters)."""
         for piece in pieces:
             kind = piece[0]
             if kind == "file":
-                self.write_file(piece[1], piece[2], piece[3], prefix)
+                self.write_file(piece[1], piece[2], piece[3])
                 method, n = ("pread" if self.conn.tls else "sendfile"), piece[3]
             elif kind == "bytes":
-                self.write(prefix)
                 self.write(piece[1])
                 method, n = "assembled", len(piece[1])
             elif kind == "zero":
-                self.write(prefix)
                 self.write_zeros(piece[1])
                 method, n = "hole", piece[1]
             else:
                 raise ValueError("unknown piece kind %r" % (kind,))
-            prefix = b""
             if record is not None and not self.head_only:
                 record(method, n)
-        self.write(prefix)

@@ -215,9 +215,9 @@ def blocks(h):
             metrics.add("blocks", "zero")
             continue
         pieces = v.block_pieces(i)
+        resp.write(enc.frame(i, n))
         _count_block(metrics, pieces, h.conn.tls)
-        # the frame header leaves with the block's first bytes (one SSL write under TLS)
-        resp.write_pieces(pieces, h.record, prefix=enc.frame(i, n))
+        resp.write_pieces(pieces, h.record)
     h.check_live()  # a chain change during the last block: no end frame, the client knows
     resp.write(enc.end())
 

@@ -4,15 +4,13 @@ What lives here: Connection, run by agent.nbd.server in a thread of its own per 
 the sans-IO state machine (agent.nbd.protocol) with bytes from its socket, answers the options
 (ticket lookup, export open through the server's ExportCache), then reads requests and hands them
 to a small bounded worker pool so several are in flight; a send lock keeps reply frames from
-interleaving (under TLS, a READ's file data is read before the lock is taken: _prefetch).
-It frames READ replies (simple, or structured: OFFSET_DATA / OFFSET_HOLE chunks, one
+interleaving. It frames READ replies (simple, or structured: OFFSET_DATA / OFFSET_HOLE chunks, one
 chunk with NBD_CMD_FLAG_DF) around the pieces of the export's read plan, and BLOCK_STATUS replies
 for base:allocation and fastpath:changed. The socket side (sends, TLS, sendfile) is its base class,
 agent.nbd.transport.Transport.
 """
 
 import logging
-import os
 import socket
 import struct
 import threading
@@ -22,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from agent.export import BYTES, HOLE, SENDFILE, ExportError
 from agent.nbd import protocol as p
 from agent.nbd import wire as w
-from agent.nbd.transport import READ, ConnectionClosed, ShortFile, Transport
+from agent.nbd.transport import ConnectionClosed, ShortFile, Transport
 from agent.tickets import TicketError, log_id
 
 log = logging.getLogger("fastpath.nbd")
@@ -315,8 +313,6 @@ class Connection(Transport):
         # EIO, or a hard disconnect for simple replies), so a chain that changed mid-send never
         # reaches the client as a successful read.
         streamed = any(piece[0] == SENDFILE for piece in pieces)
-        if streamed and self.tls:
-            pieces = _prefetch(pieces)
         with self.send_lock:
             if not self.proto.structured:
                 self._send(w.simple_reply(req.handle, 0), more=True)
@@ -360,7 +356,7 @@ class Connection(Transport):
                         # Count before sending: the final chunk lets the client move on.
                         self.server.counters.record("hole", n)
                         self._send(w.offset_hole(req.handle, pos, n, done=done))
-                    elif kind in (BYTES, READ):
+                    elif kind == BYTES:
                         n = len(piece[1])
                         self._send(w.offset_data_header(req.handle, pos, n, done=done))
                         self._send_piece(piece)
@@ -392,55 +388,6 @@ class Connection(Transport):
         except ExportError as exc:
             return str(exc)
         return None
-
-
-# Under TLS the file data of a READ is read before send_lock is taken, so one worker's preads
-# overlap another's TLS writes: at most PREFETCH bytes per request (one VHD block: a connection
-# holds at most workers x PREFETCH of them; the rest of a larger request is read while it is
-# sent, as without TLS). With os.preadv (Python 3.7+) each worker thread reads into a buffer of
-# its own, reused for every request (a fresh 2 MiB bytes object per block costs the allocator
-# and page faults more than the copy); dom0's 3.6 reads into new bytes.
-PREFETCH = 2 * 1024 * 1024
-_PREADV = getattr(os, "preadv", None)
-_buffers = threading.local()
-
-
-def _buffer():
-    buf = getattr(_buffers, "view", None)
-    if buf is None:
-        buf = _buffers.view = memoryview(bytearray(PREFETCH))
-    return buf
-
-
-def _prefetch(pieces, budget=PREFETCH):
-    """pieces with their first budget bytes of file pieces read: ("read", data) pieces, data in
-    the calling thread's buffer (valid until its next call). A short read leaves its piece as it
-    was, so the send path pads it and reports ShortFile."""
-    out = []
-    buf = _buffer() if _PREADV is not None else None
-    used = 0
-    for piece in pieces:
-        if piece[0] != SENDFILE or budget <= 0:
-            out.append(piece)
-            continue
-        _, fd, offset, n = piece
-        k = min(n, budget)
-        if buf is not None:
-            data = buf[used : used + k]
-            got = _PREADV(fd, [data], offset)
-        else:
-            data = os.pread(fd, k, offset)
-            got = len(data)
-        if got != k:
-            out.append(piece)
-            budget = 0
-            continue
-        budget -= k
-        used += k
-        out.append((READ, data))
-        if k < n:
-            out.append((SENDFILE, fd, offset + k, n - k))
-    return out
 
 
 def _runs(export, lazy, eager, req):

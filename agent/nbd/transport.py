@@ -11,8 +11,7 @@ What lives here: Transport, the base class of agent.nbd.connection.Connection. I
   to non-blocking for its recv, so a partial TLS record never holds the lock.
 - _recv(timeout): bytes, b'' at EOF, None after `timeout` seconds without any.
 - _start_tls(ctx, deadline): the server side of the TLS handshake after NBD_OPT_STARTTLS.
-- _send_piece(piece): one piece of a READ plan (agent.export.Export.plan_read), or a ("read", data)
-  piece the connection already read from the file. A file range goes
+- _send_piece(piece): one piece of a READ plan (agent.export.Export.plan_read). A file range goes
   out with os.sendfile from the VHD file (zero copy) in clear text; with TLS the kernel cannot
   encrypt, so it is read with os.pread and written through the TLS socket. Holes are zeros,
   assembled bytes go as they are. A VHD file shorter than its metadata promised is padded with
@@ -31,9 +30,6 @@ import time
 from agent.export import BYTES, HOLE, SENDFILE
 
 _ZEROS = bytes(1024 * 1024)
-# A piece already read from its file (agent.nbd.connection reads file pieces under TLS before
-# taking send_lock): ("read", data), counted as pread.
-READ = "read"
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 
@@ -158,8 +154,8 @@ class Transport(object):
         if kind == HOLE:
             self._send_piece((HOLE, piece[1] - 1))
             return b"\0"
-        if kind in (BYTES, READ):
-            self._send_piece((kind, piece[1][:-1]))
+        if kind == BYTES:
+            self._send_piece((BYTES, piece[1][:-1]))
             return bytes(piece[1][-1:])
         _, fd, offset, n = piece
         self._send_piece((SENDFILE, fd, offset, n - 1))
@@ -180,10 +176,6 @@ class Transport(object):
             return
         if kind == BYTES:
             counters.record("assembled", len(piece[1]))
-            self._send(piece[1])
-            return
-        if kind == READ:
-            counters.record("pread", len(piece[1]))
             self._send(piece[1])
             return
         assert kind == SENDFILE

@@ -128,15 +128,9 @@ def test_tls_required_refuses_plaintext_and_serves_tls(make_server, tmp_path, di
     assert fd_count() == before
 
 
-@pytest.mark.parametrize("preadv", [True, False], ids=["preadv", "pread-py36"])
-def test_tls_streams_are_the_plaintext_bytes(make_server, tmp_path, disk, monkeypatch, preadv):
-    """Under TLS a block is read into the response's reused buffer behind its frame header and
-    both leave in one SSL write (os.preadv); without os.preadv (dom0's Python 3.6) into new
-    bytes. Either way the stream is byte for byte the plaintext one (sendfile)."""
-    from agent.http import response
-
-    if not preadv:
-        monkeypatch.setattr(response, "_PREADV", None)
+def test_tls_streams_are_the_plaintext_bytes(make_server, tmp_path, disk):
+    """Every stream over TLS (pread + SSL writes) is byte for byte the plaintext one (sendfile,
+    TCP_CORK), on one server that serves both."""
     server_ctx, client_ctx, _ = make_tls(tmp_path)
     env = make_server(tls_context=server_ctx, tls_mode="optional")
     t = env.ticket()

@@ -1,7 +1,7 @@
 """agent.nbd.server in-process with a fake export: the error paths that real files rarely reach
 (a VHD file shorter than its metadata promised in the middle of a sendfile, a failing read plan).
-Every test runs in clear text (sendfile) and over TLS (file data read before the send lock is
-taken, agent.nbd.connection._prefetch, then written through the TLS socket)."""
+Every test runs in clear text (sendfile) and over TLS (pread, then the TLS socket in its timeout
+mode: agent.nbd.transport)."""
 
 import os
 import socket
@@ -82,10 +82,9 @@ def client(addr):
     return TlsRaw(addr) if addr.tls else Raw(addr)
 
 
-@pytest.fixture(params=["off", "require", "require-py36"])
-def served(tmp_path, request, monkeypatch):
-    """A server on a 4096-byte file; "require-py36": TLS without os.preadv (dom0's Python 3.6:
-    file data read into new bytes instead of the worker's reused buffer)."""
+@pytest.fixture(params=["off", "require"])
+def served(tmp_path, request):
+    """A server on a 4096-byte file, in clear text and over TLS."""
     path = tmp_path / "small.bin"
     path.write_bytes(bytes(range(256)) * 16)  # 4096 bytes: reads past it come up short
     store = TicketStore()
@@ -98,11 +97,7 @@ def served(tmp_path, request, monkeypatch):
 
     fds_before = len(os.listdir("/proc/self/fd"))
     ctx = None
-    tls_mode = request.param.split("-")[0]
-    if request.param.endswith("py36"):
-        from agent.nbd import connection
-
-        monkeypatch.setattr(connection, "_PREADV", None)
+    tls_mode = request.param
     if tls_mode != "off":
         tls = request.getfixturevalue("tls_files")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -6,9 +6,9 @@ What lives here: Transport, the base class of agent.nbd.connection.Connection. I
 - _send(data, more): everything, or ConnectionClosed. more=True sets MSG_MORE so that a chunk header
   and the sendfile payload after it leave in the same packets. Over TLS, OpenSSL objects must not
   be used by two threads at once, so every use of the TLS socket is under send_lock: senders write
-  in the socket's timeout mode (one SSL_write for the whole buffer, OpenSSL's waits for a full
-  socket done in C without the GIL, send_timeout bounding each wait), and the reader switches it
-  to non-blocking for its recv, so a partial TLS record never holds the lock.
+  in the socket's timeout mode (SSL writes of up to 1 MiB, OpenSSL's waits for a full socket
+  done in C without the GIL; send_timeout bounds each write), and the reader switches it to
+  non-blocking for its recv, so a partial TLS record never holds the lock.
 - _recv(timeout): bytes, b'' at EOF, None after `timeout` seconds without any.
 - _start_tls(ctx, deadline): the server side of the TLS handshake after NBD_OPT_STARTTLS.
 - _send_piece(piece): one piece of a READ plan (agent.export.Export.plan_read). A file range goes
@@ -31,6 +31,7 @@ from agent.export import BYTES, HOLE, SENDFILE
 
 _ZEROS = bytes(1024 * 1024)
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
+_TLS_WRITE = 1024 * 1024  # bytes per SSL write call (see Transport._tls_send)
 
 
 class ConnectionClosed(Exception):
@@ -94,12 +95,18 @@ class Transport(object):
         self.bytes_sent += len(data)
 
     def _tls_send(self, data):
-        # Timeout mode (see _start_tls): SSL_write takes the whole buffer and OpenSSL's waits
-        # for room in the socket happen in C, without the GIL; send_lock is held by the caller.
+        # Timeout mode (see _start_tls): SSL_write takes the whole piece and OpenSSL's waits for
+        # room in the socket happen in C, without the GIL; send_lock is held by the caller.
+        # Python bounds one write call as a whole by the timeout, so pieces of _TLS_WRITE bytes
+        # keep send_timeout a stall limit (no progress for that long), not a rate floor.
+        view = memoryview(data)
         try:
-            self.sock.sendall(data)
+            for start in range(0, len(view), _TLS_WRITE):
+                self.sock.sendall(view[start : start + _TLS_WRITE])
         except socket.timeout:
-            raise ConnectionClosed("peer stalled for %ds" % self.send_timeout) from None
+            raise ConnectionClosed(
+                "peer stalled: %d bytes not taken in %ds" % (_TLS_WRITE, self.send_timeout)
+            ) from None
 
     def _recv(self, timeout):
         """Bytes from the peer; b'' at EOF; None when `timeout` seconds pass without any."""

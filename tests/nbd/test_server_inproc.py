@@ -7,6 +7,7 @@ import os
 import socket
 import ssl
 import struct
+import time
 
 import pytest
 
@@ -200,3 +201,46 @@ def test_stop_closes_live_connections(served):
     c.close()
     assert server.connections() == []
     assert all(e.closed for e in exports)
+
+
+def test_a_tls_client_that_stops_reading_is_cut_off(tmp_path, tls_files):
+    """A TLS client that asks for data and never reads it loses its connection once a write
+    makes no progress for send_timeout (the TLS socket's timeout mode, and SO_SNDTIMEO under it):
+    no worker hangs in SSL_write holding the send lock, and the export is released."""
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(4 * MiB))
+
+    class BigExport(FakeExport):
+        def __init__(self, p):
+            FakeExport.__init__(self, p)
+            self.size = 4 * MiB
+
+        def plan_read(self, offset, length):
+            return [(SENDFILE, self.fd, offset, length)]
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tls_files["cert"], tls_files["key"])
+    store = TicketStore()
+    exports = []
+
+    def open_export(ticket):
+        exports.append(BigExport(str(path)))
+        return exports[-1]
+
+    server = NBDServer(
+        store, open_export, port=0, tls_mode="require", ssl_context=ctx, send_timeout=1
+    ).start()
+    try:
+        c = TlsRaw(Address(server, True))
+        c.greet()
+        c.go(store.create("fake-vdi").id)
+        for handle in range(32):  # 128 MiB asked for, far more than the socket buffers hold
+            c.request(0, 0, 4 * MiB, handle=handle)
+        deadline = time.monotonic() + 60
+        while server.connections() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.connections() == []
+        assert exports and all(e.closed for e in exports)
+        c.close()
+    finally:
+        server.stop()

@@ -4,9 +4,11 @@ What lives here: Transport, the base class of agent.nbd.connection.Connection. I
 (plain, then TLS after STARTTLS) and only moves bytes; what they mean is the connection's business.
 
 - _send(data, more): everything, or ConnectionClosed. more=True sets MSG_MORE so that a chunk header
-  and the sendfile payload after it leave in the same packets. Over TLS the socket is non-blocking:
-  OpenSSL objects must not be used by two threads at once, so the reader touches the TLS socket
-  only under send_lock and never blocks there, and senders wait in select.
+  and the sendfile payload after it leave in the same packets. Over TLS, OpenSSL objects must not
+  be used by two threads at once, so every use of the TLS socket is under send_lock: senders write
+  in the socket's timeout mode (SSL writes of up to 1 MiB, OpenSSL's waits for a full socket
+  done in C without the GIL; send_timeout bounds each write), and the reader switches it to
+  non-blocking for its recv, so a partial TLS record never holds the lock.
 - _recv(timeout): bytes, b'' at EOF, None after `timeout` seconds without any.
 - _start_tls(ctx, deadline): the server side of the TLS handshake after NBD_OPT_STARTTLS.
 - _send_piece(piece): one piece of a READ plan (agent.export.Export.plan_read). A file range goes
@@ -29,6 +31,7 @@ from agent.export import BYTES, HOLE, SENDFILE
 
 _ZEROS = bytes(1024 * 1024)
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
+_TLS_WRITE = 1024 * 1024  # bytes per SSL write call (see Transport._tls_send)
 
 
 class ConnectionClosed(Exception):
@@ -92,29 +95,18 @@ class Transport(object):
         self.bytes_sent += len(data)
 
     def _tls_send(self, data):
-        # The TLS socket is non-blocking: OpenSSL objects must not be used by two threads at
-        # once, so the reader only touches it under send_lock and never blocks there.
+        # Timeout mode (see _start_tls): SSL_write takes the whole piece and OpenSSL's waits for
+        # room in the socket happen in C, without the GIL; send_lock is held by the caller.
+        # Python bounds one write call as a whole by the timeout, so pieces of _TLS_WRITE bytes
+        # keep send_timeout a stall limit (no progress for that long), not a rate floor.
         view = memoryview(data)
-        timeout = self.send_timeout
-        while view:
-            try:
-                n = self.sock.send(view)
-            except ssl.SSLWantWriteError:
-                self._wait(write=True, timeout=timeout)
-                continue
-            except ssl.SSLWantReadError:
-                self._wait(write=False, timeout=timeout)
-                continue
-            view = view[n:]
-
-    def _wait(self, write, timeout):
-        if write:
-            _, w, _ = select.select([], [self.sock], [], timeout)
-            ready = w
-        else:
-            ready, _, _ = select.select([self.sock], [], [], timeout)
-        if not ready:
-            raise ConnectionClosed("peer stalled for %ds" % timeout)
+        try:
+            for start in range(0, len(view), _TLS_WRITE):
+                self.sock.sendall(view[start : start + _TLS_WRITE])
+        except socket.timeout:
+            raise ConnectionClosed(
+                "peer stalled: %d bytes not taken in %ds" % (_TLS_WRITE, self.send_timeout)
+            ) from None
 
     def _recv(self, timeout):
         """Bytes from the peer; b'' at EOF; None when `timeout` seconds pass without any."""
@@ -136,7 +128,12 @@ class Transport(object):
                 if not self.tls:
                     return self.sock.recv(256 * 1024)
                 with self.send_lock:
-                    return self.sock.recv(256 * 1024)
+                    # Non-blocking for this recv only: a partial record must not hold the lock.
+                    self.sock.settimeout(0.0)
+                    try:
+                        return self.sock.recv(256 * 1024)
+                    finally:
+                        self.sock.settimeout(self.send_timeout)
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 continue  # a partial TLS record: wait for the rest
             except (OSError, ValueError) as exc:
@@ -152,7 +149,7 @@ class Transport(object):
             tls.do_handshake()
         except (ssl.SSLError, OSError) as exc:
             raise ConnectionClosed("TLS handshake failed: %s" % exc) from exc
-        tls.setblocking(False)
+        tls.settimeout(self.send_timeout)
         self.tls = True
 
     def _send_all_but_last_byte(self, pieces):

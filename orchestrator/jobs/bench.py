@@ -74,6 +74,19 @@ def register(registry) -> None:
     p.set_defaults(_render=_render)
 
 
+def _progress_log():
+    """Progress lines on stderr, each with the seconds since the bench started (where a run's
+    time goes: building disks, servers, each measurement)."""
+    import time
+
+    t0 = time.monotonic()
+
+    def log(line: str) -> None:
+        print(f"bench: [{time.monotonic() - t0:6.1f} s] {line}", file=sys.stderr, flush=True)
+
+    return log
+
+
 def _csv(text: str | None, default: tuple[str, ...], allowed: tuple[str, ...], what: str):
     if not text:
         return default
@@ -110,7 +123,7 @@ def run_bench(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
         out=args.out,
         s3=not args.no_s3,
         data=args.data or ("guest" if args.quick else "usr"),
-        log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True),
+        log=_progress_log(),
     )
     opts.transports = _csv(
         args.transports,

@@ -128,6 +128,20 @@ def test_tls_required_refuses_plaintext_and_serves_tls(make_server, tmp_path, di
     assert fd_count() == before
 
 
+def test_tls_streams_are_the_plaintext_bytes(make_server, tmp_path, disk):
+    """Every stream over TLS (pread + SSL writes) is byte for byte the plaintext one (sendfile,
+    TCP_CORK), on one server that serves both."""
+    server_ctx, client_ctx, _ = make_tls(tmp_path)
+    env = make_server(tls_context=server_ctx, tls_mode="optional")
+    t = env.ticket()
+    for stream in ("blocks", "vhd", "raw", "blocks?start=1&count=1"):
+        status, _, clear = request(env, "/v1/exports/%s/%s" % (t, stream))
+        assert status == 200 and clear
+        status, _, tls = tls_get(env, client_ctx, "/v1/exports/%s/%s" % (t, stream))
+        assert status == 200 and tls == clear, stream
+    assert env.server.metrics.blocks["pread"] == env.server.metrics.blocks["sendfile"] > 0
+
+
 def test_tls_optional_serves_both(make_server, tmp_path, disk):
     server_ctx, client_ctx, _ = make_tls(tmp_path)
     env = make_server(tls_context=server_ctx, tls_mode="optional")

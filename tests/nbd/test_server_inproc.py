@@ -1,8 +1,13 @@
 """agent.nbd.server in-process with a fake export: the error paths that real files rarely reach
-(a VHD file shorter than its metadata promised in the middle of a sendfile, a failing read plan)."""
+(a VHD file shorter than its metadata promised in the middle of a sendfile, a failing read plan).
+Every test runs in clear text (sendfile) and over TLS (pread, then the TLS socket in its timeout
+mode: agent.nbd.transport)."""
 
 import os
+import socket
+import ssl
 import struct
+import time
 
 import pytest
 
@@ -46,12 +51,41 @@ class FakeExport(object):
 
 
 class Address(object):
-    def __init__(self, server):
+    def __init__(self, server, tls=False):
         self.host, self.port = server.address
+        self.tls = tls
 
 
-@pytest.fixture
-def served(tmp_path):
+class TlsRaw(Raw):
+    """Raw, upgraded with NBD_OPT_STARTTLS right after the greeting."""
+
+    def greet(self, flags=3):
+        Raw.greet(self, flags)
+        self.option(5)
+        assert self.replies() == [(1, b"")]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        self.sock = ctx.wrap_socket(self.sock)
+
+    def closed_by_server(self):
+        try:
+            while True:
+                if not self.sock.recv(65536):
+                    return True
+        except (ConnectionResetError, ssl.SSLError):
+            return True
+        except socket.timeout:
+            return False
+
+
+def client(addr):
+    return TlsRaw(addr) if addr.tls else Raw(addr)
+
+
+@pytest.fixture(params=["off", "require"])
+def served(tmp_path, request):
+    """A server on a 4096-byte file, in clear text and over TLS."""
     path = tmp_path / "small.bin"
     path.write_bytes(bytes(range(256)) * 16)  # 4096 bytes: reads past it come up short
     store = TicketStore()
@@ -63,9 +97,17 @@ def served(tmp_path):
         return e
 
     fds_before = len(os.listdir("/proc/self/fd"))
-    server = NBDServer(store, open_export, port=0, tls_mode="off", counters=Counters()).start()
+    ctx = None
+    tls_mode = request.param
+    if tls_mode != "off":
+        tls = request.getfixturevalue("tls_files")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tls["cert"], tls["key"])
+    server = NBDServer(
+        store, open_export, port=0, tls_mode=tls_mode, ssl_context=ctx, counters=Counters()
+    ).start()
     ticket = store.create("fake-vdi")
-    yield server, Address(server), ticket.id, path.read_bytes(), exports
+    yield server, Address(server, ctx is not None), ticket.id, path.read_bytes(), exports
     server.stop()
     assert all(e.closed for e in exports)
     assert len(os.listdir("/proc/self/fd")) <= fds_before
@@ -73,7 +115,7 @@ def served(tmp_path):
 
 def test_short_file_mid_sendfile_pads_then_reports_eio(served):
     server, addr, tid, data, _ = served
-    c = Raw(addr)
+    c = client(addr)
     c.greet()
     c.go(tid)
     c.request(0, 0, 8192, handle=1)
@@ -99,7 +141,7 @@ def test_short_file_mid_sendfile_pads_then_reports_eio(served):
 
 def test_short_file_after_a_simple_reply_header_hangs_up(served):
     server, addr, tid, data, _ = served
-    c = Raw(addr)
+    c = client(addr)
     c.greet()
     c.go(tid, structured=False)
     c.request(0, 0, 8192, handle=1)
@@ -115,7 +157,7 @@ def test_chain_changed_during_a_streamed_read_is_an_error_chunk(served):
     """Bytes sent with sendfile are read while they stream: the export is checked again before
     the final chunk, and a chain that changed meanwhile turns the read into EIO."""
     server, addr, tid, data, exports = served
-    c = Raw(addr)
+    c = client(addr)
     c.greet()
     c.go(tid)
     c.request(0, 0, 1024, handle=1)
@@ -135,7 +177,7 @@ def test_chain_changed_during_a_streamed_read_is_an_error_chunk(served):
 
 def test_chain_changed_during_a_simple_reply_withholds_the_last_byte(served):
     server, addr, tid, data, exports = served
-    c = Raw(addr)
+    c = client(addr)
     c.greet()
     c.go(tid, structured=False)
     c.request(0, 0, 1024, handle=1)
@@ -151,7 +193,7 @@ def test_chain_changed_during_a_simple_reply_withholds_the_last_byte(served):
 
 def test_stop_closes_live_connections(served):
     server, addr, tid, _, exports = served
-    c = Raw(addr)
+    c = client(addr)
     c.greet()
     c.go(tid)
     server.stop()
@@ -159,3 +201,46 @@ def test_stop_closes_live_connections(served):
     c.close()
     assert server.connections() == []
     assert all(e.closed for e in exports)
+
+
+def test_a_tls_client_that_stops_reading_is_cut_off(tmp_path, tls_files):
+    """A TLS client that asks for data and never reads it loses its connection once a write
+    makes no progress for send_timeout (the TLS socket's timeout mode, and SO_SNDTIMEO under it):
+    no worker hangs in SSL_write holding the send lock, and the export is released."""
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(4 * MiB))
+
+    class BigExport(FakeExport):
+        def __init__(self, p):
+            FakeExport.__init__(self, p)
+            self.size = 4 * MiB
+
+        def plan_read(self, offset, length):
+            return [(SENDFILE, self.fd, offset, length)]
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tls_files["cert"], tls_files["key"])
+    store = TicketStore()
+    exports = []
+
+    def open_export(ticket):
+        exports.append(BigExport(str(path)))
+        return exports[-1]
+
+    server = NBDServer(
+        store, open_export, port=0, tls_mode="require", ssl_context=ctx, send_timeout=1
+    ).start()
+    try:
+        c = TlsRaw(Address(server, True))
+        c.greet()
+        c.go(store.create("fake-vdi").id)
+        for handle in range(32):  # 128 MiB asked for, far more than the socket buffers hold
+            c.request(0, 0, 4 * MiB, handle=handle)
+        deadline = time.monotonic() + 60
+        while server.connections() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.connections() == []
+        assert exports and all(e.closed for e in exports)
+        c.close()
+    finally:
+        server.stop()

@@ -117,6 +117,7 @@ def open_chain(
                 )
             seen[ident] = parent.path
             files.append(parent)
+            _check_budget(path, files)
             cur = parent
         return Chain(files)
     except BaseException:
@@ -125,6 +126,24 @@ def open_chain(
         for f in files:
             f.close()
         raise
+
+
+MAX_CHAIN_L1_BYTES = (
+    64 << 20
+)  # L1 tables a chain holds in memory (2 TiB of 64 KiB clusters: 32 KiB)
+
+
+def _check_budget(path, files):
+    """Each level's L1 table stays in memory while the chain is open: qemu allows 32 MiB per
+    image, so a deep chain of such tiny files could hold GiBs in dom0. Bound the sum."""
+    held = sum(len(f.l1) * 8 for f in files if getattr(f, "l1", None) is not None)
+    if held > MAX_CHAIN_L1_BYTES:
+        raise UnsupportedQcow2(
+            path,
+            "the chain's %d L1 tables need %d bytes of memory, more than the %d the agent holds "
+            "for one chain" % (len(files), held, MAX_CHAIN_L1_BYTES),
+            "l1_size",
+        )
 
 
 def _open_backing(child, resolver):

@@ -125,3 +125,25 @@ def test_admin_api_and_plugin_open_a_qcow2_vdi(tmp_path, file_sr, agent_proc):
         call_plugin("open_export", {"vdi": bad}, config)
     assert ei.value.code == "FASTPATH_OPEN_FAILED"
     assert any(FALLBACK in str(p) for p in ei.value.params), json.dumps(ei.value.params)
+
+
+def test_chain_of_big_l1_tables_is_refused(file_sr, monkeypatch):
+    """Every level's L1 table stays in memory while an export is open: a deep chain of tiny
+    files with huge L1 tables (512-byte clusters) is bounded by the chain's budget. The budget is
+    lowered here so that three 256 KiB tables pass it (64 MiB in the agent)."""
+    from agent.qcow2 import UnsupportedQcow2
+    from agent.qcow2 import chain as qchain
+
+    monkeypatch.setattr(qchain, "MAX_CHAIN_L1_BYTES", 600 << 10)
+    names = [str(uuidlib.uuid4()) for _ in range(3)]
+    paths = [os.path.join(file_sr.dir, n + ".qcow2") for n in names]
+    for i, p in enumerate(paths):
+        cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512"]
+        if i:
+            cmd += ["-b", os.path.basename(paths[i - 1]), "-F", "qcow2"]
+        subprocess.run(cmd + [p] + ([] if i else ["1G"]), check=True, timeout=60)
+    sr = sr_mod.FileSR([file_sr.root])
+    with sr.open_export(names[1], file_sr.sr) as export:  # two levels: 512 KiB, within
+        assert export.size == 1 << 30
+    with pytest.raises(UnsupportedQcow2, match="L1 tables need"):
+        sr.open_export(names[2], file_sr.sr)

@@ -237,11 +237,30 @@ def _write_ready(path, info):
     os.rename(tmp, path)
 
 
+class OneLineFormatter(logging.Formatter):
+    """Every record is one line: control characters in what clients and SR files control (export
+    names, locator strings, request paths) are escaped, so nobody forges a log line. A
+    traceback keeps its lines, indented under the record."""
+
+    _ESCAPES = {i: "\\x%02x" % i for i in list(range(32)) + [127] if i != 9}
+
+    def formatMessage(self, record):
+        return super(OneLineFormatter, self).formatMessage(record).translate(self._ESCAPES)
+
+    def formatException(self, ei):
+        return "    " + super(OneLineFormatter, self).formatException(ei).replace("\n", "\n    ")
+
+
+def setup_logging(level):
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
 def cmd_serve(args):
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_level)
     try:
         cfg = config_mod.load(
             args.config,

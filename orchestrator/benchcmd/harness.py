@@ -111,21 +111,31 @@ class Bench:
         return resp["export_name"]
 
     def start_qemu_nbd(self, disk: str, path: str) -> tuple[subprocess.Popen, str]:
+        """qemu-nbd on TCP loopback, as the agent is reached: a Unix socket would favour it."""
+        import socket
+
         if disk in self.qemu:
             return self.qemu[disk]
-        sock = os.path.join(self.work, f"qemu-{disk}.sock")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         proc = subprocess.Popen(
-            ["qemu-nbd", "-r", "-f", "vpc", "-t", "--shared=16", "-k", sock, "-x", "disk", path],
+            ["qemu-nbd", "-r", "-f", "vpc", "-t", "--shared=16", "-b", "127.0.0.1"]
+            + ["-p", str(port), "-x", "disk", path],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         self.procs.append(proc)
         deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("qemu-nbd did not start")
-            time.sleep(0.05)
-        self.qemu[disk] = (proc, f"nbd+unix:///disk?socket={sock}")
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("qemu-nbd did not start") from None
+                time.sleep(0.05)
+        self.qemu[disk] = (proc, f"nbd://127.0.0.1:{port}/disk")
         return self.qemu[disk]
 
     def start_moto(self) -> None:

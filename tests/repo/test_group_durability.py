@@ -284,10 +284,10 @@ def test_sigkill_during_batched_backups_never_tears_or_dangles(tmp_path):
             crashpoints.kill_after(proc, rng.uniform(0.05, 0.6))
         else:
             assert crashpoints.kill_at_point(proc) == f"{point} {nth}"
+        committed = check_after_kill(root)
         left = len(temps(root))
         if window:
             assert left > 0, f"kill at {point} {nth} left nothing staged"
-        committed = check_after_kill(root)
         print(f"kill at {point} {nth}: {left} staged left, {committed} indexes committed")
         # clear the temporaries, so the next trial's window assertion sees only its own
         LocalBackend(root).remove_stale_temporaries(older_than=-1)

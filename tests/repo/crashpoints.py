@@ -1,4 +1,4 @@
-"""Deterministic kill points for the kill -9 tests of the local backend and the backup writer.
+"""Deterministic kill points for kill -9 tests (local backend, backup writer, copy).
 
 A kill after a random delay lands wherever the child happens to be; on a loaded machine it may
 never land inside the window a test is about (a batch staged but not published, an object half
@@ -10,8 +10,8 @@ SIGKILL, which ends a stopped process like a running one. The state on disk is t
 state a kill at that instant leaves, with no timing involved. Nothing here touches production
 code: the points are wrappers the child installs around the local backend and ``os`` calls.
 
-Child side: :func:`arm` (``point`` one of :data:`POINTS`). Parent side: :func:`spawn`,
-:func:`kill_at_point`, :func:`kill_after`.
+Child side: :func:`arm` (``point`` one of :data:`POINTS`) or :func:`arm_after_call`. Parent
+side: :func:`spawn`, :func:`kill_at_point`, :func:`kill_after`.
 """
 
 from __future__ import annotations
@@ -118,17 +118,34 @@ def arm(point: str, n: int, match: str = "/") -> None:
         raise ValueError(f"unknown kill point {point!r}; known: {POINTS}")
 
 
+def arm_after_call(cls: type, name: str, n: int, wanted) -> None:
+    """In the child: stop right after the ``n``-th call of ``cls.name(*args)`` for which
+    ``wanted(*args)`` is true has returned (e.g. the n-th object stored by a backend)."""
+    count = _Countdown(n)
+    real = getattr(cls, name)
+
+    @functools.wraps(real)
+    def method(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        if wanted(*args) and count.hit():
+            freeze(f"{name} {n}")
+        return result
+
+    setattr(cls, name, method)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def spawn(script: str, *args: object) -> subprocess.Popen:
     """Run ``script`` with ``python -c`` from the repository root; it prints ``ready`` once set
     up (imports done, point armed)."""
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
-    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(
         [sys.executable, "-c", script, *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        cwd=os.getcwd(),
+        cwd=ROOT,
         env=env,
     )
     line = proc.stdout.readline()
@@ -157,7 +174,9 @@ def kill_at_point(proc: subprocess.Popen) -> str:
     A child that exits instead (a bug, or a point never reached) fails with its stderr."""
     try:
         line = proc.stdout.readline().decode()
-        if not line.startswith("at "):
+        while line and not line.startswith("at "):  # the child's own output
+            line = proc.stdout.readline().decode()
+        if not line:
             _kill(proc)
             raise AssertionError(f"child never reached its kill point: {line!r} {_stderr(proc)}")
         _kill(proc)

@@ -164,6 +164,11 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
+def _died_of_the_kill(proc: subprocess.Popen) -> None:
+    err = _stderr(proc)
+    assert proc.returncode == -signal.SIGKILL and "Traceback" not in err, err
+
+
 def _close(proc: subprocess.Popen) -> None:
     proc.stdout.close()
     proc.stderr.close()
@@ -180,7 +185,7 @@ def kill_at_point(proc: subprocess.Popen) -> str:
             _kill(proc)
             raise AssertionError(f"child never reached its kill point: {line!r} {_stderr(proc)}")
         _kill(proc)
-        assert proc.returncode == -signal.SIGKILL
+        _died_of_the_kill(proc)
         return line[3:].strip()
     finally:
         if proc.returncode is None:
@@ -195,6 +200,7 @@ def kill_after(proc: subprocess.Popen, delay: float) -> None:
         time.sleep(delay)
         assert proc.poll() is None, _stderr(proc)
         _kill(proc)
+        _died_of_the_kill(proc)
     finally:
         if proc.returncode is None:
             _kill(proc)

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 import uuid
 
@@ -26,6 +23,7 @@ from orchestrator.repo.backends.local import TMP_PREFIX, LocalBackend
 from orchestrator.repo.codec import CHUNK_SIZE, ZERO_DIGEST, chunk_key
 from orchestrator.repo.errors import BackendError, RepoError
 from orchestrator.repo.repository import Repository
+from tests.repo import crashpoints
 from tests.repo_ops.helpers import chunk_bytes
 
 VM = "11111111-2222-3333-4444-555555555555"
@@ -204,13 +202,16 @@ DRIVER = r"""
 import sys, uuid
 from orchestrator.repo.codec import CHUNK_SIZE
 from orchestrator.repo.repository import Repository
+from tests.repo.crashpoints import arm
 from tests.repo_ops.helpers import chunk_bytes
-repo = Repository.open(sys.argv[1])
-seed = int(sys.argv[2])
+root, seed, point, nth = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+if point != "random":
+    arm(point, nth, "/chunks/")
+repo = Repository.open(root)
 vm = "11111111-2222-3333-4444-555555555555"
 n = 0
 print("ready", flush=True)
-while True:
+while point == "random" or n < 4:  # an armed point is reached in the first 2 sessions
     vdi = str(uuid.uuid4())
     with repo.begin_backup(vm) as s:
         s.durable.batch_size = 3
@@ -220,42 +221,74 @@ while True:
         w.commit()
         s.commit({"n": n})
     n += 1
+sys.exit("kill point %s %d never reached" % (point, nth))
 """
+
+# Each session of DRIVER stages 7 new chunks with batches of 3: publish #1 (chunks 0-2) and #2
+# (3-5) while putting, #3 (chunk 6) by the commit's flush just before the index is written;
+# renames 1-7 and writes 1-7 are session 1's, publish #4-#6, renames/writes 8-14 session 2's.
+# (point, n, whether the kill leaves staged objects behind: the staged-not-published window)
+KILL_POINTS = [
+    ("mid-write", 2, True),  # a chunk half written (session 1)
+    ("mid-write", 9, True),  # ... in session 2, after a committed restore point
+    ("publish-start", 1, True),  # first batch staged, nothing fsynced or renamed
+    ("publish-start", 3, True),  # the commit's flush: its index is next
+    ("publish-start", 5, True),  # session 2, after a committed restore point
+    ("after-rename", 2, True),  # batch half renamed, directories not fsynced
+    ("after-rename", 7, False),  # the commit's flush renamed, its index not yet written
+    ("publish-end", 3, False),  # every chunk durable, its index not yet written
+    ("publish-end", 4, False),  # session 2: one batch durable, rest not staged
+]
+RANDOM_KILLS = 5
+
+
+def check_after_kill(root) -> int:
+    """Every chunk under a final name decodes and matches its digest, and every index, pending
+    or final, names only such chunks (restores in full); returns the committed indexes."""
+    repo = Repository.open(root)
+    try:
+        for info in repo.backend.list("chunks/"):
+            digest = bytes.fromhex(info.key.rsplit("/", 1)[1])
+            repo.read_chunk(digest)  # raises on a torn or foreign object
+        catalog = repo.scan()
+        for key in catalog.indexes + [k for k, _vm, _time in catalog.pending]:
+            blocks = list(repo.iter_disk(repo.read_index(key)))  # raises on a missing chunk
+            assert len(blocks) == 7 and all(len(b) == CHUNK_SIZE for b in blocks), key
+        return len(catalog.indexes)
+    finally:
+        repo.close()
 
 
 def test_sigkill_during_batched_backups_never_tears_or_dangles(tmp_path):
-    """kill -9 at random points of batched backups: every chunk under a final name decodes and
-    matches its digest, every committed index restores, and only .tmp- names are left over."""
+    """kill -9 of batched backups, exactly at chosen points of staging and publishing (the child
+    stops itself there and reports, see tests/repo/crashpoints.py) and at random instants: every
+    chunk under a final name decodes and matches its digest, every index (pending or final)
+    restores, and only .tmp- names are left over.
+
+    The chosen points make the test deterministic and keep it able to fail: a writer that
+    staged in place (under the final name) leaves a torn chunk at the mid-write kills, which
+    ``read_chunk`` rejects; a writer that wrote an index before publishing (all of) its chunks,
+    e.g. a commit not flushing the session's staged batch first, leaves at the publish-start #3
+    kill an index naming a chunk that exists only as a .tmp- file, which ``iter_disk`` rejects.
+    The window assertion (staged objects left behind) is checked per kill point, so it holds by
+    construction instead of by luck. What kill -9 cannot show is a missing fsync (the page cache
+    survives it): the fsync-before-rename and directory-fsync order is the SyscallLog tests'."""
     rng = random.Random(7)
     root = tmp_path / "repo"
     Repository.init(root).close()
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    temps_seen = 0
-    trials = 0
-    while trials < 5 or (temps_seen == 0 and trials < 15):
-        trials += 1
-        proc = subprocess.Popen(
-            [sys.executable, "-c", DRIVER, str(root), str(trials)],
-            stdout=subprocess.PIPE,
-            cwd=os.getcwd(),
-            env=env,
-        )
-        try:
-            assert proc.stdout.readline() == b"ready\n"
-            time.sleep(rng.uniform(0.05, 0.6))
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-            proc.stdout.close()
-        temps_seen += len(temps(root))
-        repo = Repository.open(root)
-        try:
-            for info in repo.backend.list("chunks/"):
-                digest = bytes.fromhex(info.key.rsplit("/", 1)[1])
-                repo.read_chunk(digest)  # raises on a torn or foreign object
-            for key in repo.scan().indexes:
-                for data in repo.iter_disk(repo.read_index(key)):
-                    assert len(data) == CHUNK_SIZE
-        finally:
-            repo.close()
-    assert temps_seen > 0  # some kills landed between staging and publishing
+    trials = [(p, n, w) for p, n, w in KILL_POINTS] + [("random", 0, None)] * RANDOM_KILLS
+    committed = 0
+    for seed, (point, nth, window) in enumerate(trials, 1):
+        proc = crashpoints.spawn(DRIVER, root, seed, point, nth)
+        if point == "random":
+            crashpoints.kill_after(proc, rng.uniform(0.05, 0.6))
+        else:
+            assert crashpoints.kill_at_point(proc) == f"{point} {nth}"
+        committed = check_after_kill(root)
+        left = len(temps(root))
+        if window:
+            assert left > 0, f"kill at {point} {nth} left nothing staged"
+        print(f"kill at {point} {nth}: {left} staged left, {committed} indexes committed")
+        # clear the temporaries, so the next trial's window assertion sees only its own
+        LocalBackend(root).remove_stale_temporaries(older_than=-1)
+    assert committed > 0  # the indexes checked were not all vacuous

@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import blake3
 
 from orchestrator.repo.backends.local import TMP_PREFIX, LocalBackend
+from tests.repo import crashpoints
 
 WRITER = r"""
 import os, sys, blake3
 from orchestrator.repo.backends.local import LocalBackend
-b = LocalBackend(sys.argv[1])
-seed = int(sys.argv[2])
+from tests.repo.crashpoints import arm
+root, seed, point, nth = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+if point != "random":
+    arm(point, nth, "/objs/")
+b = LocalBackend(root)
 i = 0
 sys.stdout.write("ready\n"); sys.stdout.flush()
-while True:
+while point == "random" or i < 100:  # an armed point is reached in the first few puts
     body = os.urandom(1024 * (1 + (seed * 7919 + i * 104729) % 6144))
     obj = len(body).to_bytes(8, "big") + blake3.blake3(body).digest() + body
     if i % 3 == 2:
@@ -29,7 +29,22 @@ while True:
     else:
         b.put("objs/obj-%d" % (i % 4), obj)
     i += 1
+sys.exit("kill point %s %d never reached" % (point, nth))
 """
+
+# (point, n, whether the kill leaves a temporary behind). Each i of WRITER writes one object
+# (put_if_absent of an existing once-* writes nothing); the first put_if_absent that links is
+# in the first 3 puts of a child while some once-* is missing, so the link points come first.
+KILL_POINTS = [
+    ("after-link", 1, True),  # put_if_absent: final name linked, temporary not yet unlinked
+    ("after-link", 1, True),
+    ("mid-write", 1, True),  # half of an object written
+    ("mid-write", 4, True),
+    ("mid-write", 7, True),
+    ("before-rename", 2, True),  # complete and fsynced under its temporary name only
+    ("after-rename", 4, False),  # renamed, directory not yet fsynced
+]
+RANDOM_KILLS = 8
 
 
 def check_object(data: bytes) -> bool:
@@ -39,40 +54,34 @@ def check_object(data: bytes) -> bool:
 
 
 def test_sigkill_mid_put_never_tears_an_object(tmp_path):
+    """kill -9 of a putting process, exactly at chosen points of a put (the child stops itself
+    there and reports, see tests/repo/crashpoints.py) and at random instants: every object
+    under a final name is whole. A put that wrote in place, or renamed/linked before the data
+    was complete, leaves a torn object at the mid-write kills and fails ``check_object``; the
+    temporaries each chosen point leaves are then what ``remove_stale_temporaries`` must clean
+    (deterministically some: no longer "if a random kill happened to land mid-write")."""
     rng = random.Random(42)
     root = tmp_path / "repo"
-    temps_seen = 0
-    trials = 0
-    # A loaded machine can make many kills land between two puts: keep going (bounded) until
-    # some kill landed mid-write.
-    while trials < 8 or (temps_seen == 0 and trials < 100):
-        trials += 1
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(root), str(trials)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=os.getcwd(),
-        )
-        try:
-            assert proc.stdout.readline() == b"ready\n"
-            time.sleep(rng.uniform(0.05, 0.4))
-            # The writer must still be writing when the kill lands, or this trial proves nothing.
-            assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-2000:]
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-            proc.stdout.close()
-            proc.stderr.close()
+    trials = KILL_POINTS + [("random", 0, None)] * RANDOM_KILLS
+    for seed, (point, nth, window) in enumerate(trials, 1):
+        before = count_temps(root)
+        proc = crashpoints.spawn(WRITER, root, seed, point, nth)
+        if point == "random":
+            crashpoints.kill_after(proc, rng.uniform(0.05, 0.4))
+        else:
+            assert crashpoints.kill_at_point(proc) == f"{point} {nth}"
         b = LocalBackend(root)
         for info in b.list():
-            assert check_object(b.get(info.key)), f"torn object {info.key} after trial {trials}"
-        temps_seen += sum(
-            1 for _d, _s, files in os.walk(root) for f in files if f.startswith(TMP_PREFIX)
-        )
-    # The kills did land in the middle of writes (else this test would prove nothing).
-    assert temps_seen > 0
+            assert check_object(b.get(info.key)), f"torn object {info.key} after {point} {nth}"
+        if window:
+            assert count_temps(root) > before, f"kill at {point} {nth} left no temporary"
     b = LocalBackend(root)
     before = {i.key for i in b.list()}
-    assert b.remove_stale_temporaries(older_than=0) > 0
-    assert not any(f.startswith(TMP_PREFIX) for _d, _s, files in os.walk(root) for f in files)
+    assert {"objs/once-2", "objs/once-0"} <= before  # the linked objects are whole and listed
+    assert b.remove_stale_temporaries(older_than=-1) >= len(KILL_POINTS) - 1
+    assert count_temps(root) == 0
     assert {i.key for i in b.list()} == before
+
+
+def count_temps(root) -> int:
+    return sum(1 for _d, _s, files in os.walk(root) for f in files if f.startswith(TMP_PREFIX))

@@ -2,6 +2,8 @@
 
     python -m tests.repo_ops.crash_driver REPO backup|maintain SEED
 
+Prints ``ready`` once the repository is open, and (backup) ``committed`` after each backup.
+
 Disk contents are a pure function of (vm, generation) (see ``model``), recorded in each restore
 point's metadata, so the test can check any committed restore point after kill -9.
 """
@@ -97,6 +99,7 @@ def main() -> None:
         try:
             if mode == "backup":
                 backup_once(repo, rng)
+                print("committed", flush=True)  # the test may wait for one before its kill
             else:
                 run_prune(repo, RetentionPolicy(keep_last=rng.randint(1, 2)))
                 try:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -22,6 +20,7 @@ from orchestrator.repo.codec import chunk_key
 from orchestrator.repo.errors import RepoError
 from orchestrator.repo.repository import Repository
 from tests.fixtures.s3 import fast_retry
+from tests.repo import crashpoints
 from tests.repo_ops.conftest import PASSPHRASE
 from tests.repo_ops.helpers import CountingBackend, DiskModel, backup, restore
 
@@ -170,9 +169,26 @@ def _progress(backend) -> int:
     return sum(1 for k in keys if not k.endswith(".pending"))
 
 
+# ``fastpath copy`` (its CLI main) in a child that stops right after its n-th store of an object
+# _progress counts (a chunk, a final index, a restore point document)
+COPY_KILLED_AFTER = r"""
+import sys
+from orchestrator.cli import main
+from orchestrator.repo.backends.s3 import S3Backend
+from tests.repo.crashpoints import arm_after_call
+def counted(key, data):
+    return key.startswith("chunks/") or key.startswith("backups/") and not key.endswith(".pending")
+arm_after_call(S3Backend, "put", int(sys.argv[1]), counted)
+print("ready", flush=True)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_killed_copies_resume_and_complete(tmp_path, s3_env):
-    """kill -9 of ``fastpath copy`` children at random points of their progress (a random count
-    of objects stored in DST, polled), 20 trials, each resuming the last; then one to the end."""
+    """kill -9 of ``fastpath copy`` children at random points of their progress (right after a
+    random count of objects stored in DST: the child stops itself there, see
+    tests/repo/crashpoints.py, so the kill lands mid-way however loaded the machine), 20 trials,
+    each resuming the last; then one to the end."""
     src = Repository.init(tmp_path / "src")
     expected = populate(src, points=8, chunks=6)
     unique = run_verify(src)["chunks_referenced"]
@@ -189,14 +205,14 @@ def test_killed_copies_resume_and_complete(tmp_path, s3_env):
         # spread the kills over the whole copy: each trial lets a random share of what is left
         # of its slice be stored, then kills the copy
         step = max(1, (total - done - 1) // (trials - trial))
-        target = done + rng.randint(1, step)
-        proc = _cli("copy", str(tmp_path / "src"), s3_env.url, "--json", "--concurrency", "1")
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and _progress(watch) < target and time.monotonic() < deadline:
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+        stores = rng.randint(1, step)
+        args = ("copy", tmp_path / "src", s3_env.url, "--json", "--concurrency", "1")
+        proc = crashpoints.spawn(COPY_KILLED_AFTER, stores, *args)
+        assert crashpoints.kill_at_point(proc) == f"put {stores}"
         states.append(_progress(watch))
+        # killed right after its last allowed store (a resumed copy may store again an index
+        # or document a killed one stored, so not every store is new)
+        assert done <= states[-1] <= done + stores, (total, states)
     mid_way = [n for n in states if 0 < n < total]
     print("copy kills: %d objects, progress after each kill: %s" % (total, states))
     assert len(mid_way) >= 15, (total, states)  # the kills landed mid-way, not after the end

@@ -65,6 +65,11 @@ def test_kill_9_during_backup_prune_and_gc(tmp_path):
             + ([("m", rng.uniform(0.05, 0.8))] if maint_proc else []),
             key=lambda d: d[1],
         )
+        if trial % 4 == 0:
+            # let this backup commit once before its random kill: the final checks need some
+            # committed restore points, which random delays alone need not give a loaded machine
+            line = backup_proc.stdout.readline()
+            assert line.strip() == "committed", backup_proc.stderr.read() if not line else line
         t0 = time.monotonic()
         for who, delay in delays:
             time.sleep(max(0.0, t0 + delay - time.monotonic()))

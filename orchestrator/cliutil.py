@@ -97,9 +97,9 @@ def check_copy_ends(
 
     if src.config.encrypted and not dst.config.encrypted and not allow_plaintext:
         raise PlaintextRefused(
-            f"{src.url} is encrypted but {dst.url} is not: its data would be stored there in "
-            f"plaintext (or the destination's encryption was stripped); refusing. Give "
-            f"--allow-plaintext (job file: copy-allow-plaintext = true) if that is what you want"
+            f"{src.url} is encrypted, {dst.url} is not: refusing to store its data there in "
+            f"plaintext (was its encryption stripped?); to allow it: --allow-plaintext (job "
+            f"file: copy-allow-plaintext = true)"
         )
     if passphrase and not src.config.encrypted and not dst.config.encrypted:
         raise NotEncrypted(

@@ -347,9 +347,9 @@ def _check_legacy(
             )
     if not (legacy_allowed_by_env() if allow is None else allow):
         raise LegacyRefused(
-            f"{backend.url} is an encrypted repository of format version 1: its indexes and "
-            f"restore points are not authenticated (anyone who can write the storage can forge "
-            f"them); open it only to migrate it, with --legacy-v1 or {LEGACY_ENV}=1"
+            f"{backend.url} is an encrypted repository of format version 1 (its metadata is "
+            f"not authenticated: whoever can write the storage can forge it): open it only to "
+            f"migrate it, with --legacy-v1 or {LEGACY_ENV}=1"
         )
 
 

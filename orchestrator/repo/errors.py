@@ -63,6 +63,8 @@ class LegacyRefused(RepoError):
     """An encrypted repository of format version 1 (unauthenticated metadata) opened without
     ``--legacy-v1`` / ``FASTPATH_ALLOW_LEGACY_V1=1``."""
 
+    LIMIT = 500
+
 
 class PlaintextRefused(RepoError):
     """A copy from an encrypted repository into an unencrypted one without

@@ -244,7 +244,7 @@ def apply_copies(job, vms: list[SelectedVm], ui: Progress) -> list[dict[str, Any
                 res = copy_repository(src, dst, options, ui)
             out.append({"to": url, "ok": bool(res.get("ok")), "error": None, "result": res})
         except Exception as exc:
-            out.append({"to": url, "ok": False, "error": " ".join(str(exc).split())[:300]})
+            out.append({"to": url, "ok": False, "error": " ".join(str(exc).split())[:500]})
     return out
 
 

@@ -57,13 +57,15 @@ def add_repo_argument(p: argparse.ArgumentParser, *, nargs: str | None = None) -
     add_safety_arguments(p)
 
 
-def add_safety_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--legacy-v1",
-        action="store_true",
-        help="open an encrypted repository of format version 1 (unauthenticated metadata: "
-        "only to migrate it; also FASTPATH_ALLOW_LEGACY_V1=1)",
-    )
+def add_safety_arguments(p: argparse.ArgumentParser, *, legacy: bool = True) -> None:
+    """``--accept-repository-change`` (and, for commands that read, ``--legacy-v1``)."""
+    if legacy:
+        p.add_argument(
+            "--legacy-v1",
+            action="store_true",
+            help="open an encrypted repository of format version 1 (unauthenticated metadata: "
+            "only to migrate it; also FASTPATH_ALLOW_LEGACY_V1=1)",
+        )
     p.add_argument(
         "--accept-repository-change",
         action="store_true",

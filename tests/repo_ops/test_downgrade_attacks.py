@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -223,11 +224,7 @@ def test_pin_records_and_catches_a_replaced_repository(tmp_path):
     first_id = rec["id"]
     assert rec["encrypted"] is True and rec["version"] == 2
     # another repository (the attacker's, with a passphrase they chose) in its place
-    for root, dirs, files in os.walk(url, topdown=False):
-        for f in files:
-            os.unlink(os.path.join(root, f))
-        for d in dirs:
-            os.rmdir(os.path.join(root, d))
+    shutil.rmtree(url)
     Repository.init(url, encrypt=True, passphrase=PASSPHRASE).close()
     r = fastpath("list", url, "--json", env=env)
     assert r.returncode == 1 and as_json(r)["exception"] == "RepositoryChanged"
@@ -358,3 +355,23 @@ def test_missing_key_file_error_says_no_key_accepts_the_passphrase(tmp_path):
     assert f"the config's key {ours} is missing" in err
     assert f"wrong passphrase for the repository key {backend.url}/{theirs.key}" not in err
     backend.close()
+
+
+def test_backup_accepts_a_deliberate_change_when_told(tmp_path):
+    """Re-created unencrypted on purpose: `backup vdi` refuses it until
+    --accept-repository-change, which pins the new state."""
+    url = tmp_path / "r"
+    pf = _pfile(tmp_path)
+    assert fastpath("repo", "init", url, "--encrypt", "--passphrase-file", pf).returncode == 0
+    shutil.rmtree(url)
+    Repository.init(url).close()  # e.g. by a script, not through this machine's CLI
+    source = _raw_disk(tmp_path)
+    cmd = ["backup", "vdi", "--source", source, "--repo", url, "--vdi", str(uuid.uuid4()),
+           "--vm", VM, "--json"]  # fmt: skip
+    r = fastpath(*cmd)
+    assert r.returncode == 1 and as_json(r)["exception"] == "RepositoryChanged", r.stderr
+    r = fastpath(*cmd, "--accept-repository-change")
+    assert r.returncode == 0 and as_json(r)["ok"], r.stderr
+    rec = json.loads(pins_file().read_text())["repositories"][str(url)]
+    assert rec["encrypted"] is False and rec["version"] == 1
+    assert fastpath(*cmd).returncode == 0

@@ -312,6 +312,9 @@ def cmd_repo_init(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
     repo = Repository.init(
         args.repo, encrypt=args.encrypt, passphrase=passphrase, compression=args.compression
     )
+    from orchestrator.repo import pins
+
+    pins.record(repo.url, repo.config)  # a new repository here: its pin replaces any old one
     try:
         return {
             "ok": True,

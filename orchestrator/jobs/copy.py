@@ -33,7 +33,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.cliutil import CommandFailed, UsageError, open_repo
+from orchestrator.cliutil import (
+    CommandFailed,
+    UsageError,
+    add_plaintext_argument,
+    add_safety_arguments,
+    check_copy_ends,
+    open_repo,
+    passphrase_given,
+)
 from orchestrator.jobs.prune import (
     RULES,
     RetentionPolicy,
@@ -299,6 +307,8 @@ def register(registry) -> None:
     p.add_argument("--dst-passphrase-file", metavar="FILE", help="passphrase of DST if it differs")
     p.add_argument("--concurrency", type=int, default=8, metavar="N", help="chunks in flight")
     p.add_argument("--concurrency-io", type=int, default=16, metavar="N", help="connections")
+    add_plaintext_argument(p)
+    add_safety_arguments(p)
     p.set_defaults(_render=_render)
 
 
@@ -327,6 +337,9 @@ def cmd_copy(args: argparse.Namespace, ui: Progress):
         if args.dst_passphrase_file:
             dst_args.passphrase_file = args.dst_passphrase_file
         with open_repo(dst_args, args.dst, shared_passphrase=shared) as dst:
+            check_copy_ends(
+                src, dst, allow_plaintext=args.allow_plaintext, passphrase=passphrase_given(args)
+            )
             result = copy_repository(src, dst, options, ui)
     if not result["ok"]:
         raise CommandFailed(

@@ -14,7 +14,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from orchestrator.cliutil import CommandFailed, add_repo_argument, open_repo
+from orchestrator.cliutil import (
+    CommandFailed,
+    add_plaintext_argument,
+    add_repo_argument,
+    check_copy_ends,
+    open_repo,
+    passphrase_given,
+)
 from orchestrator.progress import Progress
 from orchestrator.repo.codec import chunk_key
 from orchestrator.repo.damage import clear_mark, damaged_digests
@@ -99,6 +106,7 @@ def register(registry) -> None:
     p = registry.add("repair", cmd_repair, help="heal chunks marked damaged (verify --mark)")
     add_repo_argument(p)
     p.add_argument("--from", dest="source", metavar="REPO", help="a copy repository to heal from")
+    add_plaintext_argument(p)
     p.set_defaults(_render=_render)
 
 
@@ -107,6 +115,11 @@ def cmd_repair(args: argparse.Namespace, ui: Progress):
     with open_repo(args, shared_passphrase=shared) as repo:
         if args.source:
             with open_repo(args, args.source, shared_passphrase=True) as other:
+                # chunks flow from the copy into REPO
+                check_copy_ends(
+                    other, repo, allow_plaintext=args.allow_plaintext,
+                    passphrase=passphrase_given(args),
+                )  # fmt: skip
                 result = run_repair(repo, other, ui)
         else:
             result = run_repair(repo, None, ui)

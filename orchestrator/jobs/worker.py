@@ -30,7 +30,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.cliutil import UsageError, open_repo
+from orchestrator.cliutil import UsageError, add_safety_arguments, open_repo
 from orchestrator.jobs.gc import run_gc
 from orchestrator.jobs.prune import RULES, RetentionPolicy, live_sessions, run_prune
 from orchestrator.jobs.verify import run_check, run_verify
@@ -355,6 +355,7 @@ def register(registry) -> None:
     )
     p.add_argument("--restart", action="store_true", help="ignore an unfinished journal")
     p.add_argument("--passphrase-file", metavar="FILE")
+    add_safety_arguments(p, legacy=False)
     p.add_argument("--pause-between-units", type=float, default=0.0, help=argparse.SUPPRESS)
     p.set_defaults(_render=_render)
 

@@ -16,7 +16,14 @@ by AES-GCM. Opening checks, before anything is trusted:
   (ConfigTampered): the presence of a key means "encrypted" whatever the config says;
 - a passphrase given to an unencrypted repository is refused (NotEncrypted), so a job that
   expects encryption never writes plaintext into a repository whose encryption was stripped;
-- an encrypted config must match the MAC of the key file that the passphrase unwraps.
+- an encrypted config must match the MAC of the key file that the passphrase unwraps;
+- an encrypted version 1 config opens only when asked (``--legacy-v1``,
+  ``FASTPATH_ALLOW_LEGACY_V1=1``: its metadata is not authenticated), and never while a version
+  2 key file exists (a v2 repository downgraded by copying in an old v1 key file).
+
+What the storage alone cannot show (encryption stripped *and* ``keys/`` moved away, a v1
+downgrade with every v2 key removed, another repository put in its place) the client's pin of
+the repository catches (:mod:`orchestrator.repo.pins`, checked by the CLI).
 
 The config is written last with a create-only write, so a crashed or concurrent ``init`` never
 leaves a config pointing at someone else's key. A reader refuses a format name, a version, a
@@ -38,6 +45,7 @@ from orchestrator.repo.backends.base import Backend
 from orchestrator.repo.codec import CHUNK_SIZE, ChunkCodec, parse_compression
 from orchestrator.repo.errors import (
     ConfigTampered,
+    LegacyRefused,
     NotEncrypted,
     NotFound,
     PassphraseRequired,
@@ -69,6 +77,11 @@ CONFIG_KEY = "config"
 TEST_KDF_ENV = "FASTPATH_INSECURE_TEST_KDF_N"
 PASSPHRASE_ENV = "FASTPATH_PASSPHRASE"
 NEW_PASSPHRASE_ENV = "FASTPATH_NEW_PASSPHRASE"
+LEGACY_ENV = "FASTPATH_ALLOW_LEGACY_V1"
+
+
+def legacy_allowed_by_env() -> bool:
+    return os.environ.get(LEGACY_ENV) == "1"
 
 
 @dataclass(frozen=True)
@@ -269,10 +282,17 @@ def unlock_repo(
     *,
     need_key: bool = True,
     digest_threads: int = 1,
+    allow_legacy_v1: bool | None = None,
 ) -> Unlocked:
-    """Read the config of the repository on ``backend``, check it, unwrap the data key."""
+    """Read the config of the repository on ``backend``, check it, unwrap the data key.
+
+    An encrypted repository of format version 1 (metadata not authenticated) opens only with
+    ``allow_legacy_v1`` (default: ``FASTPATH_ALLOW_LEGACY_V1=1``), and never while ``keys/``
+    holds a version 2 key file (an attacker's downgrade of a version 2 repository)."""
     config = read_config(backend)
     names = key_names(backend)
+    if config.encrypted and config.version == 1:
+        _check_legacy(backend, config, names, allow_legacy_v1)
     if not config.encrypted:
         if names:
             raise ConfigTampered(
@@ -282,7 +302,9 @@ def unlock_repo(
             )
         if passphrase:
             raise NotEncrypted(
-                f"the repository at {backend.url} is not encrypted; drop --passphrase-file"
+                f"the repository at {backend.url} is not encrypted, but a passphrase was given: "
+                f"refusing to open (if it was encrypted, its encryption was stripped); drop "
+                f"--passphrase-file / unset {PASSPHRASE_ENV} if it is meant to be unencrypted"
             )
         return Unlocked(config, ChunkCodec(config, digest_threads=digest_threads))
     if not passphrase:
@@ -307,6 +329,28 @@ def unlock_repo(
     if config.version != FORMAT_VERSION:  # the MAC covers the version: not reached
         raise ConfigTampered(f"{where}: version {config.version} under a version 2 key")
     return Unlocked(config, codec, keys, False, key, data_key)
+
+
+def _check_legacy(
+    backend: Backend, config: RepoConfig, names: list[str], allow: bool | None
+) -> None:
+    where = _where(backend, CONFIG_KEY)
+    for name in names[:MAX_KEY_FILES]:
+        try:
+            version = parse_key_file(backend.get(name), name, _where(backend, name)).version
+        except (NotFound, UnknownFormat):
+            continue
+        if version != 1:
+            raise ConfigTampered(
+                f"{where} says format version 1, but {_where(backend, name)} is a version "
+                f"{version} key file: the config was edited (a downgrade); refusing to open"
+            )
+    if not (legacy_allowed_by_env() if allow is None else allow):
+        raise LegacyRefused(
+            f"{backend.url} is an encrypted repository of format version 1 (its metadata is "
+            f"not authenticated: whoever can write the storage can forge it): open it only to "
+            f"migrate it, with --legacy-v1 or {LEGACY_ENV}=1"
+        )
 
 
 def _unwrap_any(
@@ -338,11 +382,13 @@ def _unwrap_any(
             problems.append(exc)
         except UnknownFormat as exc:
             problems.append(exc)
-    if wrong == len(problems) == 1:
+    missing = "" if primary in names else f"; the config's key {primary} is missing"
+    if wrong == len(problems) == 1 and not missing:
         raise problems[0]
     if wrong:
         raise WrongPassphrase(
-            f"wrong passphrase for the repository at {backend.url} ({wrong} key(s) tried)"
+            f"wrong passphrase: no key file of the repository at {backend.url} accepts it "
+            f"({len(order)} key file(s) tried{missing})"
         )
     raise problems[0] if problems else RepoError(f"missing key file {_where(backend, primary)}")
 

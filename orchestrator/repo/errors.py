@@ -17,8 +17,10 @@ def one_line(text: object, limit: int = 300) -> str:
 class RepoError(Exception):
     """Base class of every repository error."""
 
+    LIMIT = 300  # characters of the one-line message
+
     def __init__(self, message: str):
-        super().__init__(one_line(message))
+        super().__init__(one_line(message, self.LIMIT))
 
 
 class NotFound(RepoError):
@@ -55,6 +57,20 @@ class PassphraseRequired(RepoError):
 
 class NotEncrypted(RepoError):
     """A passphrase was given for a repository that is not encrypted."""
+
+
+class LegacyRefused(RepoError):
+    """An encrypted repository of format version 1 (unauthenticated metadata) opened without
+    ``--legacy-v1`` / ``FASTPATH_ALLOW_LEGACY_V1=1``."""
+
+    LIMIT = 500
+
+
+class PlaintextRefused(RepoError):
+    """A copy from an encrypted repository into an unencrypted one without
+    ``--allow-plaintext``."""
+
+    LIMIT = 500  # names two repositories and what to do
 
 
 class Tampered(RepoError):

@@ -108,18 +108,22 @@ class Repository:
         passphrase: str | None = None,
         concurrency: int = 16,
         need_key: bool = True,
+        allow_legacy_v1: bool | None = None,
         **backend_options: Any,
     ) -> Repository:
         """Open a repository. ``need_key=False``: an encrypted one opens without its data key
         when no passphrase is given (metadata only: list, prune, GC, check; reading or writing
-        a chunk then raises PassphraseRequired)."""
+        a chunk then raises PassphraseRequired). ``allow_legacy_v1``: open an encrypted
+        repository of format version 1 (default: ``FASTPATH_ALLOW_LEGACY_V1=1``)."""
         backend = (
             url
             if isinstance(url, Backend)
             else open_backend(url, concurrency=concurrency, **backend_options)
         )
         try:
-            unlocked = unlock_repo(backend, passphrase, need_key=need_key)
+            unlocked = unlock_repo(
+                backend, passphrase, need_key=need_key, allow_legacy_v1=allow_legacy_v1
+            )
         except BaseException:
             if not isinstance(url, Backend):
                 backend.close()

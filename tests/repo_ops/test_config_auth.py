@@ -81,7 +81,7 @@ def test_encryption_stripped_from_the_config_is_refused(enc_url, changes):
 def test_any_edit_of_an_encrypted_config_is_refused(enc_url, changes):
     backend = open_backend(enc_url)
     edit_config(backend, **changes)
-    with pytest.raises(ConfigTampered, match="does not match what the repository key"):
+    with pytest.raises(ConfigTampered, match="does not match what the repository key|downgrade"):
         Repository.open(backend, passphrase=PASSPHRASE)
     backend.close()
 
@@ -106,7 +106,7 @@ def test_reformatted_but_equal_config_still_opens(enc_url):
 def test_passphrase_for_an_unencrypted_repository_is_refused(tmp_path):
     url = tmp_path / "plain"
     Repository.init(url).close()
-    with pytest.raises(NotEncrypted, match="is not encrypted; drop --passphrase-file"):
+    with pytest.raises(NotEncrypted, match="is not encrypted, but a passphrase was given"):
         Repository.open(url, passphrase=PASSPHRASE)
     pfile = tmp_path / "pw"
     pfile.write_text(PASSPHRASE + "\n")
@@ -114,8 +114,12 @@ def test_passphrase_for_an_unencrypted_repository_is_refused(tmp_path):
     doc = as_json(r)
     assert r.returncode == 1 and doc["exception"] == "NotEncrypted"
     assert "drop --passphrase-file" in one_line_error(r)
-    # the environment variable is shared by every repository: no error for it
-    assert fastpath("list", url, "--json", env={"FASTPATH_PASSPHRASE": "x"}).returncode == 0
+    # the environment variable too (a job that sets it expects encryption), reads and writes
+    for cmd in (["list", url], ["stats", url], ["prune", url, "--keep-last", "1"]):
+        r = fastpath(*cmd, "--json", env={"FASTPATH_PASSPHRASE": PASSPHRASE})
+        assert r.returncode == 1 and as_json(r)["exception"] == "NotEncrypted", cmd
+        assert "unset FASTPATH_PASSPHRASE" in one_line_error(r)
+    assert fastpath("list", url, "--json").returncode == 0
 
 
 def _raw_disk(tmp_path, seed=1):
@@ -156,10 +160,15 @@ def test_backup_vdi_into_a_stripped_config_exits_nonzero_and_writes_nothing(tmp_
     edit_config(backend, version=1)
     r = _backup_vdi(url, source, pfile, str(uuid.uuid4()))
     doc = as_json(r)
+    # this machine pinned it as encrypted: refused before any passphrase is used
+    assert r.returncode == 1 and doc["exception"] == "RepositoryChanged"
+    assert "fastpath repo forget" in one_line_error(r)
+    # without the pin (another machine, or the pin forgotten) the passphrase is refused
+    assert fastpath("repo", "forget", url, "--json").returncode == 0
+    r = _backup_vdi(url, source, pfile, str(uuid.uuid4()))
+    doc = as_json(r)
     assert r.returncode == 1 and doc["exception"] == "NotEncrypted"
-    assert "repository is not encrypted; drop --passphrase-file" in one_line_error(r).replace(
-        f"the repository at {backend.url} is", "repository is"
-    )
+    assert "is not encrypted, but a passphrase was given" in one_line_error(r)
     assert chunk_keys(backend) == before
     for key in chunk_keys(backend):
         assert b"secret plaintext marker" not in backend.get(key)
@@ -195,7 +204,7 @@ def _legacy_repo(path) -> str:
 
 def test_version_1_encrypted_repository_is_readable_and_read_only(tmp_path):
     backend = _legacy_repo(tmp_path / "old")
-    repo = Repository.open(backend, passphrase=PASSPHRASE)
+    repo = Repository.open(backend, passphrase=PASSPHRASE, allow_legacy_v1=True)
     assert repo.legacy and repo.keys is None
     repo.legacy = False  # write with the version 1 formats, as the old program did
     disk = DiskModel(chunks=1, seed=3)
@@ -203,7 +212,7 @@ def test_version_1_encrypted_repository_is_readable_and_read_only(tmp_path):
     rid, keys = backup(repo, VM, [disk])
     repo.close()
     assert json.loads(backend.get(f"backups/{rid}.json"))["id"] == rid  # plain JSON
-    repo = Repository.open(backend, passphrase=PASSPHRASE)
+    repo = Repository.open(backend, passphrase=PASSPHRASE, allow_legacy_v1=True)
     (point,) = repo.list_restore_points()
     assert repo.read_metadata(point)["id"] == rid
     assert b"".join(repo.iter_disk(repo.read_index(keys[disk.vdi]))) == bytes(disk.data)
@@ -213,7 +222,8 @@ def test_version_1_encrypted_repository_is_readable_and_read_only(tmp_path):
 
 
 def test_copy_with_one_passphrase_file_between_encrypted_and_plain(tmp_path):
-    """`copy`'s --passphrase-file serves SRC and DST: an unencrypted end does not refuse it."""
+    """`copy`'s --passphrase-file serves SRC and DST: an unencrypted DST does not refuse it,
+    but an encrypted SRC into an unencrypted DST needs --allow-plaintext."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     repo = Repository.init(src, encrypt=True, passphrase=PASSPHRASE)
     disk = DiskModel(chunks=1, seed=6)
@@ -224,6 +234,10 @@ def test_copy_with_one_passphrase_file_between_encrypted_and_plain(tmp_path):
     pfile = tmp_path / "pw"
     pfile.write_text(PASSPHRASE + "\n")
     r = fastpath("copy", src, dst, "--passphrase-file", pfile, "--json")
+    assert r.returncode == 1 and as_json(r)["exception"] == "PlaintextRefused"
+    assert "--allow-plaintext" in one_line_error(r)
+    assert as_json(fastpath("list", dst, "--json"))["restore_points"] == []
+    r = fastpath("copy", src, dst, "--passphrase-file", pfile, "--allow-plaintext", "--json")
     assert r.returncode == 0 and as_json(r)["ok"], r.stderr
     assert [p["id"] for p in as_json(fastpath("list", dst, "--json"))["restore_points"]] == [rid]
     # a DST-only passphrase file for an unencrypted DST is refused
@@ -238,14 +252,14 @@ def test_version_1_encrypted_repository_migrates_by_copy(tmp_path):
     from tests.repo_ops.helpers import restore
 
     backend = _legacy_repo(tmp_path / "old")
-    old = Repository.open(backend, passphrase=PASSPHRASE)
+    old = Repository.open(backend, passphrase=PASSPHRASE, allow_legacy_v1=True)
     old.legacy = False  # write with the version 1 formats, as the old program did
     disk = DiskModel(chunks=2, seed=7)
     disk.write_chunk(0, seed=70)
     disk.write_chunk(1, seed=71)
     rid, _ = backup(old, VM, [disk])
     old.close()
-    old = Repository.open(backend, passphrase=PASSPHRASE)
+    old = Repository.open(backend, passphrase=PASSPHRASE, allow_legacy_v1=True)
     new = Repository.init(tmp_path / "new", encrypt=True, passphrase=PASSPHRASE)
     assert copy_repository(old, new)["ok"]
     (point,) = new.list_restore_points()

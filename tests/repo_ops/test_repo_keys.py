@@ -89,7 +89,7 @@ def test_key_add_list_and_both_passphrases_open(enc):
     assert restore(repo, index_key) == data
     repo.close()
     wrong = fastpath("list", url, "--passphrase-file", pw["paper"], "--json")
-    assert wrong.returncode == 1 and "2 key(s) tried" in one_line_error(wrong)
+    assert wrong.returncode == 1 and "2 key file(s) tried" in one_line_error(wrong)
 
 
 def test_export_is_a_paper_backup_that_restores_access(enc, tmp_path):

@@ -10,7 +10,7 @@ import time
 import uuid as uuid_mod
 from typing import Any
 
-from orchestrator.cliutil import UsageError, open_repo
+from orchestrator.cliutil import UsageError, add_safety_arguments, open_repo
 from orchestrator.jobs import xapi_session
 from orchestrator.jobs.backup.options import Tuning, VmBackupOptions
 from orchestrator.jobs.job.selection import resolve_vm
@@ -58,6 +58,7 @@ def _repo_arguments(p) -> None:
     p.add_argument("--repo", required=True, metavar="REPO", help="directory or s3://bucket/prefix")
     p.add_argument("--passphrase-file", metavar="FILE")
     p.add_argument("--concurrency-io", type=int, default=16, metavar="N")
+    add_safety_arguments(p, legacy=False)  # a version 1 encrypted repository is read only
 
 
 def _tuning_arguments(p) -> None:

@@ -37,6 +37,7 @@ TOP = {
     "retention": dict,
     "copy-to": list,
     "copy-passphrase-file": str,
+    "copy-allow-plaintext": bool,
     "timeouts": dict,
     "report": dict,
 }
@@ -72,6 +73,7 @@ class JobConfig:
     textfile: str | None = None
     copy_to: list[str] = field(default_factory=list)
     copy_passphrase_file: str | None = None
+    copy_allow_plaintext: bool = False  # copy-to an unencrypted repository from an encrypted one
 
     def policy(self) -> RetentionPolicy | None:
         """The retention as a RetentionPolicy ,
@@ -199,4 +201,5 @@ def load_job(path: str) -> JobConfig:
         textfile=rel(report.get("textfile")),
         copy_to=[t if "://" in t else rel(t) for t in data.get("copy-to", [])],
         copy_passphrase_file=rel(data.get("copy-passphrase-file")),
+        copy_allow_plaintext=data.get("copy-allow-plaintext", False),
     )

@@ -12,7 +12,7 @@ import time
 from argparse import Namespace
 from typing import Any
 
-from orchestrator.cliutil import open_repo
+from orchestrator.cliutil import check_copy_ends, open_repo, passphrase_given
 from orchestrator.jobs import xapi_session
 from orchestrator.jobs.backup.options import Tuning, VmBackupOptions
 from orchestrator.jobs.backup.vm import backup_vm
@@ -237,10 +237,14 @@ def apply_copies(job, vms: list[SelectedVm], ui: Progress) -> list[dict[str, Any
                 open_repo(src_args, shared_passphrase=shared) as src,
                 open_repo(dst_args, url, shared_passphrase=shared) as dst,
             ):
+                check_copy_ends(
+                    src, dst, allow_plaintext=job.copy_allow_plaintext,
+                    passphrase=shared and passphrase_given(src_args),
+                )  # fmt: skip
                 res = copy_repository(src, dst, options, ui)
             out.append({"to": url, "ok": bool(res.get("ok")), "error": None, "result": res})
         except Exception as exc:
-            out.append({"to": url, "ok": False, "error": " ".join(str(exc).split())[:300]})
+            out.append({"to": url, "ok": False, "error": " ".join(str(exc).split())[:500]})
     return out
 
 

@@ -89,7 +89,10 @@ def end_to_end(b: Bench, disks: dict[str, dict[str, Any]]) -> list[dict[str, Any
     samples: dict[tuple, list] = {}
     meta: dict[tuple, dict] = {}
     plan = end_to_end_plan(b.opts, disks)
-    env = child_env({**b.env, "FASTPATH_PASSPHRASE": PASSPHRASE})
+    # the bench's repositories are its own: pinned in its own state dir (never the user's), and
+    # only the encrypted variants get a passphrase (one for a plain repository is an error)
+    plain_env = child_env({**b.env, "FASTPATH_STATE_DIR": os.path.join(b.work, "state")})
+    env = plain_env
     servers = [b.hostsim_pid, b.agent_pid]
     fractions = {"inc1": 0.01, "inc10": 0.10}
     for run in range(b.opts.runs):
@@ -104,6 +107,11 @@ def end_to_end(b: Bench, disks: dict[str, dict[str, Any]]) -> list[dict[str, Any
             disk = disks[name]
             hostsim_gc(b)
             repo = b.new_repo(variant)
+            env = (
+                {**plain_env, "FASTPATH_PASSPHRASE": PASSPHRASE}
+                if "encrypted" in variant
+                else plain_env
+            )
             try:
                 steps = b.opts.steps
                 if variant != "local" and b.opts.variant_steps is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from orchestrator.benchcmd import report
 from orchestrator.benchcmd.endtoend import TRANSPORT_KIND, limit_cmd
-from orchestrator.benchcmd.harness import PASSPHRASE, Bench, Options
+from orchestrator.benchcmd.harness import Bench, Options
 from orchestrator.benchcmd.hostside import HOST_KINDS
 from orchestrator.benchcmd.measure import PY, child_env, run_measured
 from orchestrator.benchcmd.output import finish
@@ -179,7 +179,10 @@ def run_real_pool(opts: Options) -> dict[str, Any]:
 
 
 def real_pool_end_to_end(b: Bench, opts: Options, disks: dict, password: str) -> list[dict]:
-    env = child_env({"FASTPATH_XAPI_PASSWORD": password, "FASTPATH_PASSPHRASE": PASSPHRASE})
+    # plain local repositories, pinned in the bench's own state dir: no passphrase
+    env = child_env(
+        {"FASTPATH_XAPI_PASSWORD": password, "FASTPATH_STATE_DIR": os.path.join(b.work, "state")}
+    )
     total = sum(d["allocated_bytes"] for d in disks.values())
     blob = os.path.join(b.work, "limit-source.bin")
     with open(blob, "wb") as f:

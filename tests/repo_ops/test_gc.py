@@ -314,6 +314,24 @@ def test_backups_prune_and_gc_racing(request, tmp_path, where, seed, rounds):
     assert report["ok"], {k: v for k, v in report.items() if k != "repo"}
 
 
+def _after_the_clock_of(repo, prefix, suffix):
+    """Return once the backend stamps a new object later than the newest `suffix` object under
+    `prefix`. Writers order themselves after a GC run by the backend's mtimes, whose clock is
+    coarse (a kernel tick for files, a second on S3): an equal stamp cannot say which came first,
+    and the writer then rightly reads the list. Bounded."""
+    marks = [i.mtime for i in repo.backend.list(prefix) if i.key.endswith(suffix)]
+    assert marks
+    for n in range(2000):
+        key = f"probe/clock-{n}"
+        repo.backend.put(key, b"")
+        later = repo.backend.stat(key).mtime > max(marks)
+        repo.backend.delete(key)
+        if later:
+            return
+        time.sleep(0.005)
+    raise AssertionError("the backend's clock did not move past the GC run's marker")
+
+
 def test_writers_ignore_lists_of_runs_finished_before_they_started(repo):
     vm = vm_id(7)
     disk = DiskModel(chunks=1, seed=7)
@@ -325,6 +343,7 @@ def test_writers_ignore_lists_of_runs_finished_before_they_started(repo):
     holder = repo.begin_backup(vm_id(8))  # keeps the run's list alive (started before it)
     assert run_gc(repo, margin=0)["chunks_deleted"] == 1
     assert any(i.key.endswith(".list") for i in repo.backend.list("locks/gc-deleted/"))
+    _after_the_clock_of(repo, "locks/gc-deleted/", ".done")
     repo.backend.reset()
     disk.write_chunk(0, seed=72)
     backup(repo, vm, [disk])  # started after the run ended: does not need its list

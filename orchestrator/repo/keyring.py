@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.atomicfile import write_atomically
 from orchestrator.repo.config import _test_kdf_n, key_names, read_config
 from orchestrator.repo.errors import NotEncrypted, NotFound, RepoError, RepoExists, UnknownFormat
 from orchestrator.repo.keys import (
@@ -81,18 +82,7 @@ def export_key(
     name, blob, made = _make(repo, passphrase, key_id=None, label=label or "exported")
     if os.path.lexists(path) and not force:
         raise RepoError(f"{path} exists: give --force to overwrite it")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, blob, mode=0o600)
     return {"output": path, "id": made.id, "key": name}
 
 

@@ -29,6 +29,7 @@ import threading
 import time
 from typing import Any
 
+from orchestrator.atomicfile import write_atomically
 from orchestrator.repo.errors import Tampered
 
 STATE_DIR_ENV = "FASTPATH_STATE_DIR"
@@ -170,24 +171,5 @@ def _update(url: str, rec: dict[str, Any] | None, *, strict: bool = False) -> bo
 
 
 def _write(path: str, doc: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(os.path.dirname(path), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    write_atomically(path, text.encode("utf-8"), mode=0o600, sync_dir=True)

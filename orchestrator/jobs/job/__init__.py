@@ -101,9 +101,9 @@ def cmd_check(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
     }
 
 
-def _render_check(r: dict[str, Any]) -> str:
-    lines = [f"job {r['job']}: {len(r['vms'])} VM(s) selected now"]
-    lines += [f"  {v['vm']}  {v['name']}  ({v['selected_by']})" for v in r["vms"]]
+def _tail_lines(r: dict[str, Any]) -> list[str]:
+    """The copy-to results and warnings that end both the check and the run reports."""
+    lines = []
     for c in r.get("copies", []):
         if c["ok"]:
             res = c["result"]
@@ -113,8 +113,13 @@ def _render_check(r: dict[str, Any]) -> str:
             )
         else:
             lines.append(f"  copy to {c['to']}: FAILED: {c.get('error') or c['result']}")
-    lines += [f"  warning: {w}" for w in r["warnings"]]
-    return "\n".join(lines)
+    return lines + [f"  warning: {w}" for w in r["warnings"]]
+
+
+def _render_check(r: dict[str, Any]) -> str:
+    lines = [f"job {r['job']}: {len(r['vms'])} VM(s) selected now"]
+    lines += [f"  {v['vm']}  {v['name']}  ({v['selected_by']})" for v in r["vms"]]
+    return "\n".join(lines + _tail_lines(r))
 
 
 def cmd_run(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:
@@ -200,17 +205,7 @@ def render_report(r: dict[str, Any]) -> str:
         f"  total: {t['bytes_read']} bytes read, {t['bytes_stored']} stored, {t['seconds']:.1f} s;"
         f" retention deleted {r['retention']['deleted']} restore point(s)"
     )
-    for c in r.get("copies", []):
-        if c["ok"]:
-            res = c["result"]
-            lines.append(
-                f"  copy to {c['to']}: {len(res.get('copied', []))} point(s) copied, "
-                f"{res.get('chunks_sent', 0)} chunk(s) sent"
-            )
-        else:
-            lines.append(f"  copy to {c['to']}: FAILED: {c.get('error') or c['result']}")
-    lines += [f"  warning: {w}" for w in r["warnings"]]
-    return "\n".join(lines)
+    return "\n".join(lines + _tail_lines(r))
 
 
 def cmd_timer(args: argparse.Namespace, ui: Progress) -> dict[str, Any]:

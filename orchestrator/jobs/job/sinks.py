@@ -7,30 +7,16 @@ reads half a file); and the systemd service + timer pair of ``fastpath job timer
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
-import tempfile
 import time
 from typing import Any
 
+from orchestrator.atomicfile import write_atomically
+
 
 def atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastpath-", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomically(path, text.encode())
 
 
 def post_webhook(url: str, report: dict[str, Any], retries: int = 3, timeout: float = 10.0):

@@ -32,10 +32,11 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BS = 2 * 1024 * 1024
 
-SERVER = r"""
+# What every in-process agent server of the benchmarks starts with (bench/tls_ab.py too): tickets,
+# the SR, counters and the opener of exports; %(root)r and %(sr_root)r are filled in.
+OPENER_PRELUDE = r"""
 import json, sys, ssl
 sys.path.insert(0, %(root)r)
-from agent.http.server import HttpServer
 from agent.sr import FileSR
 from agent.tickets import TicketStore
 from agent.export import Counters
@@ -44,6 +45,12 @@ sr = FileSR([%(sr_root)r])
 counters = Counters()
 def opener(t):
     return sr.open_export(t.vdi, t.sr, t.base, counters=counters, name=t.id)
+"""
+
+SERVER = (
+    OPENER_PRELUDE
+    + r"""
+from agent.http.server import HttpServer
 ctx = None
 if %(tls)r:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -55,6 +62,7 @@ print(json.dumps({"port": srv.address[1], "tickets": ids}), flush=True)
 sys.stdin.read()
 srv.stop()
 """
+)
 
 
 def parse_size(text):

@@ -28,18 +28,10 @@ sys.path.insert(0, ROOT)
 
 from bench import http_serve as hs  # noqa: E402
 
-NBD_SERVER = r"""
-import json, sys, ssl
-sys.path.insert(0, %(root)r)
+NBD_SERVER = (
+    hs.OPENER_PRELUDE
+    + r"""
 from agent.nbd.server import NBDServer
-from agent.sr import FileSR
-from agent.tickets import TicketStore
-from agent.export import Counters
-tickets = TicketStore()
-sr = FileSR([%(sr_root)r])
-counters = Counters()
-def opener(t):
-    return sr.open_export(t.vdi, t.sr, t.base, counters=counters, name=t.id)
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(%(cert)r, %(key)r)
 srv = NBDServer(tickets, opener, port=0, tls_mode="require", ssl_context=ctx,
@@ -49,6 +41,7 @@ print(json.dumps({"port": srv.address[1], "tickets": ids}), flush=True)
 sys.stdin.read()
 srv.stop()
 """
+)
 
 
 def cpu_seconds(pid):
